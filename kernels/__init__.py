@@ -1,0 +1,162 @@
+"""Single-device block attention: ``(q, k, v, mask, scale) -> (out, lse)`` and its backward.
+
+This layer knows nothing of torch.distributed. The ring (``seqpar.attention``) calls it once per
+(query block, key/value block) tile and merges the partial results with their log-sum-exp.
+
+Shapes::
+
+    q    (B, Hq,  Sq, D)      any strides
+    k, v (B, Hkv, Sk, D)      Hq % Hkv == 0; q head h reads kv head h // (Hq // Hkv) (GQA by index)
+    out  (B, Hq,  Sq, D)      input dtype or fp32 (the caller merges in fp32)
+    lse  (B, Hq,  Sq)         fp32 (fp64 for fp64 inputs), natural log; -inf for a row with no key
+
+Mask kinds (top-left aligned, query row i / key column j)::
+
+    full     causal    strict            strict = causal minus the diagonal: the off-diagonal
+    x x x x  x . . .   . . . .           tiles of the striped layout, where a kv rank sits after
+    x x x x  x x . .   x . . .           the query rank in each stripe. Row 0 sees nothing:
+    x x x x  x x x .   x x . .           out = 0, lse = -inf. Backends without native support
+    x x x x  x x x x   x x x .           get it by slicing: causal on q[1:] x k[:-1].
+
+Backends:
+
+- ``reference``: plain torch math in fp32/fp64: the spec every other backend is tested against.
+- ``aten``: torch's fused kernels that return the logsumexp (CPU flash kernel; CUDA flash for
+  fp16/bf16, memory-efficient for fp32).
+- ``triton``: fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``).
+
+The backward takes the *global* ``out`` and ``lse`` (after all tiles were merged) so a tile's
+gradient is exact: ``P = exp(S - lse)``, ``delta = rowsum(dO * out)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Literal, get_args
+
+import torch
+
+__all__ = [
+    "MaskKind",
+    "Backend",
+    "MASK_KINDS",
+    "BACKENDS",
+    "resolve_backend",
+    "block_attention",
+    "block_attention_backward",
+]
+
+MaskKind = Literal["full", "causal", "strict"]
+Backend = Literal["auto", "aten", "reference", "triton"]
+MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+def _triton_usable(device: torch.device) -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "the triton package is not installed (pip install triton)"
+    if device.type == "cuda":
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, (
+        f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported to "
+        f"run the kernels on the CPU (slow); got tensors on {device}. Use backend='auto' or 'aten'"
+    )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> the best backend for ``device``; checks an explicit one is usable there.
+
+    Raises ``ValueError`` naming the argument when the backend is unknown or unusable.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _triton_usable(device)[0] and _has_triton_kernels():
+            return "triton"
+        return "aten"
+    if backend == "triton":
+        ok, why = _triton_usable(device)
+        if not ok:
+            raise ValueError(why)
+        if not _has_triton_kernels():
+            raise ValueError("backend='triton': seqpar.kernels.triton is not available in this build")
+    return backend
+
+
+def _has_triton_kernels() -> bool:
+    return importlib.util.find_spec("seqpar.kernels.triton_attention") is not None
+
+
+def _impl(backend: str):
+    if backend == "aten":
+        from seqpar.kernels import aten
+
+        return aten
+    if backend == "reference":
+        from seqpar.kernels import reference
+
+        return reference
+    if backend == "triton":
+        return importlib.import_module("seqpar.kernels.triton_attention")
+    raise ValueError(f"backend must be resolved first (got {backend!r})")
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_attention(
+    q: torch.Tensor,  # (B, Hq, Sq, D)
+    k: torch.Tensor,  # (B, Hkv, Sk, D)
+    v: torch.Tensor,  # (B, Hkv, Sk, D)
+    *,
+    mask: MaskKind,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile's attention: ``(out (B,Hq,Sq,D), lse (B,Hq,Sq) fp32)``."""
+    impl = _impl(backend)
+    if mask == "strict" and not getattr(impl, "NATIVE_STRICT", False):
+        B, Hq, Sq, D = q.shape
+        out = q.new_zeros(B, Hq, Sq, v.shape[-1])
+        lse = torch.full((B, Hq, Sq), float("-inf"), dtype=_lse_dtype(q.dtype), device=q.device)
+        if Sq > 1 and k.shape[2] > 0:
+            o, l = impl.forward(q[:, :, 1:], k[:, :, : Sq - 1], v[:, :, : Sq - 1], mask="causal", scale=scale)
+            out[:, :, 1:] = o
+            lse[:, :, 1:] = l
+        return out, lse
+    return impl.forward(q, k, v, mask=mask, scale=scale)
+
+
+def block_attention_backward(
+    dout: torch.Tensor,  # (B, Hq, Sq, D)
+    q: torch.Tensor,  # (B, Hq, Sq, D)
+    k: torch.Tensor,  # (B, Hkv, Sk, D)
+    v: torch.Tensor,  # (B, Hkv, Sk, D)
+    out: torch.Tensor,  # (B, Hq, Sq, D)  the global output of these query rows
+    lse: torch.Tensor,  # (B, Hq, Sq)     the global log-sum-exp of these query rows
+    *,
+    mask: MaskKind,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one tile given the global ``out``/``lse``: ``(dq, dk, dv)`` shaped like q, k, v."""
+    impl = _impl(backend)
+    if mask == "strict" and not getattr(impl, "NATIVE_STRICT", False):
+        Sq = q.shape[2]
+        dq = torch.zeros_like(q)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        if Sq > 1:
+            gq, gk, gv = impl.backward(
+                dout[:, :, 1:], q[:, :, 1:], k[:, :, : Sq - 1], v[:, :, : Sq - 1],
+                out[:, :, 1:], lse[:, :, 1:], mask="causal", scale=scale,
+            )
+            dq[:, :, 1:] = gq
+            dk[:, :, : Sq - 1] = gk
+            dv[:, :, : Sq - 1] = gv
+        return dq, dk, dv
+    return impl.backward(dout, q, k, v, out, lse, mask=mask, scale=scale)

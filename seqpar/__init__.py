@@ -1,0 +1,19 @@
+"""seqpar: exact softmax attention over sequences sharded across devices (Ring / Striped / Zigzag)."""
+
+from seqpar.attention import attention
+from seqpar.distributed import init_distributed, init_mesh
+from seqpar.layout import LAYOUTS, LayoutKind
+from seqpar.sharding import positions, shard, unshard
+
+__all__ = [
+    "attention",
+    "init_distributed",
+    "init_mesh",
+    "shard",
+    "unshard",
+    "positions",
+    "LAYOUTS",
+    "LayoutKind",
+]
+
+__version__ = "0.1.0"

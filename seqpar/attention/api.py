@@ -1,0 +1,144 @@
+"""``seqpar.attention``: SDPA on sequence-sharded tensors. Validation, then the chosen method."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+
+from seqpar import layout as _layout
+from seqpar.attention.ring import RingAttention
+from seqpar.comm import gather_ints, make_ring
+from seqpar.distributed import group_rank_size, resolve_group
+from seqpar.kernels import BACKENDS, resolve_backend
+
+__all__ = ["attention", "Method", "METHODS"]
+
+Method = Literal["ring"]
+METHODS: tuple[str, ...] = get_args(Method)
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+# Shape signatures every rank of a group has already agreed on: (id(group), signature). A cache,
+# not configuration: it only saves the agreement collective on repeated calls with the same shapes.
+_AGREED: set[tuple] = set()
+
+
+def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend, world) -> str:
+    """Local checks (the same on every rank for the same inputs); returns the resolved backend."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim < 3:
+            raise ValueError(f"{name} must have at least 3 dims (..., H, S_local, D); got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}; cast them first")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(f"q, k, v must have the same number of dims, got {q.ndim}, {k.ndim}, {v.ndim}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, S_local, D), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if q.shape[:-3] != k.shape[:-3]:
+        raise ValueError(f"q and k must have the same batch dims, got {tuple(q.shape[:-3])} and {tuple(k.shape[:-3])}")
+    hq, sq, d = q.shape[-3:]
+    hkv, sk, dk = k.shape[-3:]
+    if d != dk:
+        raise ValueError(f"q and k must have the same head dim, got {d} and {dk}")
+    if sq != sk:
+        raise ValueError(f"q and k must have the same local sequence length (both sharded with the same layout), "
+                         f"got {sq} and {sk}")
+    if hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of kv heads ({hkv})")
+    if hq != hkv and not enable_gqa:
+        raise ValueError(f"q has {hq} heads and k/v have {hkv}: pass enable_gqa=True for grouped-query attention")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if layout not in _layout.LAYOUTS:
+        raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if sq < 1:
+        raise ValueError("the local sequence length must be at least 1")
+    if layout == "zigzag" and sq % 2:
+        raise ValueError(
+            f"layout='zigzag' needs an even local length (the global length a multiple of 2P={2 * world}); got "
+            f"S_local={sq}: pad the global sequence by {(-sq * world) % (2 * world)} tokens to "
+            f"{sq * world + (-sq * world) % (2 * world)}, or use layout='striped'"
+        )
+    return resolve_backend(backend, q.device)
+
+
+def _signature(q, k, is_causal, layout, method) -> tuple:
+    """9 ints every rank must agree on: (B, Hq, S_local, D, Hkv, dtype, causal, layout, method)."""
+    return (int(math.prod(q.shape[:-3])), *(int(x) for x in q.shape[-3:]), int(k.shape[-3]),
+            _DTYPE_CODE[q.dtype], int(is_causal), _layout.LAYOUTS.index(layout), METHODS.index(method))
+
+
+def _agree(group, signature: tuple, error: Exception | None, device: torch.device) -> None:
+    """Once per new shape signature: all ranks compare signatures; any rank's error fails them all."""
+    key = (id(group), signature)
+    if error is None and key in _AGREED:
+        return
+    rows = gather_ints([0 if error is None else 1, *signature], group, device)
+    if error is not None:
+        raise error
+    bad = [r for r, row in enumerate(rows) if row[0]]
+    if bad:
+        raise ValueError(f"seqpar.attention: rank(s) {bad} rejected their inputs (see their error); no rank runs")
+    if any(row[1:] != list(signature) for row in rows):
+        sigs = {r: row[1:] for r, row in enumerate(rows)}
+        raise ValueError(
+            "seqpar.attention: ranks disagree on (B, Hq, S_local, D, Hkv, dtype, causal, layout, method): "
+            f"{sigs}. Every rank of the group must pass tensors of the same shape (the sequence split evenly)"
+        )
+    _AGREED.add(key)
+
+
+def attention(
+    q: torch.Tensor,  # (B, Hq, S_local, D)
+    k: torch.Tensor,  # (B, Hkv, S_local, D)
+    v: torch.Tensor,  # (B, Hkv, S_local, D)
+    *,
+    group=None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    layout: str = "zigzag",
+    method: str = "ring",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact softmax attention over a sequence sharded across ``group``; drop-in for SDPA.
+
+    q, k, v are this rank's shards (``seqpar.shard`` with ``layout``), any leading batch dims,
+    heads, local sequence, head dim; any strides. Returns this rank's shard of the output,
+    (B, Hq, S_local, D) in q's dtype. ``is_causal`` masks by *global* position. GQA/MQA K/V travel
+    the ring un-repeated. ``backend``: "auto" (Triton on CUDA when available, else aten), "aten",
+    "reference", "triton". Bad input raises before any communication.
+    """
+    g = resolve_group(group)
+    _, world = group_rank_size(g)
+    error = None
+    try:
+        backend = _validate(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, layout=layout,
+                            method=method, backend=backend, world=world)
+    except (TypeError, ValueError) as e:
+        if world == 1 or not isinstance(q, torch.Tensor):
+            raise
+        error = e
+    if world > 1:
+        device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+        _agree(g, _signature(q, k, is_causal, layout, method) if error is None else (0,) * 9, error, device)
+    lead = q.shape[:-3]
+    q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = RingAttention.apply(q4, k4, v4, make_ring(g), layout, is_causal, scale, backend)
+    return out.reshape(*lead, *out.shape[-3:])

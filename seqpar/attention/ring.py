@@ -1,0 +1,143 @@
+"""Ring attention: one loop, parameterised by layout, ring (comm) and kernel backend.
+
+Note
+----
+P ranks each hold a query block Q_r and a key/value block KV_r (one fused buffer, K and V stacked,
+never repeated for GQA). At step s rank r computes its tile against KV_{r-s} while KV_{r-s-1} is
+already on the wire::
+
+    step 0          step 1          step 2          ...  step P-1
+    r0: Q0.KV0      r0: Q0.KV3      r0: Q0.KV2           r0: Q0.KV1
+    r1: Q1.KV1      r1: Q1.KV0      r1: Q1.KV3           r1: Q1.KV2      KV moves r -> r+1
+    r2: Q2.KV2      r2: Q2.KV1      r2: Q2.KV0           ...
+
+Forward: each tile gives (out_t, lse_t) for its query rows; they merge into the running (out, lse)
+in fp32 with the stable form ``out -= sigmoid(lse_t - lse) * (out - out_t)``,
+``lse -= logsigmoid(lse - lse_t)``. Step 0 (the diagonal tile) covers every query row, so the
+running lse is finite from then on and fully masked rows of later tiles (lse_t = -inf) are no-ops.
+
+Backward: each tile is recomputed against the *global* (out, lse); dq accumulates at home in fp32.
+dK/dV of a block accumulate in fp32 in a buffer that travels one hop behind the block: at step s
+rank r adds its contribution to the buffer of KV_{r-s} and sends it on; after P hops the buffer
+of KV_r arrives back at rank r holding every rank's contribution::
+
+    step s:  post KV exchange (s+1)  |  tile grads  |  wait dKV(s-1) from r-1, add, post dKV -> r+1
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from seqpar import layout as _layout
+from seqpar.comm import TAG_DKV, TAG_KV, Ring
+from seqpar.kernels import block_attention, block_attention_backward
+
+__all__ = ["ring_forward", "ring_backward", "RingAttention"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tile(layout: str, causal: bool, ring: Ring, step: int, s_local: int):
+    kv_rank = (ring.rank - step) % ring.size
+    return _layout.tile(layout, causal, ring.rank, kv_rank, ring.size, s_local)
+
+
+def ring_forward(
+    q: torch.Tensor,  # (B, Hq, S_local, D)
+    k: torch.Tensor,  # (B, Hkv, S_local, D)
+    v: torch.Tensor,  # (B, Hkv, S_local, D)
+    *,
+    ring: Ring,
+    layout: str,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""
+    s_local = q.shape[2]
+    acc = _acc_dtype(q.dtype)
+    kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one message per step
+    spare = torch.empty_like(kv) if ring.size > 2 else None
+    out = lse = None
+    for step in range(ring.size):
+        pending = ring.exchange(kv, spare, tag=TAG_KV) if step + 1 < ring.size else None
+        t = _tile(layout, causal, ring, step, s_local)
+        if t is not None:
+            o, l = block_attention(q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv], mask=t.mask, scale=scale,
+                                   backend=backend)
+            if out is None:
+                assert step == 0 and t.whole, "the diagonal tile must come first and cover every row"
+                out, lse = o.to(acc), l.to(acc)
+            else:
+                _merge(out[:, :, t.q], lse[:, :, t.q], o, l)
+        if pending is not None:
+            kv, spare = pending.wait(), kv
+    return out, lse
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
+    """In place: (out, lse) <- softmax-merge of (out, lse) and (blk_out, blk_lse); out/lse fp32 views."""
+    blk_lse = blk_lse.to(lse.dtype)
+    out.sub_(torch.sigmoid(blk_lse - lse).unsqueeze(-1) * (out - blk_out.to(out.dtype)))
+    lse.sub_(F.logsigmoid(lse - blk_lse))
+
+
+def ring_backward(
+    dout: torch.Tensor,  # (B, Hq, S_local, D)
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,  # (B, Hq, S_local, D) global output
+    lse: torch.Tensor,  # (B, Hq, S_local) global lse
+    *,
+    ring: Ring,
+    layout: str,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    s_local = q.shape[2]
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D)
+    spare = torch.empty_like(kv) if ring.size > 2 else None
+    dkv_pending = None
+    for step in range(ring.size):
+        kv_pending = ring.exchange(kv, spare, tag=TAG_KV) if step + 1 < ring.size else None
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
+        t = _tile(layout, causal, ring, step, s_local)
+        if t is not None:
+            gq, gk, gv = block_attention_backward(
+                dout[:, :, t.q], q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv], out[:, :, t.q], lse[:, :, t.q],
+                mask=t.mask, scale=scale, backend=backend,
+            )
+            dq[:, :, t.q] += gq
+            dkv[0][:, :, t.kv] += gk
+            dkv[1][:, :, t.kv] += gv
+        if dkv_pending is not None:
+            dkv += dkv_pending.wait()  # the buffer of this KV block, from the rank before
+        dkv_pending = ring.exchange(dkv, tag=TAG_DKV)
+        if kv_pending is not None:
+            kv, spare = kv_pending.wait(), kv
+    dkv = dkv_pending.wait()  # our own block's buffer, back home after P hops
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring, layout, causal, scale, backend):
+        out, lse = ring_forward(q, k, v, ring=ring, layout=layout, causal=causal, scale=scale, backend=backend)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        ctx.opts = dict(ring=ring, layout=layout, causal=causal, scale=scale, backend=backend)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, **ctx.opts)
+        return dq, dk, dv, None, None, None, None, None

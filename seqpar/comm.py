@@ -1,0 +1,128 @@
+"""Moving blocks between ranks: the ring exchange, and the small collectives around it.
+
+The attention layer talks to a :class:`Ring` only: ``exchange(send, recv)`` posts "send ``send``
+to the next rank, receive the previous rank's block into ``recv``" and returns a handle whose
+``wait()`` returns ``recv``. Posting returns at once, so the caller computes the current block
+while the next one is in flight::
+
+      step s:   post exchange(kv_s -> r+1, kv_{s+1} <- r-1)     (batch_isend_irecv)
+                compute tile (q, kv_s)                           overlaps the transfer
+                wait()                                           kv_{s+1} has arrived
+
+Every rank posts the same number of exchanges in the same order, so the pattern never deadlocks
+(fully masked tiles skip the compute, not the exchange). World size 1 is :class:`LocalRing`:
+``exchange`` returns the send buffer itself and nothing moves.
+
+Backends: :class:`TorchRing` (torch.distributed: NCCL, gloo) and :class:`LocalRing`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "Handle",
+    "Ring",
+    "LocalRing",
+    "TorchRing",
+    "make_ring",
+    "all_gather_tensor",
+    "gather_ints",
+    "TAG_KV",
+    "TAG_DKV",
+]
+
+TAG_KV = 17
+TAG_DKV = 23
+
+
+class Handle(Protocol):
+    def wait(self) -> torch.Tensor: ...
+
+
+class Ring(Protocol):
+    rank: int
+    size: int
+
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor | None = None, *, tag: int = TAG_KV) -> Handle:
+        """Post: send ``send`` to rank+1, receive from rank-1 into ``recv`` (allocated if None)."""
+        ...
+
+
+class _Done:
+    def __init__(self, t: torch.Tensor):
+        self._t = t
+
+    def wait(self) -> torch.Tensor:
+        return self._t
+
+
+class _Pending:
+    def __init__(self, works, send: torch.Tensor, recv: torch.Tensor):
+        self._works = works
+        self._send = send  # keep the send buffer alive until the transfer is done
+        self._recv = recv
+
+    def wait(self) -> torch.Tensor:
+        for w in self._works:
+            w.wait()
+        self._works = []
+        self._send = None
+        return self._recv
+
+
+class LocalRing:
+    """World size 1: the block "received" is the block sent."""
+
+    rank = 0
+    size = 1
+
+    def exchange(self, send, recv=None, *, tag=TAG_KV):
+        return _Done(send)
+
+
+class TorchRing:
+    """A ring over a torch.distributed process group (ranks in group order)."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self._next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self._prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def exchange(self, send, recv=None, *, tag=TAG_KV):
+        if recv is None:
+            recv = torch.empty_like(send)
+        send = send.contiguous()
+        ops = [
+            dist.P2POp(dist.isend, send, self._next, self.group, tag),
+            dist.P2POp(dist.irecv, recv, self._prev, self.group, tag),
+        ]
+        return _Pending(dist.batch_isend_irecv(ops), send, recv)
+
+
+def make_ring(group: dist.ProcessGroup | None) -> Ring:
+    """``None`` (or a 1-rank group) -> :class:`LocalRing`, else :class:`TorchRing`."""
+    if group is None or dist.get_world_size(group) == 1:
+        return LocalRing()
+    return TorchRing(group)
+
+
+def all_gather_tensor(x: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """Every rank's ``x`` (same shape everywhere), in group rank order."""
+    if group is None or dist.get_world_size(group) == 1:
+        return [x]
+    x = x.contiguous()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, x, group=group)
+    return out
+
+
+def gather_ints(values: list[int], group: dist.ProcessGroup | None, device: torch.device) -> list[list[int]]:
+    """All-gather a short list of ints (same length on every rank) -> one list per rank."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    return [g.tolist() for g in all_gather_tensor(t, group)]

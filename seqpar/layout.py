@@ -1,0 +1,161 @@
+"""How a global sequence maps onto P ranks, and the causal structure of each ring tile.
+
+Pure functions of (layout, sequence length, rank, world): no process groups here.
+
+Note
+----
+A layout is a permutation of the global positions. With P = 2 and 8 tokens::
+
+    global       0 1 2 3 4 5 6 7
+    contiguous   r0: 0 1 2 3        r1: 4 5 6 7
+    striped      r0: 0 2 4 6        r1: 1 3 5 7        rank r holds r, r+P, r+2P, ...
+    zigzag       r0: 0 1 6 7        r1: 2 3 4 5        2P chunks; rank r holds chunks r, 2P-1-r
+
+Under a causal mask the tile (query rank i, kv rank j) of the ring has one of a few shapes
+(rows: the query rank's local tokens, columns: the kv rank's local tokens)::
+
+    contiguous            striped                 zigzag
+    j <  i: full          j <= i: causal          j <  i: all q x first half of kv, full
+    j == i: causal        j >  i: strict          j == i: causal
+    j >  i: skip                  (no diagonal)   j >  i: second half of q x all kv, full
+
+      full     causal    strict    zigzag j<i   zigzag j>i
+      x x x x  x . . .   . . . .   x x . .      . . . .
+      x x x x  x x . .   x . . .   x x . .      . . . .
+      x x x x  x x x .   x x . .   x x . .      x x x x
+      x x x x  x x x x   x x x .   x x . .      x x x x
+
+Contiguous leaves rank 0 one tile and rank P-1 P tiles (imbalanced); striped and zigzag give every
+rank the same work at every ring step (striped: P tiles of ~S_local^2/2; zigzag: one causal tile
+then P-1 half tiles of exactly S_local^2/2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+
+__all__ = [
+    "LayoutKind",
+    "LAYOUTS",
+    "Tile",
+    "check_layout",
+    "unit",
+    "padding_needed",
+    "global_indices",
+    "shard_tensor",
+    "unshard_tensor",
+    "tile",
+]
+
+LayoutKind = Literal["contiguous", "striped", "zigzag"]
+LAYOUTS: tuple[str, ...] = get_args(LayoutKind)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """The part of one (query block, kv block) pair that has work, and its mask kind.
+
+    ``q`` and ``kv`` slice the local sequence dim of the query and the kv block; ``mask`` is a
+    ``seqpar.kernels.MaskKind`` applied to the sliced tile.
+    """
+
+    mask: Literal["full", "causal", "strict"]
+    q: slice = field(default_factory=lambda: slice(None))
+    kv: slice = field(default_factory=lambda: slice(None))
+
+    @property
+    def whole(self) -> bool:
+        return self.q == slice(None) and self.kv == slice(None)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def unit(layout: str, world: int) -> int:
+    """The global sequence length must be a multiple of this."""
+    check_layout(layout)
+    return 2 * world if layout == "zigzag" else world
+
+
+def padding_needed(seq_len: int, layout: str, world: int) -> int:
+    """How many tokens to append so ``seq_len`` divides evenly under ``layout``."""
+    return (-seq_len) % unit(layout, world)
+
+
+def _check_len(seq_len: int, layout: str, world: int, what: str = "seq_len") -> None:
+    pad = padding_needed(seq_len, layout, world)
+    if pad:
+        u = unit(layout, world)
+        raise ValueError(
+            f"{what}={seq_len} is not divisible by {u} (layout={layout!r} over {world} ranks needs a "
+            f"multiple of {u}); pad the sequence by {pad} tokens to {seq_len + pad}"
+        )
+
+
+def global_indices(seq_len: int, rank: int, world: int, layout: str) -> torch.Tensor:
+    """LongTensor (seq_len // world,): the global positions of ``rank``'s tokens, in local order."""
+    _check_len(seq_len, layout, world)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    n = seq_len // world
+    if layout == "contiguous":
+        return torch.arange(rank * n, (rank + 1) * n)
+    if layout == "striped":
+        return torch.arange(rank, seq_len, world)
+    c = seq_len // (2 * world)  # zigzag chunk length
+    first = torch.arange(rank * c, (rank + 1) * c)
+    second = torch.arange((2 * world - 1 - rank) * c, (2 * world - rank) * c)
+    return torch.cat([first, second])
+
+
+def shard_tensor(x: torch.Tensor, dim: int, rank: int, world: int, layout: str) -> torch.Tensor:
+    """``x`` (..., S, ...) -> this rank's (..., S/P, ...) along ``dim`` (a view where possible)."""
+    dim = dim % x.ndim
+    S = x.shape[dim]
+    _check_len(S, layout, world, what=f"x.shape[{dim}]")
+    n = S // world
+    if layout == "contiguous":
+        return x.narrow(dim, rank * n, n)
+    if layout == "striped":
+        return x.unflatten(dim, (n, world)).select(dim + 1, rank)
+    c = n // 2
+    return torch.cat(
+        [x.narrow(dim, rank * c, c), x.narrow(dim, (2 * world - 1 - rank) * c, c)], dim=dim
+    )
+
+
+def unshard_tensor(shards: list[torch.Tensor], dim: int, layout: str) -> torch.Tensor:
+    """Inverse of :func:`shard_tensor`: the P shards in rank order -> the global tensor."""
+    check_layout(layout)
+    world = len(shards)
+    dim = dim % shards[0].ndim
+    if layout == "contiguous":
+        return torch.cat(shards, dim=dim)
+    if layout == "striped":
+        return torch.stack(shards, dim=dim + 1).flatten(dim, dim + 1)
+    c = shards[0].shape[dim] // 2
+    firsts = [s.narrow(dim, 0, c) for s in shards]
+    seconds = [s.narrow(dim, c, c) for s in reversed(shards)]
+    return torch.cat(firsts + seconds, dim=dim)
+
+
+def tile(layout: str, causal: bool, q_rank: int, kv_rank: int, world: int, s_local: int) -> Tile | None:
+    """The work of the tile (query block of ``q_rank``, kv block of ``kv_rank``); ``None`` = skip."""
+    check_layout(layout)
+    if not causal:
+        return Tile("full")
+    if q_rank == kv_rank:
+        return Tile("causal")
+    if layout == "contiguous":
+        return Tile("full") if kv_rank < q_rank else None
+    if layout == "striped":
+        return Tile("causal") if kv_rank < q_rank else Tile("strict")
+    half = s_local // 2  # zigzag
+    if kv_rank < q_rank:
+        return Tile("full", kv=slice(0, half))
+    return Tile("full", q=slice(half, s_local))

@@ -1,0 +1,46 @@
+"""Bad input: a clear ValueError/TypeError naming the argument, on every rank, no hang."""
+
+import pytest
+
+import dist_cases as C
+
+CASES = {
+    "dtype_mismatch": ("TypeError", "dtype"),
+    "gqa_without_flag": ("ValueError", "enable_gqa=True"),
+    "heads_not_multiple": ("ValueError", "multiple"),
+    "two_dims": ("ValueError", "at least 3 dims"),
+    "odd_zigzag": ("ValueError", "pad the global sequence by"),
+    "unknown_layout": ("ValueError", "layout must be one of"),
+    "unknown_method": ("ValueError", "method must be one of"),
+    "unknown_backend": ("ValueError", "backend must be one of"),
+    "int_dtype": ("TypeError", "fp16, bf16, fp32 or fp64"),
+    "not_tensor": ("TypeError", "q must be a torch.Tensor"),
+    "kv_shape_mismatch": ("ValueError", "k and v must have the same shape"),
+    "local_len_disagrees": ("ValueError", "disagree"),
+    "one_rank_bad_dtype": ("TypeError", "dtype"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_raises_on_every_rank(worlds, case):
+    world = worlds(2)
+    kind, text = CASES[case]
+    res = world.run(C.bad_input, case=case, timeout=30)
+    for rank, (etype, msg) in enumerate(res):
+        assert etype is not None, f"rank {rank} did not raise for {case}"
+        if case == "one_rank_bad_dtype" and rank == 0:
+            assert etype == "ValueError" and "rank(s) [1] rejected" in msg, msg
+            continue
+        assert etype == kind and text in msg, f"rank {rank}: {etype}: {msg}"
+    assert max(world.run(C.healthy)) < 1e-6  # nobody is left waiting: the world still works
+
+
+def test_layout_divisibility_message():
+    import torch
+
+    import seqpar.layout as L
+
+    with pytest.raises(ValueError, match=r"pad the sequence by 3 tokens to 16"):
+        L.shard_tensor(torch.zeros(13), 0, 0, 4, "contiguous")
+    with pytest.raises(ValueError, match=r"multiple of 8.*pad the sequence by 6 tokens to 16"):
+        L.shard_tensor(torch.zeros(1, 10), 1, 0, 4, "zigzag")
