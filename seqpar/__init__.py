@@ -1,6 +1,7 @@
 """seqpar: exact softmax attention over sequences sharded across devices (Ring / Striped / Zigzag)."""
 
 from seqpar.attention import attention
+from seqpar.comm_mpi import MPIGroup, mpi_group
 from seqpar.distributed import init_distributed, init_mesh
 from seqpar.layout import LAYOUTS, LayoutKind
 from seqpar.sharding import positions, shard, unshard
@@ -9,6 +10,8 @@ __all__ = [
     "attention",
     "init_distributed",
     "init_mesh",
+    "MPIGroup",
+    "mpi_group",
     "shard",
     "unshard",
     "positions",

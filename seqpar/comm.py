@@ -13,12 +13,13 @@ Every rank posts the same number of exchanges in the same order, so the pattern 
 (fully masked tiles skip the compute, not the exchange). World size 1 is :class:`LocalRing`:
 ``exchange`` returns the send buffer itself and nothing moves.
 
-Backends: :class:`TorchRing` (torch.distributed: NCCL, gloo) and :class:`LocalRing`.
+Backends: :class:`TorchRing` (torch.distributed: NCCL, gloo) and :class:`LocalRing`; a
+:class:`TransportGroup` (``seqpar.MPIGroup``, mpi4py) brings its own ring and all-gather.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ __all__ = [
     "gather_ints",
     "TAG_KV",
     "TAG_DKV",
+    "TransportGroup",
 ]
 
 TAG_KV = 17
@@ -50,6 +52,20 @@ class Ring(Protocol):
     def exchange(self, send: torch.Tensor, recv: torch.Tensor | None = None, *, tag: int = TAG_KV) -> Handle:
         """Post: send ``send`` to rank+1, receive from rank-1 into ``recv`` (allocated if None)."""
         ...
+
+
+@runtime_checkable
+class TransportGroup(Protocol):
+    """A group that is not a torch.distributed ProcessGroup (e.g. ``seqpar.MPIGroup``)."""
+
+    rank: int
+    size: int
+
+    def ring(self) -> Ring: ...
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]: ...
 
 
 class _Done:
@@ -105,8 +121,11 @@ class TorchRing:
         return _Pending(dist.batch_isend_irecv(ops), send, recv)
 
 
-def make_ring(group: dist.ProcessGroup | None) -> Ring:
-    """``None`` (or a 1-rank group) -> :class:`LocalRing`, else :class:`TorchRing`."""
+def make_ring(group: dist.ProcessGroup | TransportGroup | None) -> Ring:
+    """``None`` (or a 1-rank group) -> :class:`LocalRing`, else :class:`TorchRing` (or the
+    transport group's own ring)."""
+    if isinstance(group, TransportGroup):
+        return group.ring()
     if group is None or dist.get_world_size(group) == 1:
         return LocalRing()
     return TorchRing(group)
@@ -114,6 +133,8 @@ def make_ring(group: dist.ProcessGroup | None) -> Ring:
 
 def all_gather_tensor(x: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
     """Every rank's ``x`` (same shape everywhere), in group rank order."""
+    if isinstance(group, TransportGroup):
+        return group.all_gather(x)
     if group is None or dist.get_world_size(group) == 1:
         return [x]
     x = x.contiguous()
@@ -124,5 +145,7 @@ def all_gather_tensor(x: torch.Tensor, group: dist.ProcessGroup | None) -> list[
 
 def gather_ints(values: list[int], group: dist.ProcessGroup | None, device: torch.device) -> list[list[int]]:
     """All-gather a short list of ints (same length on every rank) -> one list per rank."""
+    if isinstance(group, TransportGroup):
+        return group.all_gather_ints(values)
     t = torch.tensor(values, dtype=torch.int64, device=device)
     return [g.tolist() for g in all_gather_tensor(t, group)]
