@@ -25,6 +25,10 @@ Backends:
   fp16/bf16, memory-efficient for fp32).
 - ``triton``: fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``).
 
+``block_attention_accumulate`` merges a tile into a running fp32 ``(out, lse)`` in place: inside the
+kernel where the backend has ``NATIVE_ACCUMULATE`` (triton), else ``block_attention`` +
+:func:`merge_partial`.
+
 The backward takes the *global* ``out`` and ``lse`` (after all tiles were merged) so a tile's
 gradient is exact: ``P = exp(S - lse)``, ``delta = rowsum(dO * out)``.
 """
@@ -45,6 +49,8 @@ __all__ = [
     "resolve_backend",
     "block_attention",
     "block_attention_backward",
+    "block_attention_accumulate",
+    "merge_partial",
 ]
 
 MaskKind = Literal["full", "causal", "strict"]
@@ -160,3 +166,44 @@ def block_attention_backward(
             dv[:, :, : Sq - 1] = gv
         return dq, dk, dv
     return impl.backward(dout, q, k, v, out, lse, mask=mask, scale=scale)
+
+
+def merge_partial(
+    out: torch.Tensor,  # (B, Hq, Sq, D) fp32/fp64, any strides: updated in place
+    lse: torch.Tensor,  # (B, Hq, Sq)    fp32/fp64, any strides: updated in place
+    blk_out: torch.Tensor,  # (B, Hq, Sq, D)
+    blk_lse: torch.Tensor,  # (B, Hq, Sq)
+) -> None:
+    """In place: ``(out, lse) <- softmax-merge of (out, lse) and (blk_out, blk_lse)``, in the stable form::
+
+        out -= sigmoid(blk_lse - lse) * (out - blk_out)
+        lse -= logsigmoid(lse - blk_lse)
+
+    Rows the block does not see (``blk_lse = -inf``) stay untouched; rows the running state has not
+    seen yet (``lse = -inf``) take the block.
+    """
+    blk_lse = blk_lse.to(lse.dtype)
+    w = torch.sigmoid(blk_lse - lse).masked_fill(torch.isneginf(blk_lse), 0.0)  # (B, Hq, Sq); no host sync
+    out.sub_(w.unsqueeze(-1) * (out - blk_out.to(out.dtype)))
+    lse.copy_(torch.where(torch.isneginf(lse), blk_lse, lse - torch.nn.functional.logsigmoid(lse - blk_lse)))
+
+
+def block_attention_accumulate(
+    q: torch.Tensor,  # (B, Hq, Sq, D)
+    k: torch.Tensor,  # (B, Hkv, Sk, D)
+    v: torch.Tensor,  # (B, Hkv, Sk, D)
+    out: torch.Tensor,  # (B, Hq, Sq, D) running output, fp32 (fp64 for fp64 inputs), any strides: in place
+    lse: torch.Tensor,  # (B, Hq, Sq)    running lse, same dtype as out, any strides: in place
+    *,
+    mask: MaskKind,
+    scale: float,
+    backend: str,
+) -> None:
+    """Merge one tile's attention into the running ``(out, lse)`` in place (rows with no visible key
+    of this tile are left untouched). Equals ``block_attention`` then :func:`merge_partial`."""
+    impl = _impl(backend)
+    if getattr(impl, "NATIVE_ACCUMULATE", False) and out.dtype == torch.float32 and q.dtype != torch.float64:
+        impl.forward_accumulate(q, k, v, out, lse, mask=mask, scale=scale)
+        return
+    o, l = block_attention(q, k, v, mask=mask, scale=scale, backend=backend)
+    merge_partial(out, lse, o, l)

@@ -15,6 +15,8 @@ Forward: each tile gives (out_t, lse_t) for its query rows; they merge into the 
 in fp32 with the stable form ``out -= sigmoid(lse_t - lse) * (out - out_t)``,
 ``lse -= logsigmoid(lse - lse_t)``. Step 0 (the diagonal tile) covers every query row, so the
 running lse is finite from then on and fully masked rows of later tiles (lse_t = -inf) are no-ops.
+Steps > 0 call ``block_attention_accumulate``, which merges inside the kernel (triton) or by a
+separate merge pass (other backends), writing through views of (out, lse) for half tiles.
 
 Backward: each tile is recomputed against the *global* (out, lse); dq accumulates at home in fp32.
 dK/dV of a block accumulate in fp32 in a buffer that travels one hop behind the block: at step s
@@ -27,11 +29,10 @@ of KV_r arrives back at rank r holding every rank's contribution::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from seqpar import layout as _layout
 from seqpar.comm import TAG_DKV, TAG_KV, Ring
-from seqpar.kernels import block_attention, block_attention_backward
+from seqpar.kernels import block_attention, block_attention_accumulate, block_attention_backward, merge_partial
 
 __all__ = ["ring_forward", "ring_backward", "RingAttention"]
 
@@ -66,23 +67,26 @@ def ring_forward(
         pending = ring.exchange(kv, spare, tag=TAG_KV) if step + 1 < ring.size else None
         t = _tile(layout, causal, ring, step, s_local)
         if t is not None:
-            o, l = block_attention(q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv], mask=t.mask, scale=scale,
-                                   backend=backend)
+            qt, kt, vt = q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv]  # views (zigzag: half tiles)
             if out is None:
                 assert step == 0 and t.whole, "the diagonal tile must come first and cover every row"
+                o, l = block_attention(qt, kt, vt, mask=t.mask, scale=scale, backend=backend)
                 out, lse = o.to(acc), l.to(acc)
             else:
-                _merge(out[:, :, t.q], lse[:, :, t.q], o, l)
+                # merged into strided views of the running (out, lse): in-kernel where the backend can
+                block_attention_accumulate(qt, kt, vt, out[:, :, t.q], lse[:, :, t.q], mask=t.mask, scale=scale,
+                                           backend=backend)
         if pending is not None:
             kv, spare = pending.wait(), kv
     return out, lse
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
-    """In place: (out, lse) <- softmax-merge of (out, lse) and (blk_out, blk_lse); out/lse fp32 views."""
-    blk_lse = blk_lse.to(lse.dtype)
-    out.sub_(torch.sigmoid(blk_lse - lse).unsqueeze(-1) * (out - blk_out.to(out.dtype)))
-    lse.sub_(F.logsigmoid(lse - blk_lse))
+    """In place: (out, lse) <- softmax-merge of (out, lse) and (blk_out, blk_lse); out/lse fp32 views.
+
+    ``out -= sigmoid(blk_lse - lse) * (out - blk_out)``, ``lse -= logsigmoid(lse - blk_lse)``; the
+    kernel layer's :func:`seqpar.kernels.merge_partial` (the fallback of ``block_attention_accumulate``)."""
+    merge_partial(out, lse, blk_out, blk_lse)
 
 
 def ring_backward(

@@ -1,0 +1,611 @@
+"""Fused Triton block attention: online-softmax forward (plain and accumulating) and backward.
+
+The ``triton`` backend of :mod:`seqpar.kernels`: same contract as ``reference`` and ``aten`` (see the
+package docstring), plus :func:`forward_accumulate`, which merges a tile into the ring's running
+fp32 ``(out, lse)`` inside the kernel.
+
+Shapes::
+
+    q          (B, Hq,  Sq, D)    fp16 / bf16 / fp32, any strides
+    k, v       (B, Hkv, Sk, D)    Hq % Hkv == 0; q head h reads kv head h // (Hq // Hkv) (by index)
+    out        (B, Hq,  Sq, D)    fp32
+    lse        (B, Hq,  Sq)       fp32, natural log, -inf for a row that sees no key
+    dq, dk, dv like q, k, v       fp32 (the ring accumulates gradients in fp32)
+
+D is 1..256, any value: tiles are padded to BLOCK_D = max(16, next_pow2(D)) with masked loads.
+fp64 inputs (no fast Triton path) fall back to the ``reference`` backend.
+
+Note
+----
+Tiles of one program. Forward and dQ: a program owns BLOCK_M query rows and walks the key blocks;
+dK/dV: a program owns BLOCK_N keys of one kv head and walks the query rows of every q head of its
+GQA group, summing their dK/dV in fp32 registers. A mask kind (top-left aligned) splits the walk
+into blocks that need no mask and the few on the diagonal (or past Sk) that do::
+
+    forward / dQ, one row block [m0, m0+BM)       dK/dV, one key block [n0, n0+BN)
+
+    keys ->  0        m0      m0+BM   Sk           rows v   keys n0 .. n0+BN
+    full     [ no mask .................][edge]      0..n0      (causal/strict: skipped)
+    causal   [ no mask ....][ diagonal ]  (rest       n0..       [ diagonal: masked   ]
+    strict   [ no mask ....][ diagonal ]   skipped)   n0+BN..Sq  [ no mask            ]
+
+Inside a program everything is in the exp2 domain: ``s2 = (q . k) * scale * log2(e)``; the running
+max ``m``, sum ``l`` and accumulator ``acc`` give ``out = acc / l``, ``lse = (m + log2 l) * ln 2``.
+The accumulating forward instead merges ``(acc, m, l)`` into the stored ``(out_acc, lse_acc)``::
+
+    b2   = m + log2(l)                         the tile's lse (base 2); -inf if no key is visible
+    new2 = logaddexp2(lse_acc * log2(e), b2)
+    out  = out_acc * 2^(lse_acc*log2(e) - new2) + acc * 2^(m - new2)
+    rows with no visible key are not written at all.
+
+Backward recomputes ``p = 2^(s2 - lse * log2(e))`` against the *global* lse and uses
+``delta = rowsum(dO * O)`` (a preprocess kernel, against the global O).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "forward",
+    "forward_accumulate",
+    "backward",
+    "NATIVE_STRICT",
+    "NATIVE_ACCUMULATE",
+    "INTERPRET",
+    "MAX_HEAD_DIM",
+]
+
+NATIVE_STRICT = True
+NATIVE_ACCUMULATE = True
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_HEAD_DIM = 256
+
+_MASK_CODE = {"full": 0, "causal": 1, "strict": 2}
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autotune configs
+# ----------------------------------------------------------------------------------------------------------------
+
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:  # the interpreter runs one small fixed tile (it is numpy, per program, slow)
+    _FWD_CONFIGS = [_cfg(16, 16, 1, 1)]
+    _DKDV_CONFIGS = [_cfg(16, 16, 1, 1)]
+    _DQ_CONFIGS = [_cfg(16, 16, 1, 1)]
+else:
+    _FWD_CONFIGS = [_cfg(bm, bn, w, s) for bm, bn in ((64, 32), (64, 64), (128, 64), (128, 128))
+                    for w in (4, 8) for s in (2, 3, 4)]
+    _DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 128))
+                     for w in (4, 8) for s in (2, 3)]
+    _DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64))
+                   for w in (4, 8) for s in (2, 3)]
+
+
+def _args(named_args: dict, kwargs: dict) -> dict:
+    return {**named_args, **kwargs}
+
+
+def _prune_rows(configs, named_args, **kwargs):
+    """Forward / dQ: BLOCK_M a multiple of BLOCK_N (the diagonal starts on a key-block boundary);
+    big head dims get small tiles (registers); fp32 gets at most 64 x 64 (shared memory)."""
+    a = _args(named_args, kwargs)
+    bd, wide = a["BLOCK_D"], a["Q"].element_size() >= 4
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bm % bn:
+            continue
+        if bd >= 256 and (bm > 64 or bn > 64 or c.num_stages > 2):
+            continue
+        if bd >= 128 and bm * bn > 128 * 64 and c.num_warps < 8:
+            continue
+        if wide and bm * bn > 64 * 64:
+            continue
+        keep.append(c)
+    return keep or [configs[0]]
+
+
+def _prune_cols(configs, named_args, **kwargs):
+    """dK/dV: a program holds k, v, dk, dv (BLOCK_N x BLOCK_D each) in registers."""
+    a = _args(named_args, kwargs)
+    bd, wide = a["BLOCK_D"], a["Q"].element_size() >= 4
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bd >= 256 and (bn > 64 or bm > 32 or c.num_stages > 2):
+            continue
+        if bd >= 128 and bn >= 128 and c.num_warps < 8:
+            continue
+        if wide and bm * bn > 32 * 64:
+            continue
+        keep.append(c)
+    return keep or [configs[0]]
+
+
+_KEY = ["SQ_KEY", "SK_KEY", "HEAD_D", "MASK"]
+
+
+def _bucket(n: int) -> int:
+    """Autotune key for a sequence length: the next power of two, capped (a 1M-token call reuses the
+    config tuned at 32k rather than benchmarking every config at full size)."""
+    return min(triton.next_power_of_2(max(n, 1)), 32768)
+
+
+# The interpreter's tl.dot mishandles bf16 operands (numpy has no bf16): there, operands are widened to
+# fp32 first, after any rounding to the input dtype, so the interpreter computes what the GPU computes.
+_DOT_UPCAST = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    if _DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk, skn, skd, svn, svd, qk_scale,
+              MASKED: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """One key block into the running (acc (BM, BD), m_i (BM,), l_i (BM,)); exp2 domain."""
+    cols = start_n + offs_n  # (BN,)
+    kt_ptrs = k_base + cols[None, :] * skn + offs_d[:, None] * skd  # (BD, BN)
+    v_ptrs = v_base + cols[:, None] * svn + offs_d[None, :] * svd  # (BN, BD)
+    if MASKED:
+        kt = tl.load(kt_ptrs, mask=(cols[None, :] < Sk) & (offs_d[:, None] < HEAD_D), other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < Sk) & (offs_d[None, :] < HEAD_D), other=0.0)
+    elif HEAD_D < BLOCK_D:
+        kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_D, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
+    else:
+        kt = tl.load(kt_ptrs)
+        v = tl.load(v_ptrs)
+    s = _dot(q, kt, None, PREC) * qk_scale  # (BM, BN), log2 domain
+    if MASKED:
+        visible = cols[None, :] < Sk
+        if MASK == 1:
+            visible = visible & (cols[None, :] <= offs_m[:, None])
+        if MASK == 2:
+            visible = visible & (cols[None, :] < offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet: p = 0, alpha = 0
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(v.dtype), v, acc, PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, som, sod,
+    slb, slh, slm,
+    H, GROUP, Sq, Sk, qk_scale,
+    SQ_KEY, SK_KEY,
+    MASK: tl.constexpr, ACCUMULATE: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grid: (cdiv(Sq, BLOCK_M), B * H)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP  # GQA: the kv head of this q head, by index
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Sq
+    d_ok = offs_d < HEAD_D
+    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)  # (BM, BD)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # keys [0, clean) need no mask at all; [clean, hi) are the diagonal / the ragged end
+    if MASK == 0:
+        hi = Sk
+        clean = (Sk // BLOCK_N) * BLOCK_N
+    else:
+        hi = tl.minimum(Sk, m0 + BLOCK_M)
+        clean = tl.minimum(m0, (Sk // BLOCK_N) * BLOCK_N)  # m0 is a multiple of BLOCK_N (pruned configs)
+    for start_n in range(0, clean, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk,
+                                  skn, skd, svn, svd, qk_scale, False, MASK, PREC, HEAD_D, BLOCK_D)
+    for start_n in range(clean, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk,
+                                  skn, skd, svn, svd, qk_scale, True, MASK, PREC, HEAD_D, BLOCK_D)
+
+    o_ptrs = Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    l_ptrs = Lse + b * slb + h * slh + offs_m * slm
+    seen = l_i > 0.0
+    if ACCUMULATE:
+        a2 = tl.load(l_ptrs, mask=row_ok & seen, other=float("-inf")) * 1.4426950408889634
+        b2 = m_i + tl.log2(tl.where(seen, l_i, 1.0))
+        b2 = tl.where(seen, b2, float("-inf"))
+        mx = tl.maximum(a2, b2)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        new2 = mx + tl.log2(tl.exp2(a2 - mx) + tl.exp2(b2 - mx))
+        keep = row_ok & seen
+        o_old = tl.load(o_ptrs, mask=keep[:, None] & d_ok[None, :], other=0.0)
+        o_new = o_old * tl.exp2(a2 - new2)[:, None] + acc * tl.exp2(m_i - new2)[:, None]
+        tl.store(o_ptrs, o_new, mask=keep[:, None] & d_ok[None, :])
+        tl.store(l_ptrs, new2 * 0.6931471805599453, mask=keep)
+    else:
+        o = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(o_ptrs, o, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(l_ptrs, lse, mask=row_ok)
+
+
+_fwd = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_rows})(_fwd_kernel)
+_fwd_acc = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_rows},
+                           restore_value=["Out", "Lse"])(_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Sq,
+                      HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # grid: (cdiv(Sq, BLOCK_M), B * H); Delta (B * H, Sq) fp32 contiguous
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_D)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=msk, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _load_lse2(lse_ptrs, rows, Sq):
+    """The global lse of ``rows`` in base 2; +inf for rows past Sq or with no key anywhere (-> p = 0)."""
+    lse = tl.load(lse_ptrs, mask=rows < Sq, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d, cols, Sq,
+               sqm, sqd, sdm, sdd, slm, qk_scale,
+               MASKED: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr):
+    """One row block of one q head into dk, dv (BN, BD) fp32; computed transposed (keys x rows)."""
+    rows = start_m + offs_m  # (BM,)
+    row_ok = rows < Sq
+    d_ok = offs_d < HEAD_D
+    qt = tl.load(q_base + rows[None, :] * sqm + offs_d[:, None] * sqd, mask=d_ok[:, None] & row_ok[None, :],
+                 other=0.0)  # (BD, BM)
+    do = tl.load(do_base + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=row_ok[:, None] & d_ok[None, :],
+                 other=0.0)  # (BM, BD)
+    lse2 = _load_lse2(l_base + rows * slm, rows, Sq)  # (BM,)
+    delta = tl.load(dl_base + rows, mask=row_ok, other=0.0)  # (BM,)
+    st = _dot(k, qt, None, PREC) * qk_scale  # (BN, BM)
+    pt = tl.exp2(st - lse2[None, :])
+    if MASKED:
+        if MASK == 1:
+            pt = tl.where(cols[:, None] <= rows[None, :], pt, 0.0)
+        if MASK == 2:
+            pt = tl.where(cols[:, None] < rows[None, :], pt, 0.0)
+    dv = _dot(pt.to(do.dtype), do, dv, PREC)
+    dpt = _dot(v, tl.trans(do), None, PREC)  # (BN, BM)
+    dst = pt * (dpt - delta[None, :])
+    dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    slb, slh, slm,
+    HKV, GROUP, Sq, Sk, sm_scale, qk_scale,
+    SQ_KEY, SK_KEY,
+    MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grid: (cdiv(Sk, BLOCK_N), B * HKV); DK, DV (B, HKV, Sk, HEAD_D) fp32 contiguous
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_msk = (cols[:, None] < Sk) & (offs_d[None, :] < HEAD_D)
+    k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_msk, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_msk, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # rows [n0, diag_end) hold the diagonal of this key block (causal / strict); rows below see every key,
+    # rows above see none of them (skipped)
+    diag_end = n0 + ((BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):  # every q head of this kv head's group, summed in fp32 here
+        h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        l_base = Lse + b * slb + h * slh
+        dl_base = Delta + (b * HKV * GROUP + h) * Sq
+        if MASK == 0:
+            for start_m in range(0, Sq, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d, cols,
+                                    Sq, sqm, sqd, sdm, sdd, slm, qk_scale, False, MASK, PREC, HEAD_D)
+        else:
+            for start_m in range(n0, tl.minimum(diag_end, Sq), BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d, cols,
+                                    Sq, sqm, sqd, sdm, sdd, slm, qk_scale, True, MASK, PREC, HEAD_D)
+            for start_m in range(diag_end, Sq, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d, cols,
+                                    Sq, sqm, sqd, sdm, sdd, slm, qk_scale, False, MASK, PREC, HEAD_D)
+    out_off = (b * HKV + hk) * Sk * HEAD_D + cols[:, None] * HEAD_D + offs_d[None, :]
+    tl.store(DK + out_off, dk * sm_scale, mask=kv_msk)
+    tl.store(DV + out_off, dv, mask=kv_msk)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd, svn, svd, qk_scale,
+             MASKED: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """One key block into dq (BM, BD) fp32."""
+    cols = start_n + offs_n  # (BN,)
+    kt_ptrs = k_base + cols[None, :] * skn + offs_d[:, None] * skd  # (BD, BN)
+    vt_ptrs = v_base + cols[None, :] * svn + offs_d[:, None] * svd  # (BD, BN)
+    if MASKED:
+        msk = (cols[None, :] < Sk) & (offs_d[:, None] < HEAD_D)
+        kt = tl.load(kt_ptrs, mask=msk, other=0.0)
+        vt = tl.load(vt_ptrs, mask=msk, other=0.0)
+    elif HEAD_D < BLOCK_D:
+        kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_D, other=0.0)
+        vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_D, other=0.0)
+    else:
+        kt = tl.load(kt_ptrs)
+        vt = tl.load(vt_ptrs)
+    s = _dot(q, kt, None, PREC) * qk_scale  # (BM, BN)
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        visible = cols[None, :] < Sk
+        if MASK == 1:
+            visible = visible & (cols[None, :] <= rows[:, None])
+        if MASK == 2:
+            visible = visible & (cols[None, :] < rows[:, None])
+        p = tl.where(visible, p, 0.0)
+    dp = _dot(do, vt, None, PREC)  # (BM, BN)
+    ds = p * (dp - delta[:, None])
+    dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    slb, slh, slm,
+    H, GROUP, Sq, Sk, sm_scale, qk_scale,
+    SQ_KEY, SK_KEY,
+    MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grid: (cdiv(Sq, BLOCK_M), B * H); DQ (B, H, Sq, HEAD_D) fp32 contiguous
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < Sq
+    msk = row_ok[:, None] & (offs_d[None, :] < HEAD_D)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=msk, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=msk, other=0.0)
+    lse2 = _load_lse2(Lse + b * slb + h * slh + rows * slm, rows, Sq)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if MASK == 0:
+        hi = Sk
+        clean = (Sk // BLOCK_N) * BLOCK_N
+    else:
+        hi = tl.minimum(Sk, m0 + BLOCK_M)
+        clean = tl.minimum(m0, (Sk // BLOCK_N) * BLOCK_N)
+    for start_n in range(0, clean, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd, svn, svd,
+                      qk_scale, False, MASK, PREC, HEAD_D, BLOCK_D)
+    for start_n in range(clean, hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd, svn, svd,
+                      qk_scale, True, MASK, PREC, HEAD_D, BLOCK_D)
+    out_off = (b * H + h) * Sq * HEAD_D + rows[:, None] * HEAD_D + offs_d[None, :]
+    tl.store(DQ + out_off, dq * sm_scale, mask=msk)
+
+
+_bwd_dkdv = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_cols})(
+    _bwd_dkdv_kernel)
+_bwd_dq = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_rows})(_bwd_dq_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str) -> None:
+    if mask not in _MASK_CODE:
+        raise ValueError(f"triton backend: mask must be one of {tuple(_MASK_CODE)}, got {mask!r}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"triton backend: q, k, v must be 4-D (B, H, S, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"triton backend: need q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"triton backend: Hq={q.shape[1]} must be a multiple of Hkv={k.shape[1]}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"triton backend: head dim {q.shape[3]} > {MAX_HEAD_DIM}; use backend='aten'")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOATS:
+        raise TypeError(f"triton backend: q, k, v must share one of {_FLOATS}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"triton backend needs CUDA tensors or TRITON_INTERPRET=1 (set before triton is imported); "
+                         f"got tensors on {q.device}")
+
+
+def _prec(dtype: torch.dtype) -> Literal["ieee", "tf32"]:
+    # fp32 inputs: true fp32 products (SDPA's fp32 kernels do not use tf32 either); fp16/bf16: ignored
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _launch_forward(q, k, v, out, lse, mask: str, scale: float, accumulate: bool) -> None:
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    kernel = _fwd_acc if accumulate else _fwd
+    grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        Hq, Hq // Hkv, Sq, Sk, float(scale) * _LOG2E,
+        _bucket(Sq), _bucket(Sk),
+        MASK=_MASK_CODE[mask], ACCUMULATE=accumulate, PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=_block_d(D),
+    )
+
+
+def forward(
+    q: torch.Tensor,  # (B, Hq, Sq, D)
+    k: torch.Tensor,  # (B, Hkv, Sk, D)
+    v: torch.Tensor,  # (B, Hkv, Sk, D)
+    *,
+    mask: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, Hq, Sq, D) fp32, lse (B, Hq, Sq) fp32; rows with no visible key: out 0, lse -inf."""
+    if q.dtype == torch.float64:
+        from seqpar.kernels import reference
+
+        return reference.forward(q, k, v, mask=mask, scale=scale)
+    _check(q, k, v, mask)
+    B, Hq, Sq, D = q.shape
+    out = torch.zeros(B, Hq, Sq, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    if Sq and k.shape[2] and B * Hq:
+        _launch_forward(q, k, v, out, lse, mask, scale, accumulate=False)
+    return out, lse
+
+
+def forward_accumulate(
+    q: torch.Tensor,  # (B, Hq, Sq, D)
+    k: torch.Tensor,  # (B, Hkv, Sk, D)
+    v: torch.Tensor,  # (B, Hkv, Sk, D)
+    out_acc: torch.Tensor,  # (B, Hq, Sq, D) fp32, any strides (a view of the ring's running output)
+    lse_acc: torch.Tensor,  # (B, Hq, Sq)    fp32, any strides
+    *,
+    mask: str,
+    scale: float,
+) -> None:
+    """In place: merge this tile's attention into the running ``(out_acc, lse_acc)``.
+
+    Rows that see no key of this tile are left untouched (bit for bit)."""
+    if q.dtype == torch.float64:
+        from seqpar.kernels import merge_partial, reference
+
+        o, l = reference.forward(q, k, v, mask=mask, scale=scale)
+        merge_partial(out_acc, lse_acc, o, l)
+        return
+    _check(q, k, v, mask)
+    B, Hq, Sq, D = q.shape
+    if out_acc.shape != (B, Hq, Sq, D) or lse_acc.shape != (B, Hq, Sq):
+        raise ValueError(f"forward_accumulate: out_acc must be {(B, Hq, Sq, D)} and lse_acc {(B, Hq, Sq)}; got "
+                         f"{tuple(out_acc.shape)}, {tuple(lse_acc.shape)}")
+    if out_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
+        raise TypeError(f"forward_accumulate: out_acc and lse_acc must be fp32, got {out_acc.dtype}, {lse_acc.dtype}")
+    if Sq and k.shape[2] and B * Hq:
+        _launch_forward(q, k, v, out_acc, lse_acc, mask, scale, accumulate=True)
+
+
+def backward(
+    dout: torch.Tensor,  # (B, Hq, Sq, D)
+    q: torch.Tensor,  # (B, Hq, Sq, D)
+    k: torch.Tensor,  # (B, Hkv, Sk, D)
+    v: torch.Tensor,  # (B, Hkv, Sk, D)
+    out: torch.Tensor,  # (B, Hq, Sq, D) the global output of these rows
+    lse: torch.Tensor,  # (B, Hq, Sq)    the global lse of these rows (natural log)
+    *,
+    mask: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), all fp32 (fp64 for fp64 inputs)."""
+    if q.dtype == torch.float64:
+        from seqpar.kernels import reference
+
+        return reference.backward(dout, q, k, v, out, lse, mask=mask, scale=scale)
+    _check(q, k, v, mask)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dq = torch.zeros(B, Hq, Sq, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(B, Hkv, Sk, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B, Hkv, Sk, D, dtype=torch.float32, device=q.device)
+    if not (Sq and Sk and B * Hq):
+        return dq, dk, dv
+    if lse.dtype != torch.float32:
+        lse = lse.float()
+    bd = _block_d(D)
+    delta = torch.empty(B * Hq, Sq, dtype=torch.float32, device=q.device)  # rowsum(dO * O)
+    bm_delta = 16 if INTERPRET else 64
+    _bwd_delta_kernel[(triton.cdiv(Sq, bm_delta), B * Hq)](
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm_delta)
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+    consts = dict(MASK=_MASK_CODE[mask], PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=bd)
+    _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, *common,
+        Hkv, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
+    _bwd_dq[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
+        q, k, v, dout, lse, delta, dq, *common,
+        Hq, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
+    return dq, dk, dv
