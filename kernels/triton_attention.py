@@ -45,6 +45,7 @@ Backward recomputes ``p = 2^(s2 - lse * log2(e))`` against the *global* lse and 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Literal
 
 import torch
@@ -65,6 +66,12 @@ NATIVE_STRICT = True
 NATIVE_ACCUMULATE = True
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 256
+
+# Launches are serialised: the autotuner keeps per-call state on the kernel object and the interpreter
+# keeps global grid state, so ranks that are threads of one process (seqpar.threaded) must not launch
+# concurrently. A launch is asynchronous on CUDA, so the lock is held for microseconds (or for the one
+# autotuning run of a new shape, which then also does not compete with another thread's benchmark).
+_LAUNCH = threading.RLock()
 
 _MASK_CODE = {"full": 0, "causal": 1, "strict": 2}
 _LOG2E = 1.4426950408889634
@@ -508,13 +515,14 @@ def _launch_forward(q, k, v, out, lse, mask: str, scale: float, accumulate: bool
     Hkv, Sk = k.shape[1], k.shape[2]
     kernel = _fwd_acc if accumulate else _fwd
     grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    kernel[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        Hq, Hq // Hkv, Sq, Sk, float(scale) * _LOG2E,
-        _bucket(Sq), _bucket(Sk),
-        MASK=_MASK_CODE[mask], ACCUMULATE=accumulate, PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=_block_d(D),
-    )
+    with _LAUNCH:
+        kernel[grid](
+            q, k, v, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            Hq, Hq // Hkv, Sq, Sk, float(scale) * _LOG2E,
+            _bucket(Sq), _bucket(Sk),
+            MASK=_MASK_CODE[mask], ACCUMULATE=accumulate, PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=_block_d(D),
+        )
 
 
 def forward(
@@ -598,14 +606,15 @@ def backward(
     bd = _block_d(D)
     delta = torch.empty(B * Hq, Sq, dtype=torch.float32, device=q.device)  # rowsum(dO * O)
     bm_delta = 16 if INTERPRET else 64
-    _bwd_delta_kernel[(triton.cdiv(Sq, bm_delta), B * Hq)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm_delta)
-    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
-    consts = dict(MASK=_MASK_CODE[mask], PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=bd)
-    _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, *common,
-        Hkv, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
-    _bwd_dq[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, dout, lse, delta, dq, *common,
-        Hq, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
+    with _LAUNCH:
+        _bwd_delta_kernel[(triton.cdiv(Sq, bm_delta), B * Hq)](
+            out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm_delta)
+        common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+        consts = dict(MASK=_MASK_CODE[mask], PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=bd)
+        _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, *common,
+            Hkv, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
+        _bwd_dq[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
+            q, k, v, dout, lse, delta, dq, *common,
+            Hq, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
     return dq, dk, dv

@@ -1,0 +1,239 @@
+"""Cases for the Triton kernels: computed here, asserted in tests/test_triton_kernels.py.
+
+Each case returns plain numbers: max-abs errors against an fp64 truth (the ``reference`` backend on
+the fp64 inputs) of the Triton kernel and of torch in the same dtype (the error budget of DESIGN.md).
+Device-agnostic: on CUDA the tests call these in-process (compiled kernels); on CPU they run in a
+fresh interpreter with ``TRITON_INTERPRET=1`` (the variable must be set before triton is imported)::
+
+    TRITON_INTERPRET=1 python tests/triton_cases.py OUT.json      # every case below, as JSON
+
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["KERNEL_CASES", "ACCUMULATE_CASES", "RING_CASES", "kernel_case", "accumulate_case", "run_all", "case_id"]
+
+Strides = Literal["contiguous", "transposed", "strided"]
+
+# (B, Hq, Hkv, Sq, Sk, D, mask, dtype, strides): every mask kind x GQA / MQA x odd head dims x Sq != Sk x
+# non-contiguous inputs x fp32 / bf16. Interpreter-sized (a few programs of 16 x 16 each).
+KERNEL_CASES = [
+    *[(1, 4, 4, 24, 24, 32, m, "float32", "contiguous") for m in ("full", "causal", "strict")],
+    *[(1, 4, 2, 21, 21, 40, m, "float32", "transposed") for m in ("full", "causal", "strict")],
+    *[(2, 3, 1, 19, 19, 80, m, "float32", "strided") for m in ("full", "causal", "strict")],
+    *[(1, 4, 1, 33, 33, 64, m, "bfloat16", "transposed") for m in ("full", "causal", "strict")],
+    (1, 2, 1, 13, 37, 40, "full", "float32", "strided"),  # Sq < Sk (zigzag: half q x all kv)
+    (1, 2, 2, 37, 13, 24, "full", "bfloat16", "contiguous"),  # Sq > Sk (zigzag: all q x half kv)
+    (1, 2, 1, 29, 18, 16, "causal", "float32", "contiguous"),  # top-left causal, Sq > Sk
+    (1, 2, 1, 18, 29, 16, "strict", "float32", "transposed"),  # top-left strict, Sq < Sk
+    (1, 2, 1, 17, 17, 130, "causal", "float32", "contiguous"),  # D just past a power of two
+]
+
+# (B, Hq, Hkv, Sq, Sk, D, mask of the new block, dtype, state in strided views): the accumulating forward
+ACCUMULATE_CASES = [
+    (1, 4, 2, 24, 24, 32, "full", "float32", False),
+    (1, 4, 2, 24, 24, 40, "causal", "float32", True),
+    (1, 4, 1, 24, 24, 40, "strict", "float32", True),
+    (1, 2, 1, 12, 24, 48, "full", "float32", True),  # zigzag j > i: half the rows, all keys
+    (1, 2, 2, 24, 12, 48, "full", "bfloat16", True),  # zigzag j < i: all rows, half the keys
+    (1, 4, 1, 32, 32, 64, "strict", "bfloat16", False),
+]
+
+# (P, layout, causal, Hq, Hkv, S, D, dtype): the whole ring on thread-ranks with backend="triton"
+RING_CASES = [
+    (2, "zigzag", True, 2, 1, 32, 16, "float32"),
+    (3, "striped", True, 2, 2, 24, 24, "float32"),  # strict tiles
+    (2, "contiguous", False, 2, 1, 32, 16, "bfloat16"),
+    (2, "striped", True, 2, 1, 32, 40, "bfloat16"),
+]
+
+
+def case_id(case) -> str:
+    return "-".join(str(x) for x in case)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _visible(Sq: int, Sk: int, mask: str, device) -> torch.Tensor:
+    """(Sq, Sk) bool: key j visible to query i (top-left aligned)."""
+    i = torch.arange(Sq, device=device)[:, None]
+    j = torch.arange(Sk, device=device)[None, :]
+    if mask == "full":
+        return torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+    return j <= i if mask == "causal" else j < i
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype, strides: Strides) -> torch.Tensor:
+    """``x`` (B, H, S, D) in ``dtype`` with the given memory layout (same values)."""
+    if strides == "contiguous":
+        return x.to(dtype).contiguous()
+    if strides == "transposed":  # (B, S, H, D) storage
+        return x.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    B, H, S, D = x.shape  # "strided": every other element of a wider buffer along D and S
+    buf = torch.zeros(B, H, 2 * S, 2 * D, dtype=dtype, device=x.device)
+    buf[:, :, ::2, ::2] = x.to(dtype)
+    return buf[:, :, ::2, ::2]
+
+
+def _sdpa_grads(q, k, v, do, visible):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1])
+    out.backward(do)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    fin = torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), fin):
+        return float("inf")
+    return (a.double()[fin] - b.double()[fin]).abs().max().item() if fin.any() else 0.0
+
+
+def kernel_case(B, Hq, Hkv, Sq, Sk, D, mask, dtype, strides, *, device="cpu", seed=0) -> dict:
+    """Forward and backward of one tile: {name: {"triton": err, "sdpa": err, "scale": max|truth|}}."""
+    from seqpar.kernels import block_attention, block_attention_backward, reference
+
+    dt = _dtype(dtype)
+    g = torch.Generator().manual_seed(seed + Sq * 7 + Sk + D)
+    q, do = (torch.randn(B, Hq, Sq, D, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, Sk, D, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    scale = D ** -0.5
+    # truth: the reference backend in fp64 on the fp64 inputs
+    t_out, t_lse = reference.forward(q, k, v, mask=mask, scale=scale)
+    t_grads = reference.backward(do, q, k, v, t_out, t_lse, mask=mask, scale=scale)
+    # triton in dt, any strides; the backward gets the global (out, lse) as the ring passes them
+    ql, kl, vl, dol = (_as(x, dt, strides) for x in (q, k, v, do))
+    out, lse = block_attention(ql, kl, vl, mask=mask, scale=scale, backend="triton")
+    grads = block_attention_backward(dol, ql, kl, vl, t_out.to(dt), t_lse.float(), mask=mask, scale=scale,
+                                     backend="triton")
+    # torch in dt: SDPA with an explicit mask (rows that would see nothing see key 0, for the baseline only)
+    vis = _visible(Sq, Sk, mask, device)
+    vis[:, 0] |= ~vis.any(1)
+    base64 = _sdpa_grads(q, k, v, do, vis)
+    base = _sdpa_grads(*(x.to(dt) for x in (q, k, v, do)), vis)
+    # lse baseline: exact math on the inputs rounded to dt (the part of the error that is the dtype's)
+    _, lse_low = reference.forward(*(x.to(dt) for x in (q, k, v)), mask=mask, scale=scale)
+    res = {"out": dict(triton=_err(out, t_out), sdpa=_err(base[0], base64[0]), scale=t_out.abs().max().item()),
+           "lse": dict(triton=_err(lse, t_lse), sdpa=_err(lse_low, t_lse),
+                       scale=t_lse[torch.isfinite(t_lse)].abs().max().item())}
+    for i, name in enumerate(["dq", "dk", "dv"]):
+        res[name] = dict(triton=_err(grads[i], t_grads[i]), sdpa=_err(base[i + 1], base64[i + 1]),
+                         scale=t_grads[i].abs().max().item())
+    res["dtypes"] = dict(out=str(out.dtype), lse=str(lse.dtype), dq=str(grads[0].dtype), dk=str(grads[1].dtype))
+    return res
+
+
+def _attend64(q, blocks, scale):
+    """Independent fp64 math: attention of q over the concatenation of ``blocks`` [(k, v, visible (Sq, Sk))]."""
+    g = q.shape[1] // blocks[0][0].shape[1]
+    s = torch.cat([(q @ k.repeat_interleave(g, 1).transpose(-1, -2) * scale).masked_fill(~vis, float("-inf"))
+                   for k, _, vis in blocks], -1)
+    v = torch.cat([v.repeat_interleave(g, 1) for _, v, _ in blocks], 2)
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v, torch.logsumexp(s, -1)
+
+
+def accumulate_case(B, Hq, Hkv, Sq, Sk, D, mask, dtype, views, *, device="cpu", seed=1) -> dict:
+    """The accumulating forward (triton) and the generic fallback (aten + merge) on a running state,
+    vs fp64 attention over both blocks at once; bit-exactness of memory that must stay untouched."""
+    from seqpar.kernels import block_attention_accumulate, reference
+
+    dt = _dtype(dtype)
+    g = torch.Generator().manual_seed(seed + Sq + Sk + D)
+    q = torch.randn(B, Hq, Sq, D, generator=g, dtype=torch.float64).to(device)
+    k0, v0 = (torch.randn(B, Hkv, Sq, D, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    k1, v1 = (torch.randn(B, Hkv, Sk, D, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    scale = D ** -0.5
+    # the running state: the diagonal block (causal), as the ring's step 0 leaves it
+    s_out, s_lse = reference.forward(q, k0, v0, mask="causal", scale=scale)
+    # truth: fp64 attention over both blocks at once (not a merge)
+    t_out, t_lse = _attend64(q, [(k0, v0, _visible(Sq, Sq, "causal", device)), (k1, v1, _visible(Sq, Sk, mask, device))],
+                             scale)
+
+    def state():
+        if not views:
+            return s_out.float().clone(), s_lse.float().clone(), None, None
+        obuf = torch.full((B, 2 * Sq, Hq, D), 7.0, dtype=torch.float32, device=device)  # sentinel
+        lbuf = torch.full((B, Hq, 2 * Sq), 7.0, dtype=torch.float32, device=device)
+        o = obuf[:, Sq:].transpose(1, 2)  # (B, Hq, Sq, D), strided
+        lv = lbuf[:, :, 1::2]  # (B, Hq, Sq), stride 2
+        o.copy_(s_out)
+        lv.copy_(s_lse)
+        return o, lv, obuf, lbuf
+
+    args = [x.to(dt) for x in (q, k1, v1)]
+    o_tr, l_tr, obuf, lbuf = state()
+    before_o, before_l = o_tr.clone(), l_tr.clone()
+    block_attention_accumulate(*args, o_tr, l_tr, mask=mask, scale=scale, backend="triton")
+    o_at, l_at, _, _ = state()
+    block_attention_accumulate(*args, o_at, l_at, mask=mask, scale=scale, backend="aten")  # generic fallback
+    unseen = ~_visible(Sq, Sk, mask, device).any(1)  # (Sq,) rows with no key in the new block
+    res = {"out": dict(triton=_err(o_tr, t_out), sdpa=_err(o_at, t_out), scale=t_out.abs().max().item()),
+           "lse": dict(triton=_err(l_tr, t_lse), sdpa=_err(l_at, t_lse), scale=t_lse.abs().max().item()),
+           "unseen_rows": int(unseen.sum()),
+           "unseen_untouched": bool(torch.equal(o_tr[:, :, unseen], before_o[:, :, unseen])
+                                    and torch.equal(l_tr[:, :, unseen], before_l[:, :, unseen]))}
+    if views:
+        res["outside_untouched"] = bool((obuf[:, :Sq] == 7.0).all() and (lbuf[:, :, 0::2] == 7.0).all())
+    return res
+
+
+def ring_case(P, layout, causal, Hq, Hkv, S, D, dtype, *, device="cpu", mode="autograd") -> dict:
+    from threaded_cases import ring_equivalence
+
+    return ring_equivalence(P, seed=P + S + D, B=1, Hq=Hq, Hkv=Hkv, S=S, D=D, layout=layout, causal=causal,
+                            dtype=_dtype(dtype), backend="triton", device=device, mode=mode)
+
+
+def run_all(device: str = "cpu") -> dict:
+    """Every case, keyed by kind and :func:`case_id`; a case that raises records its error."""
+    out: dict = {"kernel": {}, "accumulate": {}, "ring": {}, "seconds": {}}
+    for kind, cases, fn in (("kernel", KERNEL_CASES, kernel_case), ("accumulate", ACCUMULATE_CASES, accumulate_case),
+                            ("ring", RING_CASES, ring_case)):
+        t0 = time.perf_counter()
+        for c in cases:
+            try:
+                out[kind][case_id(c)] = fn(*c, device=device)
+            except Exception as e:  # noqa: BLE001 - reported, asserted on the pytest side
+                out[kind][case_id(c)] = {"error": f"{type(e).__name__}: {e}"}
+        out["seconds"][kind] = time.perf_counter() - t0
+    return out
+
+
+def _backend_checks() -> dict:
+    """Under TRITON_INTERPRET=1: resolve_backend wiring, fp64 fallback, too-large head dim."""
+    from seqpar.kernels import block_attention, reference, resolve_backend
+
+    cpu = torch.device("cpu")
+    res = {"triton_on_cpu": resolve_backend("triton", cpu), "auto_on_cpu": resolve_backend("auto", cpu)}
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    o, l = block_attention(q, q, q, mask="causal", scale=0.25, backend="triton")
+    ro, rl = reference.forward(q, q, q, mask="causal", scale=0.25)
+    res["fp64_fallback_err"] = max((o - ro).abs().max().item(), (l - rl).abs().max().item())
+    try:
+        big = torch.randn(1, 1, 4, 264)
+        block_attention(big, big, big, mask="full", scale=0.1, backend="triton")
+        res["big_head_dim"] = None
+    except ValueError as e:
+        res["big_head_dim"] = str(e)
+    return res
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    results = run_all("cpu")
+    results["backend"] = _backend_checks()
+    results["interpret"] = os.environ.get("TRITON_INTERPRET")
+    with open(sys.argv[1], "w") as f:
+        json.dump(results, f, indent=1)
