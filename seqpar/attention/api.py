@@ -115,14 +115,17 @@ def attention(
     layout: str = "zigzag",
     method: str = "ring",
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention over a sequence sharded across ``group``; drop-in for SDPA.
 
     q, k, v are this rank's shards (``seqpar.shard`` with ``layout``), any leading batch dims,
     heads, local sequence, head dim; any strides. Returns this rank's shard of the output,
     (B, Hq, S_local, D) in q's dtype. ``is_causal`` masks by *global* position. GQA/MQA K/V travel
     the ring un-repeated. ``backend``: "auto" (Triton on CUDA when available, else aten), "aten",
-    "reference", "triton". Bad input raises before any communication.
+    "reference", "triton". Bad input raises before any communication. ``return_lse=True`` also
+    returns the log-sum-exp of each query row, (B, Hq, S_local) fp32, not differentiable (what
+    ``seqpar.parallelize`` keeps so activation checkpointing need not re-run the ring).
     """
     g = resolve_group(group)
     _, world = group_rank_size(g)
@@ -140,5 +143,8 @@ def attention(
     lead = q.shape[:-3]
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = RingAttention.apply(q4, k4, v4, make_ring(g), layout, is_causal, scale, backend)
-    return out.reshape(*lead, *out.shape[-3:])
+    out, lse = RingAttention.apply(q4, k4, v4, make_ring(g), layout, is_causal, scale, backend)
+    out = out.reshape(*lead, *out.shape[-3:])
+    if return_lse:
+        return out, lse.reshape(*lead, *lse.shape[-2:])
+    return out
