@@ -1,0 +1,262 @@
+"""Ring attention on CPU ranks vs one process running torch SDPA, vs ring-attention-pytorch.
+
+    python benchmarks/ring.py                       # 2 ranks x 1 thread, S = 8192 and 16384
+    python benchmarks/ring.py --seq 4096 --reps 2   # quicker
+
+Causal forward+backward, fp32, B=1, H=8, D=64. Every configuration runs in the same invocation, so
+the table compares ratios measured side by side (these machines are shared and noisy):
+
+- ``sdpa-1proc``: torch SDPA (the CPU flash kernel) on the whole sequence in one process, 1 thread;
+- ``seqpar-<layout>``: seqpar.attention on P ranks (gloo), 1 thread each, max wall time over ranks;
+- ``ring-attention-pytorch``: the peer's striped ring (``ring_flash_attn``) on the same ranks;
+- per-rank compute time of each seqpar layout (CPU time inside the block kernels), max/mean = balance.
+
+Writes a table to stdout, JSON and a PNG to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import queue
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+LAYOUTS = ("contiguous", "striped", "zigzag")
+RESULTS = Path(__file__).parent / "results"
+
+
+def _inputs(S, H, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, H, S, D, generator=g) for _ in range(4)]  # q, k, v, grad-out (B, H, S, D)
+
+
+def _time(fn, reps):
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_sdpa(S, H, D, reps):
+    q, k, v, do = _inputs(S, H, D)
+
+    def run():
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        F.scaled_dot_product_attention(qq, kk, vv, is_causal=True).backward(do)
+
+    return _time(run, reps)
+
+
+class _KernelTimer:
+    """Wraps the ring module's kernel entry points to sum the CPU time spent computing tiles.
+
+    Thread CPU time, not wall time: the kernels run on the calling thread (1 intra-op thread), the
+    transfers on gloo's own threads, and other load on a shared machine does not inflate it."""
+
+    def __init__(self):
+        # (seqpar.attention is also the function's name, so import the module by its path)
+        ring_mod = importlib.import_module("seqpar.attention.ring")
+
+        self.mod, self.total, self.saved = ring_mod, 0.0, {}
+        for name in ("block_attention", "block_attention_backward", "block_attention_accumulate"):
+            if hasattr(ring_mod, name):
+                self.saved[name] = getattr(ring_mod, name)
+                setattr(ring_mod, name, self._wrap(self.saved[name]))
+
+    def _wrap(self, fn):
+        def timed(*a, **kw):
+            t0 = time.thread_time()
+            r = fn(*a, **kw)
+            self.total += time.thread_time() - t0
+            return r
+
+        return timed
+
+    def restore(self):
+        for name, fn in self.saved.items():
+            setattr(self.mod, name, fn)
+
+
+def _rank_main(rank, world, store_path, seqs, H, D, reps, results):
+    import datetime
+
+    import torch.distributed as dist
+
+    import seqpar
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+
+    def timed_max(fn):
+        def once():
+            dist.barrier()
+            fn()
+
+        local = _time(once, reps)
+        t = torch.tensor([local])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    out = {}
+    for S in seqs:
+        q, k, v, do = _inputs(S, H, D)
+        for layout in LAYOUTS:
+            sh = lambda t: seqpar.shard(t, dim=2, layout=layout)  # noqa: E731
+            ql, kl, vl, dol = (sh(t).contiguous() for t in (q, k, v, do))
+
+            def run():
+                qq, kk, vv = (t.clone().requires_grad_() for t in (ql, kl, vl))
+                seqpar.attention(qq, kk, vv, is_causal=True, layout=layout).backward(dol)
+
+            wall = timed_max(run)
+            timer = _KernelTimer()
+            try:
+                dist.barrier()
+                run()
+            finally:
+                timer.restore()
+            comp = [torch.zeros(1) for _ in range(world)]
+            dist.all_gather(comp, torch.tensor([timer.total]))
+            out[(S, f"seqpar-{layout}")] = dict(wall=wall, compute=[c.item() for c in comp])
+        try:
+            from ring_attention_pytorch import ring_flash_attn
+        except ImportError:
+            ring_flash_attn = None
+        if ring_flash_attn is not None:
+            # the peer wants (B, S_local, H, D), tokens already in striped order
+            ql, kl, vl, dol = (seqpar.shard(t, dim=2, layout="striped").transpose(1, 2).contiguous()
+                               for t in (q, k, v, do))
+
+            def run_peer():
+                qq, kk, vv = (t.clone().requires_grad_() for t in (ql, kl, vl))
+                o = ring_flash_attn(qq, kk, vv, causal=True, ring_reduce_col=True, striped_ring_attn=True)
+                o.backward(dol)
+                return o
+
+            o = run_peer().detach().transpose(1, 2)
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            err = (o - seqpar.shard(ref, dim=2, layout="striped")).abs().max()
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+            out[(S, "ring-attention-pytorch")] = dict(wall=timed_max(run_peer), max_err=err.item())
+    if rank == 0:
+        results.put(out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384])
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS / "ring.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    base = {S: bench_sdpa(S, args.heads, args.dim, args.reps) for S in args.seq}
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    fd, store = tempfile.mkstemp(prefix="seqpar-bench-")
+    os.close(fd)
+    os.unlink(store)
+    procs = [ctx.Process(target=_rank_main, args=(r, args.ranks, store, args.seq, args.heads, args.dim, args.reps,
+                                                  results)) for r in range(args.ranks)]
+    for p in procs:
+        p.start()
+    ring = None
+    while ring is None:
+        try:
+            ring = results.get(timeout=5)
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                raise SystemExit("a rank failed (traceback above)")
+    for p in procs:
+        p.join(timeout=60)
+
+    rows = []
+    for S in args.seq:
+        rows.append(dict(seq=S, method="sdpa-1proc", wall_s=base[S], speedup_vs_sdpa=1.0))
+        peer = ring.get((S, "ring-attention-pytorch"))
+        for (s, method), r in sorted(ring.items()):
+            if s != S:
+                continue
+            row = dict(seq=S, method=method, wall_s=r["wall"], speedup_vs_sdpa=base[S] / r["wall"])
+            if "compute" in r:
+                c = r["compute"]
+                row.update(compute_s=c, imbalance=max(c) / statistics.mean(c))
+                if peer:
+                    row["speedup_vs_peer"] = peer["wall"] / r["wall"]
+            if "max_err" in r:
+                row["max_err"] = r["max_err"]
+            rows.append(row)
+
+    print(f"\nCausal fwd+bwd, fp32, B=1, H={args.heads}, D={args.dim}, {args.ranks} ranks x 1 thread (gloo)")
+    hdr = f"{'S':>6} {'method':<24} {'wall s':>8} {'vs SDPA':>8} {'vs peer':>8} {'rank compute s':>18} {'max/mean':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        comp = " ".join(f"{c:.2f}" for c in r.get("compute_s", [])) or "-"
+        peer = f"{r['speedup_vs_peer']:.1f}x" if "speedup_vs_peer" in r else "-"
+        imb = f"{r['imbalance']:.3f}" if "imbalance" in r else "-"
+        print(f"{r['seq']:>6} {r['method']:<24} {r['wall_s']:>8.2f} {r['speedup_vs_sdpa']:>7.2f}x {peer:>8} "
+              f"{comp:>18} {imb:>8}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(ranks=args.ranks, heads=args.heads, dim=args.dim, dtype="float32", causal=True, threads_per_rank=1,
+                torch=torch.__version__)
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            xs = [j + i * width for j, S in enumerate(args.seq)]
+            ys = [next((r["speedup_vs_sdpa"] for r in rows if r["seq"] == S and r["method"] == m), 0)
+                  for S in args.seq]
+            a1.bar(xs, ys, width, label=m)
+        a1.axhline(args.ranks, ls="--", c="gray", lw=1)
+        a1.set_xticks([j + 0.4 - width / 2 for j in range(len(args.seq))], [str(S) for S in args.seq])
+        a1.set_xlabel("sequence length")
+        a1.set_ylabel("speedup vs 1-process SDPA (higher is better)")
+        a1.legend(fontsize=8)
+        S = args.seq[-1]
+        for i, layout in enumerate(LAYOUTS):
+            r = next(r for r in rows if r["seq"] == S and r["method"] == f"seqpar-{layout}")
+            a2.bar([i * (args.ranks + 1) + j for j in range(args.ranks)], r["compute_s"], label=layout)
+        a2.set_xticks([i * (args.ranks + 1) + (args.ranks - 1) / 2 for i in range(len(LAYOUTS))], LAYOUTS)
+        a2.set_ylabel(f"per-rank kernel time, s (S={S})")
+        a2.set_title("causal balance")
+        fig.tight_layout()
+        fig.savefig(args.out.with_suffix(".png"), dpi=110)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
