@@ -60,6 +60,7 @@ __all__ = [
     "NATIVE_ACCUMULATE",
     "INTERPRET",
     "MAX_HEAD_DIM",
+    "TUNE",
 ]
 
 NATIVE_STRICT = True
@@ -87,58 +88,58 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+Tune = Literal["full", "off"]
+# "full": autotune over the pruned configs below; "off": the first config that surely fits (no
+# benchmarking: quick compiles for tests). Read once at import, like TRITON_INTERPRET.
+TUNE: Tune = "off" if os.environ.get("SEQPAR_TRITON_TUNE", "full") == "off" else "full"
+
 if INTERPRET:  # the interpreter runs one small fixed tile (it is numpy, per program, slow)
     _FWD_CONFIGS = [_cfg(16, 16, 1, 1)]
     _DKDV_CONFIGS = [_cfg(16, 16, 1, 1)]
     _DQ_CONFIGS = [_cfg(16, 16, 1, 1)]
-else:
-    _FWD_CONFIGS = [_cfg(bm, bn, w, s) for bm, bn in ((64, 32), (64, 64), (128, 64), (128, 128))
-                    for w in (4, 8) for s in (2, 3, 4)]
-    _DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 128))
-                     for w in (4, 8) for s in (2, 3)]
-    _DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64))
-                   for w in (4, 8) for s in (2, 3)]
+else:  # (BLOCK_M, BLOCK_N, warps, stages); the first is the untuned default, the last the smallest
+    _FWD_CONFIGS = [_cfg(*c) for c in ((64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+                                       (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 3), (32, 32, 4, 1))]
+    _DKDV_CONFIGS = [_cfg(*c) for c in ((32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2),
+                                        (32, 64, 4, 3), (16, 32, 4, 1))]
+    _DQ_CONFIGS = [_cfg(*c) for c in ((64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3),
+                                      (64, 32, 4, 3), (32, 32, 4, 1))]
 
 
-def _args(named_args: dict, kwargs: dict) -> dict:
-    return {**named_args, **kwargs}
+def _smem(kind: str, bm: int, bn: int, stages: int, bd: int, elem: int) -> int:
+    """A rough (upper) estimate of the shared memory of a config, bytes: resident tiles + pipelined tiles."""
+    if kind == "rows":  # forward / dQ: q (and dO) resident, k and v pipelined
+        return (2 * bm * bd + stages * 2 * bn * bd) * elem
+    return (2 * bn * bd + stages * 2 * bm * bd) * elem  # dK/dV: k, v resident, q and dO pipelined
+
+
+def _prune(kind: str, configs, named_args: dict, kwargs: dict):
+    a = {**named_args, **kwargs}
+    bd, elem = a["BLOCK_D"], a["Q"].element_size()
+    limit = 200 * 1024 if TUNE == "full" else 150 * 1024  # configs over the real limit fail and are skipped
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if kind == "rows" and bm % bn:  # the diagonal must start on a key-block boundary
+            continue
+        if bd >= 256 and bm * bn > 64 * 64:  # registers
+            continue
+        if _smem(kind, bm, bn, c.num_stages, bd, elem) > limit:
+            continue
+        keep.append(c)
+    if not keep:
+        keep = [configs[-1]]
+    return keep[:1] if TUNE == "off" else keep
 
 
 def _prune_rows(configs, named_args, **kwargs):
-    """Forward / dQ: BLOCK_M a multiple of BLOCK_N (the diagonal starts on a key-block boundary);
-    big head dims get small tiles (registers); fp32 gets at most 64 x 64 (shared memory)."""
-    a = _args(named_args, kwargs)
-    bd, wide = a["BLOCK_D"], a["Q"].element_size() >= 4
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm % bn:
-            continue
-        if bd >= 256 and (bm > 64 or bn > 64 or c.num_stages > 2):
-            continue
-        if bd >= 128 and bm * bn > 128 * 64 and c.num_warps < 8:
-            continue
-        if wide and bm * bn > 64 * 64:
-            continue
-        keep.append(c)
-    return keep or [configs[0]]
+    """Forward / dQ configs for this call's head dim and dtype."""
+    return _prune("rows", configs, named_args, kwargs)
 
 
 def _prune_cols(configs, named_args, **kwargs):
-    """dK/dV: a program holds k, v, dk, dv (BLOCK_N x BLOCK_D each) in registers."""
-    a = _args(named_args, kwargs)
-    bd, wide = a["BLOCK_D"], a["Q"].element_size() >= 4
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bd >= 256 and (bn > 64 or bm > 32 or c.num_stages > 2):
-            continue
-        if bd >= 128 and bn >= 128 and c.num_warps < 8:
-            continue
-        if wide and bm * bn > 32 * 64:
-            continue
-        keep.append(c)
-    return keep or [configs[0]]
+    """dK/dV configs for this call's head dim and dtype."""
+    return _prune("cols", configs, named_args, kwargs)
 
 
 _KEY = ["SQ_KEY", "SK_KEY", "HEAD_D", "MASK"]

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KERNEL_CASES", "ACCUMULATE_CASES", "RING_CASES", "kernel_case", "accumulate_case", "run_all", "case_id"]
+__all__ = ["KERNEL_CASES", "TILED_CASES", "ACCUMULATE_CASES", "RING_CASES", "kernel_case", "accumulate_case", "run_all", "case_id"]
 
 Strides = Literal["contiguous", "transposed", "strided"]
 
@@ -37,6 +37,15 @@ KERNEL_CASES = [
     (1, 2, 1, 18, 29, 16, "strict", "float32", "transposed"),  # top-left strict, Sq < Sk
     (1, 2, 1, 17, 17, 130, "causal", "float32", "contiguous"),  # D just past a power of two
 ]
+
+# kernel cases re-run with non-square tiles (the interpreter's default is 16 x 16): forward / dQ with
+# BLOCK_M = 2 x BLOCK_N (the diagonal spans two key blocks), dK/dV with BLOCK_N = 2 x BLOCK_M
+TILED_CASES = [
+    (1, 2, 1, 70, 70, 40, "causal", "float32", "transposed"),
+    (1, 2, 2, 45, 83, 16, "strict", "float32", "contiguous"),
+    (1, 2, 2, 83, 45, 24, "causal", "bfloat16", "strided"),
+]
+TILES = dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16))
 
 # (B, Hq, Hkv, Sq, Sk, D, mask of the new block, dtype, state in strided views): the accumulating forward
 ACCUMULATE_CASES = [
@@ -195,11 +204,30 @@ def ring_case(P, layout, causal, Hq, Hkv, S, D, dtype, *, device="cpu", mode="au
                             dtype=_dtype(dtype), backend="triton", device=device, mode=mode)
 
 
+def tiled_case(*case, device="cpu") -> dict:
+    """:func:`kernel_case` with the autotuners' configs swapped for :data:`TILES` (then restored)."""
+    import triton
+
+    from seqpar.kernels import triton_attention as T
+
+    tuners = dict(fwd=(T._fwd, T._fwd_acc), dkdv=(T._bwd_dkdv,), dq=(T._bwd_dq,))
+    saved = {t: t.configs for ts in tuners.values() for t in ts}
+    try:
+        for name, ts in tuners.items():
+            for t in ts:
+                t.configs = [triton.Config({"BLOCK_M": TILES[name][0], "BLOCK_N": TILES[name][1]}, num_warps=1,
+                                           num_stages=1)]
+        return kernel_case(*case, device=device)
+    finally:
+        for t, c in saved.items():
+            t.configs = c
+
+
 def run_all(device: str = "cpu") -> dict:
     """Every case, keyed by kind and :func:`case_id`; a case that raises records its error."""
-    out: dict = {"kernel": {}, "accumulate": {}, "ring": {}, "seconds": {}}
-    for kind, cases, fn in (("kernel", KERNEL_CASES, kernel_case), ("accumulate", ACCUMULATE_CASES, accumulate_case),
-                            ("ring", RING_CASES, ring_case)):
+    out: dict = {"kernel": {}, "tiled": {}, "accumulate": {}, "ring": {}, "seconds": {}}
+    for kind, cases, fn in (("kernel", KERNEL_CASES, kernel_case), ("tiled", TILED_CASES, tiled_case),
+                            ("accumulate", ACCUMULATE_CASES, accumulate_case), ("ring", RING_CASES, ring_case)):
         t0 = time.perf_counter()
         for c in cases:
             try:
