@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU check for the Triton kernels, sized for one device call of at most 8 minutes (1 GPU):
+# One GPU check for the Triton kernels, sized for one device call of at most 8 minutes (1 GPU); every
+# step has its own timeout (200 + 150 + 70 + 40 s) so a slow step cannot starve the others:
 #   1. GPU tests: compiled kernels vs the fp64 reference (every mask kind, GQA, odd D, Sq != Sk, strides,
 #      fp32/bf16/fp16), the accumulating forward, and the whole ring on P = 4 and 8 thread-ranks
 #      (seqpar.threaded) with backend="triton" in bf16 vs SDPA on the whole sequence   (SEQPAR_TRITON_TUNE=off)
@@ -21,18 +22,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
 step "1. GPU tests (compiled Triton, ThreadRing P=4/8 bf16)"
-SEQPAR_TRITON_TUNE=off timeout 170 $PY -m pytest -q -x -p no:cacheprovider \
+SEQPAR_TRITON_TUNE=off timeout 200 $PY -m pytest -q -x -p no:cacheprovider \
     tests/test_triton_kernels.py tests/test_threaded_ring.py -k "cuda" 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU TESTS FAILED"; status=1; }
 
 step "2. kernel benchmark (quick)"
-timeout 180 $PY benchmarks/kernels.py --device cuda --quick 2>&1 | tail -40 || status=1
+timeout 150 $PY benchmarks/kernels.py --device cuda --quick 2>&1 | tail -40 || status=1
 
 step "3. 1M-token causal fwd+bwd, Hq=8 Hkv=1 D=128 bf16"
-timeout 75 $PY benchmarks/kernels.py --device cuda --million 2>&1 | tail -8 || status=1
+timeout 70 $PY benchmarks/kernels.py --device cuda --million 2>&1 | tail -8 || status=1
 
 step "4. ThreadRing ring, backend=triton, bf16, vs SDPA on the whole sequence"
-timeout 45 $PY - <<'PY' || status=1
+timeout 40 $PY - <<'PY' || status=1
 import sys, torch
 sys.path.insert(0, "tests")
 import threaded_cases as T

@@ -2,7 +2,7 @@
 
     python benchmarks/kernels.py                         # CPU: aten vs reference vs SDPA, small sizes, fp32
     python benchmarks/kernels.py --device cuda           # GPU: triton vs SDPA-flash, S 4k..128k, D 64/128, bf16
-    python benchmarks/kernels.py --device cuda --quick   # GPU subset (benchmarks/gpu_check.sh)
+    python benchmarks/kernels.py --device cuda --quick   # GPU subset: D=128, S 4k/16k/64k (gpu_check.sh)
     python benchmarks/kernels.py --device cuda --million # 1M-token causal fwd+bwd, 8 q heads / 1 kv head, D=128
 
 Every row runs in the same invocation (these machines are shared; compare ratios side by side).
@@ -142,7 +142,7 @@ def run_sweep(device: str, quick: bool) -> dict:
     if device == "cuda":
         dtype, providers = torch.bfloat16, ("triton", "sdpa-flash")
         seqs = (4096, 16384, 65536) if quick else (4096, 8192, 16384, 32768, 65536, 131072)
-        dims = (64, 128)
+        dims = (128,) if quick else (64, 128)
         shape = lambda S, D: (max(1, 32768 // S), 2048 // D)  # noqa: E731  (B, H): 32k tokens x 2048 model dim
     else:
         dtype, providers = torch.float32, ("aten", "reference", "sdpa")
@@ -239,8 +239,10 @@ def table(res: dict) -> str:
     """Markdown: one line per (D, causal, S), TFLOP/s of each provider per mode."""
     rows = res["rows"]
     provs = list(dict.fromkeys(r["provider"] for r in rows))
-    head = "| D | causal | S | " + " | ".join(f"{p} {m}" for m in MODES for p in provs) + " |"
-    lines = [head, "|" + "---|" * (3 + len(MODES) * len(provs))]
+    ours, theirs = provs[0], provs[-1]  # triton / aten vs torch SDPA
+    head = ("| D | causal | S | " + " | ".join(f"{p} {m}" for m in MODES for p in provs) + " | "
+            + " | ".join(f"{ours}/{theirs} {m}" for m in MODES) + " |")
+    lines = [head, "|" + "---|" * (3 + len(MODES) * (len(provs) + 1))]
     keys = list(dict.fromkeys((r["D"], r["causal"], r["S"]) for r in rows))
     gpu = res["kind"] == "cuda"
     for D, causal, S in keys:
@@ -249,6 +251,10 @@ def table(res: dict) -> str:
             for p in provs:
                 hit = [r for r in rows if (r["D"], r["causal"], r["S"], r["provider"], r["mode"]) == (D, causal, S, p, m)]
                 cells.append(f"{hit[0]['tflops'] * (1 if gpu else 1e3):.1f}" if hit else "-")
+        for m in MODES:
+            a, b = (next((r["tflops"] for r in rows if (r["D"], r["causal"], r["S"], r["provider"], r["mode"]) ==
+                          (D, causal, S, p, m)), None) for p in (ours, theirs))
+            cells.append(f"{a / b:.2f}x" if a and b else "-")
         lines.append(f"| {D} | {int(causal)} | {S} | " + " | ".join(cells) + " |")
     what = "TFLOP/s" if gpu else "GFLOP/s"
     lines.append(f"\n{what}; {res['device']}, {res['dtype']}.")

@@ -221,6 +221,8 @@ def _fwd_kernel(
 ):
     # grid: (cdiv(Sq, BLOCK_M), B * H)
     pid_m = tl.program_id(0)
+    if MASK != 0:  # causal / strict: the last row blocks have the most keys; schedule them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -440,6 +442,8 @@ def _bwd_dq_kernel(
 ):
     # grid: (cdiv(Sq, BLOCK_M), B * H); DQ (B, H, Sq, HEAD_D) fp32 contiguous
     pid_m = tl.program_id(0)
+    if MASK != 0:  # heaviest row blocks first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
