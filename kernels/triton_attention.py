@@ -76,7 +76,6 @@ _LAUNCH = threading.RLock()
 
 _MASK_CODE = {"full": 0, "causal": 1, "strict": 2}
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
