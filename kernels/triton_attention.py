@@ -205,7 +205,12 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     return acc, m_new, l_i
 
 
-@triton.jit
+# Sizes and head counts are not specialised on (divisibility by 16, == 1): fewer compiled variants;
+# strides still are (alignment of the loads).
+_SIZES = ["H", "HKV", "GROUP", "Sq", "Sk", "SQ_KEY", "SK_KEY"]
+
+
+@triton.jit(do_not_specialize=[a for a in _SIZES if a != "HKV"])
 def _fwd_kernel(
     Q, K, V, Out, Lse,
     sqb, sqh, sqm, sqd,
@@ -288,7 +293,7 @@ _fwd_acc = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_conf
 # backward
 # ----------------------------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Sq"])
 def _bwd_delta_kernel(O, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Sq,
                       HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # grid: (cdiv(Sq, BLOCK_M), B * H); Delta (B * H, Sq) fp32 contiguous
@@ -340,7 +345,7 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[a for a in _SIZES if a != "H"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
     sqb, sqh, sqm, sqd,
@@ -426,7 +431,7 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[a for a in _SIZES if a != "HKV"])
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,
     sqb, sqh, sqm, sqd,
