@@ -1,9 +1,13 @@
 """A real one-node SLURM cluster (launch/local_cluster.sh: Debian slurm-wlm + munge) runs the project's
-sbatch scripts with `sbatch --wait`: both forms, 2 ranks each, payload launch/check.py; the job's exit
-code (passed through by sbatch) and its log are checked."""
+sbatch scripts with `sbatch --wait`: both forms, 2 ranks each, running the training job (seqpar.train) for
+3 steps; the job's exit code (passed through by sbatch), its log, and its final loss (finite, equal to
+the same run under torchrun) are checked. Also the equivalence payload and a failing rank's exit code."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,11 +38,16 @@ def slurm(tmp_path_factory):
         subprocess.run([CLUSTER, "stop"], env=env, capture_output=True, text=True, timeout=60)
 
 
-def _sbatch(conf: str, script: str, *payload: str, extra_env=None, timeout=150) -> tuple[int, str]:
+def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "OMPI_", "PMI_")) and k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(SLURM_CONF=conf, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + env["PATH"], **(extra_env or {}))
+    env.update(OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + env["PATH"])
+    return env
+
+
+def _sbatch(conf: str, script: str, *payload: str, extra_env=None, timeout=240) -> tuple[int, str]:
+    env = {**_clean_env(), "SLURM_CONF": conf, **(extra_env or {})}
     fd, log = tempfile.mkstemp(prefix="seqpar-sbatch-", suffix=".out")
     os.close(fd)
     cmd = ["sbatch", "--wait", "--parsable", f"--output={log}", os.path.join(ROOT, script), *payload]
@@ -54,17 +63,55 @@ def _sbatch(conf: str, script: str, *payload: str, extra_env=None, timeout=150) 
     return p.returncode, f"{text}\n[sbatch stderr] {err}"
 
 
-def test_srun_sbatch_one_task_per_rank(slurm):
+TRAIN = ["-m", "seqpar.train", "--steps", "3", "--seq-len", "1024", "--pairs", "4", "--quiet"]
+
+
+def _train_args(d: str, name: str) -> list[str]:
+    return [*TRAIN, "--plot", os.path.join(d, f"{name}.png"), "--metrics", os.path.join(d, f"{name}.json")]
+
+
+def _final_loss(d: str, name: str) -> float:
+    res = json.loads(open(os.path.join(d, f"{name}.json")).read())
+    assert res["world"] == 2 and res["steps"] == 3, res
+    assert math.isfinite(res["final_loss"]), res
+    return res["final_loss"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_loss(tmp_path_factory):
+    """The same 3-step training run under torchrun (2 local ranks), outside SLURM: the reference."""
+    if importlib.util.find_spec("seqpar.train") is None or importlib.util.find_spec("transformers") is None:
+        pytest.skip("seqpar.train (and transformers) not available")
+    d = str(tmp_path_factory.mktemp("torchrun"))
+    env = _clean_env()
+    r = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc-per-node", "2", *_train_args(d, "ref")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    return _final_loss(d, "ref")
+
+
+def test_srun_sbatch_one_task_per_rank(slurm, torchrun_loss, tmp_path):
+    """srun.sbatch: 2 tasks, each `python -m seqpar.train` initialised from the SLURM variables."""
+    rc, log = _sbatch(slurm, "launch/slurm/srun.sbatch", *_train_args(str(tmp_path), "srun"))
+    assert rc == 0, log
+    assert "2 tasks" in log, log
+    assert abs(_final_loss(str(tmp_path), "srun") - torchrun_loss) < 1e-5, log
+
+
+def test_train_sbatch_torchrun_per_node(slurm, torchrun_loss, tmp_path):
+    """train.sbatch: one srun task per node running torchrun (c10d rendezvous), 2 ranks per node."""
+    rc, log = _sbatch(slurm, "launch/slurm/train.sbatch", *_train_args(str(tmp_path), "train"),
+                      extra_env={"GPUS_PER_NODE": "2"})
+    assert rc == 0, log
+    assert "rendezvous" in log and "1 node(s) x 2" in log, log
+    assert abs(_final_loss(str(tmp_path), "train") - torchrun_loss) < 1e-5, log
+
+
+def test_srun_sbatch_equivalence_payload(slurm):
+    """launch/check.py under srun: the equivalence subset, ranks initialised from SLURM."""
     rc, log = _sbatch(slurm, "launch/slurm/srun.sbatch", "launch/check.py")
     assert rc == 0, log
     assert "SEQPAR-CHECK OK source=slurm world=2" in log, log
-
-
-def test_train_sbatch_torchrun_per_node(slurm):
-    rc, log = _sbatch(slurm, "launch/slurm/train.sbatch", "launch/check.py", extra_env={"GPUS_PER_NODE": "2"})
-    assert rc == 0, log
-    assert "SEQPAR-CHECK OK source=torchrun world=2" in log, log
-    assert "rendezvous" in log and "1 node(s) x 2" in log, log
 
 
 def test_sbatch_passes_a_failing_rank_through(slurm):
