@@ -1,0 +1,199 @@
+"""Cases for tests/test_parallelize.py, run on every rank of a spawned gloo world (see world.py).
+
+References are independent single-process runs on the full sequence: the unmodified model (HF with
+torch SDPA, the GPT with plain SDPA), the loss shifted by the model itself (HF) or by plain slicing,
+never seqpar code. Each case returns plain numbers; the pytest side asserts.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import seqpar
+
+_MESHES: dict = {}  # (dp, cp) -> DeviceMesh, built once per spawned world (new_group is slow)
+
+
+def mesh_for(dp: int, cp: int):
+    if (dp, cp) not in _MESHES:
+        _MESHES[(dp, cp)] = seqpar.init_mesh(cp=cp, dp=dp)
+    return _MESHES[(dp, cp)]
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+def make_model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          rope_theta=1000.0, attn_implementation="sdpa")
+        return LlamaForCausalLM(cfg).float()
+    if kind == "gpt":
+        from seqpar.models import GPT, GPTConfig
+
+        return GPT(GPTConfig(vocab_size=64, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    raise ValueError(kind)
+
+
+def make_batch(replica: int, B: int, S: int, step: int = 0, vocab: int = 64) -> dict:
+    """Full-sequence batch of dp replica ``replica``; labels with -100 spread unevenly (a long
+    ignored prefix, so the first shards have few or no targets, plus random holes)."""
+    g = torch.Generator().manual_seed(1000 * replica + step)
+    ids = torch.randint(0, vocab, (B, S), generator=g)
+    labels = ids.clone()
+    labels[:, : S * 3 // 8] = -100  # prompt: ignored
+    labels[torch.rand(B, S, generator=g) < 0.2] = -100
+    labels[0, -S // 4:] = -100  # sample 0: also a padded tail
+    return {"input_ids": ids, "labels": labels}
+
+
+def reference_loss(kind: str, model, batch: dict) -> torch.Tensor:
+    """Single-device loss, computed without seqpar: mean over non-ignored next-token targets."""
+    if kind == "llama":
+        return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # HF shifts itself
+    logits = model(batch["input_ids"]).logits  # (B, S, V)
+    target = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def equivalence(rank, size, *, kind, dp, cp, layout, fsdp, checkpoint, B=2, S=64, steps=3, lr=0.5):
+    """Train ``steps`` SGD-momentum steps with seqpar and with the single-device reference; return
+    the worst relative errors of the loss (every step), every gradient (step 1) and every parameter
+    (after the last step). (Not Adam: its g / (|g| + eps) turns float noise in near-zero gradient
+    entries into whole +-lr steps, in any two fp32 runs that sum in a different order.)"""
+    mesh = mesh_for(dp, cp)
+    replica = mesh.get_local_rank("dp")
+    ref = make_model(kind)
+    model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout=layout, fsdp=fsdp, checkpoint=checkpoint)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    res = dict(loss=0.0, grad=0.0, param=0.0, ngrads=0)
+    for step in range(steps):
+        batches = [make_batch(d, B, S, step) for d in range(dp)]
+        # reference: mean over the dp replicas of each replica's single-device loss
+        ref_losses = [reference_loss(kind, ref, b) for b in batches]
+        opt_ref.zero_grad()
+        (sum(ref_losses) / dp).backward()
+        # seqpar
+        opt.zero_grad()
+        loss = model(**seqpar.shard_batch(batches[replica], mesh, layout=layout)).loss
+        loss.backward()
+        res["loss"] = max(res["loss"], _rel(loss.detach(), ref_losses[replica].detach()))
+        if step == 0:
+            got = dict(model.named_parameters())
+            for name, p in ref.named_parameters():
+                res["grad"] = max(res["grad"], _rel(_full(got[name].grad), p.grad))
+                res["ngrads"] += 1
+        opt_ref.step()
+        opt.step()
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        res["param"] = max(res["param"], _rel(_full(got[name].detach()), p.detach()))
+    return res
+
+
+def count_checkpoint_exchanges(rank, size, *, kind, layout, S=64):
+    """batch_isend_irecv calls in forward and in backward, and replayed attention calls in
+    backward, for: no checkpointing ("none"), seqpar's (``checkpoint=True``), and, for the HF
+    model, transformers' own gradient checkpointing ("hf", a control that re-runs the ring)."""
+    import importlib
+
+    sp = importlib.import_module("seqpar.parallelize")  # the module (the package attribute is the function)
+
+    real, real_replay = dist.batch_isend_irecv, sp._Replay.apply
+    calls: list[int] = []
+    replays: list[int] = []
+
+    def counting(ops):
+        calls.append(len(ops))
+        return real(ops)
+
+    def counting_replay(*args):
+        replays.append(1)
+        return real_replay(*args)
+
+    mesh = mesh_for(1, size)
+    out = {}
+    dist.batch_isend_irecv, sp._Replay.apply = counting, counting_replay
+    try:
+        for mode in ("none", "seqpar", "hf") if kind == "llama" else ("none", "seqpar"):
+            model = make_model(kind)
+            if mode == "hf":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = seqpar.parallelize(model, mesh, layout=layout, fsdp=False, checkpoint=mode == "seqpar")
+            batch = seqpar.shard_batch(make_batch(0, 1, S), mesh, layout=layout)
+            calls.clear()
+            loss = model(**batch).loss
+            fwd = len(calls)
+            calls.clear()
+            replays.clear()
+            loss.backward()
+            out[mode] = dict(fwd=fwd, bwd=len(calls), replays=len(replays), loss=loss.item(),
+                             grad=next(model.parameters()).grad.norm().item())
+    finally:
+        dist.batch_isend_irecv, sp._Replay.apply = real, real_replay
+    return out
+
+
+def bad_input(rank, size, *, case):
+    """(exception type name, message) of a bad call; made on every rank, or only on rank 0 for
+    ``*_rank0`` cases (which must then fail without communicating, else other ranks would hang)."""
+    import torch.nn as nn
+
+    mesh = mesh_for(1, size)
+    try:
+        if case == "indivisible":
+            seqpar.shard_batch(make_batch(0, 1, 8 * size + 2), mesh, layout="zigzag")
+        elif case == "indivisible_striped":
+            seqpar.shard_batch(make_batch(0, 1, 8 * size + 1), mesh, layout="striped")
+        elif case == "no_attention":
+            seqpar.parallelize(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), mesh, fsdp=False)
+        elif case == "mha":
+            seqpar.parallelize(nn.ModuleList([nn.MultiheadAttention(8, 2)]), mesh, fsdp=False)
+        elif case == "no_cp_mesh":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            other = _MESHES.setdefault("dp_only", init_device_mesh("cpu", (size,), mesh_dim_names=("dp",)))
+            if rank == 0:
+                seqpar.parallelize(make_model("gpt"), other, fsdp=False)
+        elif case == "no_cp_mesh_batch":
+            other = _MESHES["dp_only"]
+            seqpar.shard_batch(make_batch(0, 1, 64), other)
+        elif case == "not_a_mesh":
+            seqpar.parallelize(make_model("gpt"), dist.group.WORLD, fsdp=False)
+        elif case == "bad_layout":
+            seqpar.parallelize(make_model("gpt"), mesh, layout="diagonal", fsdp=False)
+        elif case == "padding_mask":
+            b = make_batch(0, 1, 64)
+            b["attention_mask"] = torch.ones(1, 64, dtype=torch.long)
+            b["attention_mask"][0, -5:] = 0
+            seqpar.shard_batch(b, mesh)
+        elif case == "unsharded_hf_batch":
+            model = seqpar.parallelize(make_model("llama"), mesh, fsdp=False)
+            b = make_batch(0, 1, 8 * size)
+            if rank == 0:
+                model(input_ids=b["input_ids"], labels=b["labels"])
+        else:
+            raise KeyError(case)
+    except (ValueError, TypeError) as e:
+        return type(e).__name__, str(e)
+    return None, None
