@@ -244,12 +244,12 @@ def _mpi_rendezvous(env: LaunchEnv, timeout: datetime.timedelta | None) -> dist.
         raise LaunchError(f"mpi4py's COMM_WORLD is rank {comm.Get_rank()} of {comm.Get_size()}, the environment "
                           f"says {env.rank} of {env.world_size}")
     hosts = comm.allgather(socket.gethostname())
-    addr = "127.0.0.1" if len(set(hosts)) == 1 else (env.master_addr or hosts[0])
+    addr = env.master_addr or ("127.0.0.1" if len(set(hosts)) == 1 else hosts[0])
     kwargs = {} if timeout is None else {"timeout": timeout}
     store, port = None, None
-    if env.rank == 0:
-        store = dist.TCPStore("0.0.0.0" if addr != "127.0.0.1" else addr, env.master_port or 0, env.world_size,
-                              is_master=True, wait_for_workers=False, **kwargs)
+    if env.rank == 0:  # port 0: the OS picks a free one, no race with other jobs
+        store = dist.TCPStore(addr, env.master_port or 0, env.world_size, is_master=True, wait_for_workers=False,
+                              **kwargs)
         port = store.port
     port = comm.bcast(port, root=0)
     if store is None:

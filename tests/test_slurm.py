@@ -28,6 +28,11 @@ def slurm(tmp_path_factory):
         pytest.skip("SLURM is not installed and apt-get is unavailable to install it (Debian slurm-wlm)")
     if os.geteuid() != 0:
         pytest.skip("launch/local_cluster.sh needs root (apt-get, munged, slurmd)")
+    if subprocess.run([CLUSTER, "status"], capture_output=True, timeout=60).returncode == 0:
+        # a user's cluster (default dir, same ports) is already up: use it, leave it running
+        out = subprocess.run([CLUSTER, "env"], capture_output=True, text=True, timeout=30).stdout
+        yield out.strip().split("=", 1)[1]
+        return
     d = str(tmp_path_factory.mktemp("slurm"))
     env = {**os.environ, "SEQPAR_SLURM_DIR": d}
     r = subprocess.run([CLUSTER, "start", "4"], env=env, capture_output=True, text=True, timeout=300)
