@@ -31,16 +31,22 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_mpirun_equivalence_both_transports(n):
-    cmd = [_mpirun(), "-n", str(n), "--oversubscribe", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    cmd += [sys.executable, os.path.join(ROOT, "launch", "check.py"), "--transport", "gloo,mpi,mpi-cp", "--timeout", "60"]
+@pytest.mark.parametrize("n,via", [(2, "launch/mpirun.sh"), (4, "mpirun")])
+def test_mpirun_equivalence_both_transports(n, via):
+    """n=2 through the project's launch/mpirun.sh, n=4 (oversubscribed) with mpirun by hand."""
+    payload = [os.path.join(ROOT, "launch", "check.py"), "--transport", "gloo,mpi,mpi-cp", "--timeout", "60"]
+    if via == "mpirun":
+        cmd = [_mpirun(), "-n", str(n), "--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+        cmd += [sys.executable, *payload]
+    else:
+        _mpirun()
+        cmd = [os.path.join(ROOT, via), str(n), *payload]
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"mpirun -n {n} hung (150 s): {e.stdout!r} {e.stderr!r}")
+        pytest.fail(f"{via} -n {n} hung (150 s): {e.stdout!r} {e.stderr!r}")
     out = r.stdout
     assert r.returncode == 0, f"mpirun exit {r.returncode}\n{out}\n{r.stderr[-3000:]}"
     assert f"SEQPAR-CHECK OK source=mpi world={n}" in out, out
