@@ -106,7 +106,8 @@ def main() -> None:
     transport = json.loads(Path(args.transport_json).read_text())
     val = validate(transport)
     print("model vs measured (CPU, 1 thread/rank; seqpar.attention causal zigzag fp32, one call)")
-    print(f"{'P':>2} {'transport':>9} {'shape':>8} {'S':>5} {'cmp/comm f ms':>14} {'fwd pred':>9} {'meas':>7} {'err':>6} "
+    print(f"{'P':>2} {'transport':>9} {'shape':>8} {'S':>5} {'cmp/comm f ms':>14} {'fwd pred':>9} {'meas':>7} "
+          f"{'err':>6} "
           f"{'f+b pred':>9} {'meas':>7} {'err':>6}")
     for r in val:
         print(f"{r['P']:>2} {r['transport']:>9} {r['shape']:>8} {r['S']:>5} "

@@ -34,7 +34,6 @@ Across nodes every step moves at the slowest link in the ring (the inter-node on
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal, get_args
 
 __all__ = ["ModelShape", "Machine", "StepPlan", "Plan", "plan", "Method", "METHODS", "LLAMA3_8B", "H100"]
