@@ -133,8 +133,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --save")
     p.add_argument("--plot", default="train_loss.png", help="loss plot (PNG); '' for none")
     p.add_argument("--metrics", type=Path, default=None, help="write the run's numbers as JSON")
+    p.add_argument("--eval", type=int, default=2, help="fresh sequences to evaluate at the end (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _evaluate(model, mesh, spec: TaskSpec, args, replica: int, *, hide_records: bool) -> float:
+    """Mean loss over ``--eval`` fresh sequences (mean over dp replicas); ``hide_records``: the
+    records are overwritten with fillers, so the answer is nowhere in the context (the measured
+    no-context loss of the trained model)."""
+    import seqpar
+
+    total = torch.zeros(())
+    with torch.no_grad():
+        for i in range(args.eval):
+            full = recall_batch(spec, args.batch, args.seq_len, seed=10**9 + 1000 * i + replica)
+            if hide_records:
+                ids, body = full["input_ids"], args.seq_len - args.seq_len // 8
+                hidden = ids[:, :body] >= spec.fillers
+                g = torch.Generator().manual_seed(i)  # the same on every cp rank
+                ids[:, :body][hidden] = torch.randint(0, spec.fillers, (int(hidden.sum()),), generator=g)
+            total += model(**seqpar.shard_batch(full, mesh, layout=args.layout)).loss.float()
+    dist.all_reduce(total)
+    return total.item() / max(1, args.eval) / dist.get_world_size()
 
 
 def _lr(step: int, args) -> float:
@@ -173,7 +194,12 @@ def _plot(path: Path, history: list[float], baseline: float, title: str) -> None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(history) + 1), history, label="train loss (answers only)")
+    steps = range(1, len(history) + 1)
+    ax.plot(steps, history, lw=0.7, alpha=0.5, label="train loss (answers only)")
+    k = 10
+    if len(history) >= k:
+        avg = [sum(history[i - k:i]) / k for i in range(k, len(history) + 1)]
+        ax.plot(range(k, len(history) + 1), avg, lw=2, label=f"mean of the last {k} steps")
     ax.axhline(baseline, color="gray", ls="--", label=f"no-context baseline ln(values) = {baseline:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -245,11 +271,16 @@ def run(args) -> dict:
     if args.save is not None and args.steps > start:
         _save(args, model, opt, args.steps, history)
     done = args.steps - start
+    seconds = time.perf_counter() - t_start
     tail = history[-min(10, len(history)):] if history else [float("nan")]
+    evals = {}
+    if args.eval:
+        evals = dict(eval_loss=_evaluate(model, mesh, spec, args, replica, hide_records=False),
+                     eval_loss_records_hidden=_evaluate(model, mesh, spec, args, replica, hide_records=True))
     res = dict(world=world, dp=args.dp, cp=cp, layout=args.layout, seq_len=args.seq_len, batch=args.batch,
                steps=args.steps, resumed_from=start, losses=history, final_loss=sum(tail) / len(tail),
-               baseline=spec.baseline, seconds=time.perf_counter() - t_start,
-               tokens_per_s=done * tokens / t_steps if t_steps else 0.0)
+               baseline=spec.baseline, seconds=seconds, tokens_per_s=done * tokens / t_steps if t_steps else 0.0,
+               **evals)
     if lead:
         if args.plot:
             _plot(Path(args.plot), history, spec.baseline, f"seqpar-train: Llama, S={args.seq_len}, dp={args.dp} x "
@@ -258,9 +289,11 @@ def run(args) -> dict:
             args.metrics.parent.mkdir(parents=True, exist_ok=True)
             args.metrics.write_text(json.dumps(res, indent=1))
         if not args.quiet:
+            ev = (f"; eval loss {evals['eval_loss']:.3f}, with the records hidden "
+                  f"{evals['eval_loss_records_hidden']:.3f}" if evals else "")
             print(f"seqpar-train: final loss {res['final_loss']:.3f} (mean of last {len(tail)} steps) vs no-context "
-                  f"baseline {spec.baseline:.3f}; {res['tokens_per_s']:,.0f} tokens/s; {res['seconds']:.1f}s"
-                  + (f"; plot {args.plot}" if args.plot else ""), flush=True)
+                  f"baseline {spec.baseline:.3f}{ev}; {res['tokens_per_s']:,.0f} tokens/s; {res['seconds']:.1f}s "
+                  f"training" + (f"; plot {args.plot}" if args.plot else ""), flush=True)
     return res
 
 
