@@ -36,8 +36,10 @@ def is_hf_model(model: nn.Module) -> bool:
 
 def supports_attention_interface(model: nn.Module) -> bool:
     """True when the HF model dispatches attention through ``ALL_ATTENTION_FUNCTIONS``."""
-    # The heuristic transformers itself uses before allowing set_attn_implementation.
-    return bool(type(model)._can_set_attn_implementation())
+    # The heuristic transformers itself uses before allowing set_attn_implementation (if this
+    # version has it; otherwise register_attention checks that the switch took effect).
+    check = getattr(type(model), "_can_set_attn_implementation", None)
+    return True if check is None else bool(check())
 
 
 def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor], *, name: str, world: int) -> str:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 __all__ = ["GPTConfig", "GPT", "LMOutput"]
@@ -26,6 +27,7 @@ class GPTConfig:
     n_head: int = 4
     n_kv_head: int = 2  # grouped-query attention when < n_head
     n_embd: int = 64
+    checkpoint: bool = False  # torch.utils.checkpoint around each block while training
 
 
 class LMOutput(NamedTuple):  # a tuple, so FSDP / pytree utilities see its tensors
@@ -81,7 +83,10 @@ class GPT(nn.Module):
             position_ids = torch.arange(S, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, S, C)
         for block in self.h:
-            x = block(x)
+            if self.cfg.checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         logits = self.lm_head(self.ln_f(x))  # (B, S, V)
         loss = None
         if labels is not None:

@@ -36,10 +36,11 @@ def make_model(kind: str, seed: int = 0):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           rope_theta=1000.0, attn_implementation="sdpa")
         return LlamaForCausalLM(cfg).float()
-    if kind == "gpt":
+    if kind in ("gpt", "gpt_user_ckpt"):  # gpt_user_ckpt: the model checkpoints its own blocks
         from seqpar.models import GPT, GPTConfig
 
-        return GPT(GPTConfig(vocab_size=64, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+        return GPT(GPTConfig(vocab_size=64, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                             checkpoint=kind == "gpt_user_ckpt"))
     raise ValueError(kind)
 
 
