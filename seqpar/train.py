@@ -107,7 +107,8 @@ def build_model(spec: TaskSpec, args) -> torch.nn.Module:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqpar-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas; cp = world // dp")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: world // cp)")
+    p.add_argument("--cp", type=int, default=None, help="sequence-parallel ranks (default: world // dp, all ranks)")
     p.add_argument("--layout", default="zigzag", choices=("contiguous", "striped", "zigzag"))
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1, help="sequences per dp replica per step")
@@ -217,10 +218,12 @@ def run(args) -> dict:
 
     seqpar.init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world % args.dp:
-        raise ValueError(f"--dp {args.dp} must divide the world size {world}")
-    cp = world // args.dp
-    mesh = seqpar.init_mesh(cp=cp, dp=args.dp)
+    dp = args.dp or (world // args.cp if args.cp else 1)
+    cp = args.cp or world // dp
+    if dp * cp != world:
+        raise ValueError(f"--dp {dp} x --cp {cp} must equal the world size {world}")
+    args.dp = dp
+    mesh = seqpar.init_mesh(cp=cp, dp=dp)
     replica = mesh.get_local_rank("dp")
     spec = task_spec(args)
     lead = rank == 0

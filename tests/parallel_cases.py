@@ -36,6 +36,14 @@ def make_model(kind: str, seed: int = 0):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           rope_theta=1000.0, attn_implementation="sdpa")
         return LlamaForCausalLM(cfg).float()
+    if kind in ("qwen2", "mistral"):
+        import transformers
+
+        name = {"qwen2": "Qwen2", "mistral": "Mistral"}[kind]
+        cfg = getattr(transformers, f"{name}Config")(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+        return getattr(transformers, f"{name}ForCausalLM")(cfg).float()
     if kind in ("gpt", "gpt_user_ckpt"):  # gpt_user_ckpt: the model checkpoints its own blocks
         from seqpar.models import GPT, GPTConfig
 
@@ -58,7 +66,7 @@ def make_batch(replica: int, B: int, S: int, step: int = 0, vocab: int = 64) -> 
 
 def reference_loss(kind: str, model, batch: dict) -> torch.Tensor:
     """Single-device loss, computed without seqpar: mean over non-ignored next-token targets."""
-    if kind == "llama":
+    if kind in ("llama", "qwen2", "mistral"):
         return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # HF shifts itself
     logits = model(batch["input_ids"]).logits  # (B, S, V)
     target = batch["labels"][:, 1:]

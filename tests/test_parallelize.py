@@ -42,6 +42,15 @@ def test_equivalence(worlds, kind):
             _check(res, what)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_hf_models(worlds, kind):
+    """Other HF families on the attention interface: the two required configurations, one layout."""
+    w = worlds(P)
+    for dp, cp, fsdp, layout, ckpt in [(1, 4, False, "zigzag", False), (2, 2, True, "striped", True)]:
+        for res in w.run(pc.equivalence, kind=kind, dp=dp, cp=cp, layout=layout, fsdp=fsdp, checkpoint=ckpt):
+            _check(res, f"{kind} dp={dp} cp={cp} fsdp={fsdp} layout={layout} checkpoint={ckpt}")
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt"])
 def test_checkpoint_does_not_rerun_the_ring(worlds, kind):
     """checkpoint=True: the backward does exactly the exchanges of the non-checkpointed backward
