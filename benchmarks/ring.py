@@ -9,7 +9,9 @@ the table compares ratios measured side by side (these machines are shared and n
 - ``sdpa-1proc``: torch SDPA (the CPU flash kernel) on the whole sequence in one process, 1 thread;
 - ``seqpar-<layout>``: seqpar.attention on P ranks (gloo), 1 thread each, max wall time over ranks;
 - ``ring-attention-pytorch``: the peer's striped ring (``ring_flash_attn``) on the same ranks;
-- per-rank compute time of each seqpar layout (CPU time inside the block kernels), max/mean = balance.
+- per-rank compute time of each seqpar layout (CPU time inside the block kernels), max/mean = balance:
+  measured in the run (``max/mean``), and replayed rank after rank on one core (``same core``: the
+  work itself, free of which core each rank got on a shared machine).
 
 Writes a table to stdout, JSON and a PNG to benchmarks/results/.
 """
@@ -61,6 +63,31 @@ def bench_sdpa(S, H, D, reps):
     return _time(run, reps)
 
 
+def replay_rank_compute(S, H, D, P, layout, reps):
+    """Each rank's kernel work, replayed rank after rank in this one process (same core, same
+    conditions): the tiles ``seqpar.layout.tile`` gives rank r at every ring step, forward and
+    backward. -> median CPU seconds per rank. Immune to which core a rank landed on."""
+    from seqpar import layout as L
+    from seqpar.kernels import block_attention, block_attention_backward
+
+    n = S // P
+    g = torch.Generator().manual_seed(1)
+    q, k, v, do = (torch.randn(1, H, n, D, generator=g) for _ in range(4))
+    times = [[] for _ in range(P)]
+    for _ in range(reps):
+        for r in range(P):
+            t0 = time.thread_time()
+            for step in range(P):
+                t = L.tile(layout, True, r, (r - step) % P, P, n)
+                if t is None:
+                    continue
+                args = (q[:, :, t.q], k[:, :, t.kv], v[:, :, t.kv])
+                o, lse = block_attention(*args, mask=t.mask, scale=D ** -0.5, backend="aten")
+                block_attention_backward(do[:, :, t.q], *args, o, lse, mask=t.mask, scale=D ** -0.5, backend="aten")
+            times[r].append(time.thread_time() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
 class _KernelTimer:
     """Wraps the ring module's kernel entry points to sum the CPU time spent computing tiles.
 
@@ -91,7 +118,7 @@ class _KernelTimer:
             setattr(self.mod, name, fn)
 
 
-def _rank_main(rank, world, store_path, seqs, H, D, reps, results):
+def _rank_main(rank, world, store_path, seqs, H, D, reps, peer, results):
     import datetime
 
     import torch.distributed as dist
@@ -137,6 +164,8 @@ def _rank_main(rank, world, store_path, seqs, H, D, reps, results):
             from ring_attention_pytorch import ring_flash_attn
         except ImportError:
             ring_flash_attn = None
+        if peer == "skip":
+            ring_flash_attn = None
         if ring_flash_attn is not None:
             # the peer wants (B, S_local, H, D), tokens already in striped order
             ql, kl, vl, dol = (seqpar.shard(t, dim=2, layout="striped").transpose(1, 2).contiguous()
@@ -166,11 +195,15 @@ def main():
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--peer", choices=["run", "skip"], default="run",
+                    help="run the peer ring-attention-pytorch too (slow: ~4x SDPA)")
     ap.add_argument("--out", type=Path, default=RESULTS / "ring.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     base = {S: bench_sdpa(S, args.heads, args.dim, args.reps) for S in args.seq}
+    replay = {(S, layout): replay_rank_compute(S, args.heads, args.dim, args.ranks, layout, args.reps)
+              for S in args.seq for layout in LAYOUTS}
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -178,7 +211,7 @@ def main():
     os.close(fd)
     os.unlink(store)
     procs = [ctx.Process(target=_rank_main, args=(r, args.ranks, store, args.seq, args.heads, args.dim, args.reps,
-                                                  results)) for r in range(args.ranks)]
+                                                  args.peer, results)) for r in range(args.ranks)]
     for p in procs:
         p.start()
     ring = None
@@ -203,7 +236,9 @@ def main():
             row = dict(seq=S, method=method, wall_s=r["wall"], speedup_vs_sdpa=base[S] / r["wall"])
             if "compute" in r:
                 c = r["compute"]
-                row.update(compute_s=c, imbalance=max(c) / statistics.mean(c))
+                rep = replay[(S, method.removeprefix("seqpar-"))]
+                row.update(compute_s=c, imbalance_in_run=max(c) / statistics.mean(c), compute_same_core_s=rep,
+                           imbalance=max(rep) / statistics.mean(rep))
                 if peer:
                     row["speedup_vs_peer"] = peer["wall"] / r["wall"]
             if "max_err" in r:
@@ -211,15 +246,17 @@ def main():
             rows.append(row)
 
     print(f"\nCausal fwd+bwd, fp32, B=1, H={args.heads}, D={args.dim}, {args.ranks} ranks x 1 thread (gloo)")
-    hdr = f"{'S':>6} {'method':<24} {'wall s':>8} {'vs SDPA':>8} {'vs peer':>8} {'rank compute s':>18} {'max/mean':>8}"
+    hdr = (f"{'S':>6} {'method':<24} {'wall s':>8} {'vs SDPA':>8} {'vs peer':>8} {'rank compute s':>18} "
+           f"{'max/mean':>8} {'same core':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         comp = " ".join(f"{c:.2f}" for c in r.get("compute_s", [])) or "-"
         peer = f"{r['speedup_vs_peer']:.1f}x" if "speedup_vs_peer" in r else "-"
-        imb = f"{r['imbalance']:.3f}" if "imbalance" in r else "-"
+        imb = f"{r['imbalance_in_run']:.3f}" if "imbalance" in r else "-"
+        imb2 = f"{r['imbalance']:.3f}" if "imbalance" in r else "-"
         print(f"{r['seq']:>6} {r['method']:<24} {r['wall_s']:>8.2f} {r['speedup_vs_sdpa']:>7.2f}x {peer:>8} "
-              f"{comp:>18} {imb:>8}")
+              f"{comp:>18} {imb:>8} {imb2:>9}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(ranks=args.ranks, heads=args.heads, dim=args.dim, dtype="float32", causal=True, threads_per_rank=1,
@@ -247,9 +284,9 @@ def main():
         S = args.seq[-1]
         for i, layout in enumerate(LAYOUTS):
             r = next(r for r in rows if r["seq"] == S and r["method"] == f"seqpar-{layout}")
-            a2.bar([i * (args.ranks + 1) + j for j in range(args.ranks)], r["compute_s"], label=layout)
+            a2.bar([i * (args.ranks + 1) + j for j in range(args.ranks)], r["compute_same_core_s"], label=layout)
         a2.set_xticks([i * (args.ranks + 1) + (args.ranks - 1) / 2 for i in range(len(LAYOUTS))], LAYOUTS)
-        a2.set_ylabel(f"per-rank kernel time, s (S={S})")
+        a2.set_ylabel(f"per-rank kernel CPU time, s (S={S}, same core)")
         a2.set_title("causal balance")
         fig.tight_layout()
         fig.savefig(args.out.with_suffix(".png"), dpi=110)

@@ -132,7 +132,6 @@ def shard_tensor(x: torch.Tensor, dim: int, rank: int, world: int, layout: str) 
 def unshard_tensor(shards: list[torch.Tensor], dim: int, layout: str) -> torch.Tensor:
     """Inverse of :func:`shard_tensor`: the P shards in rank order -> the global tensor."""
     check_layout(layout)
-    world = len(shards)
     dim = dim % shards[0].ndim
     if layout == "contiguous":
         return torch.cat(shards, dim=dim)

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import procs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
@@ -44,7 +46,7 @@ def test_mpirun_equivalence_both_transports(n, via):
         _mpirun()
         cmd = [os.path.join(ROOT, via), str(n), *payload]
     try:
-        r = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=150)
+        r = procs.run(cmd, cwd=ROOT, env=_clean_env(), timeout=150)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{via} -n {n} hung (150 s): {e.stdout!r} {e.stderr!r}")
     out = r.stdout

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+import procs as launcher
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
@@ -69,15 +71,15 @@ def test_two_node_torchrun_c10d(two_hosts):
                     f"--rdzv-backend c10d --rdzv-id seqpar-mn --rdzv-endpoint {head}:29511 --max-restarts 0 "
                     f"launch/check.py --timeout 60")
         cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c", f"hostname {hostname} && {torchrun}"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(launcher.popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True))
     outs = []
     for p in procs:
         try:
             outs.append(p.communicate(timeout=150)[0])
         except subprocess.TimeoutExpired:
             for q in procs:
-                q.kill()
+                launcher.kill_group(q)
             pytest.fail("2-node torchrun hung (150 s)")
     for p, out in zip(procs, outs):
         assert p.returncode == 0, "\n----\n".join(outs)

@@ -16,6 +16,8 @@ import tempfile
 
 import pytest
 
+import procs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "launch", "local_cluster.sh")
 BIN = os.path.dirname(sys.executable)
@@ -94,8 +96,8 @@ def torchrun_loss(tmp_path_factory):
         pytest.skip("seqpar.train (and transformers) not available")
     d = str(tmp_path_factory.mktemp("torchrun"))
     env = _clean_env()
-    r = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc-per-node", "2", *_train_args(d, "ref")], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=240)
+    r = procs.run([os.path.join(BIN, "torchrun"), "--nproc-per-node", "2", *_train_args(d, "ref")], cwd=ROOT,
+                  env=env, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     return _final_loss(d, "ref")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+import procs
 
 pytest.importorskip("transformers")
 
@@ -45,7 +46,7 @@ def test_torchrun_entry_point(tmp_path):
     metrics, plot = tmp_path / "m.json", tmp_path / "loss.png"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(P),
            "-m", "seqpar.train", *SMALL[:-3], "--steps", "2", "--metrics", str(metrics), "--plot", str(plot)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    out = procs.run(cmd, env=env, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(metrics.read_text())
     assert res["cp"] == P and res["seq_len"] == 256 and len(res["losses"]) == 2
