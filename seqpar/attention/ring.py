@@ -32,7 +32,7 @@ import torch
 
 from seqpar import layout as _layout
 from seqpar.comm import TAG_DKV, TAG_KV, Ring
-from seqpar.kernels import block_attention, block_attention_accumulate, block_attention_backward, merge_partial
+from seqpar.kernels import block_attention, block_attention_accumulate, block_attention_backward
 
 __all__ = ["ring_forward", "ring_backward", "RingAttention"]
 
@@ -79,14 +79,6 @@ def ring_forward(
         if pending is not None:
             kv, spare = pending.wait(), kv
     return out, lse
-
-
-def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
-    """In place: (out, lse) <- softmax-merge of (out, lse) and (blk_out, blk_lse); out/lse fp32 views.
-
-    ``out -= sigmoid(blk_lse - lse) * (out - blk_out)``, ``lse -= logsigmoid(lse - blk_lse)``; the
-    kernel layer's :func:`seqpar.kernels.merge_partial` (the fallback of ``block_attention_accumulate``)."""
-    merge_partial(out, lse, blk_out, blk_lse)
 
 
 def ring_backward(
