@@ -10,15 +10,11 @@ Shapes::
     out  (B, Hq,  Sq, D)      input dtype or fp32 (the caller merges in fp32)
     lse  (B, Hq,  Sq)         fp32 (fp64 for fp64 inputs), natural log; -inf for a row with no key
 
-Mask kinds (top-left aligned, query row i / key column j)::
+The mask is a :class:`TileMask` description (``backend.py``; a kind name such as ``"causal"`` is
+shorthand). ``strict`` (causal minus the diagonal: the off-diagonal tiles of the striped layout)
+reaches a backend without it natively as a causal tile on ``q[1:] x k[:-1]``.
 
-    full     causal    strict            strict = causal minus the diagonal: the off-diagonal
-    x x x x  x . . .   . . . .           tiles of the striped layout, where a kv rank sits after
-    x x x x  x x . .   x . . .           the query rank in each stripe. Row 0 sees nothing:
-    x x x x  x x x .   x x . .           out = 0, lse = -inf. Backends without native support
-    x x x x  x x x x   x x x .           get it by slicing: causal on q[1:] x k[:-1].
-
-Backends:
+Backends (each a :class:`KernelBackend`: entry points plus capabilities as data):
 
 - ``reference``: plain torch math in fp32/fp64: the spec every other backend is tested against.
 - ``aten``: torch's fused kernels that return the logsumexp (CPU flash kernel; CUDA flash for
@@ -26,8 +22,9 @@ Backends:
 - ``triton``: fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``).
 
 ``block_attention_accumulate`` merges a tile into a running fp32 ``(out, lse)`` in place: inside the
-kernel where the backend has ``NATIVE_ACCUMULATE`` (triton), else ``block_attention`` +
-:func:`merge_partial`.
+kernel where the backend has a ``forward_accumulate`` (triton), else ``block_attention`` +
+:func:`merge_partial`. Inputs of a dtype outside a backend's ``dtypes`` (fp64 for triton) run on
+``reference``.
 
 The backward takes the *global* ``out`` and ``lse`` (after all tiles were merged) so a tile's
 gradient is exact: ``P = exp(S - lse)``, ``delta = rowsum(dO * out)``.
@@ -36,16 +33,21 @@ gradient is exact: ``P = exp(S - lse)``, ``delta = rowsum(dO * out)``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
-from typing import Literal, get_args
 
 import torch
 
+from seqpar.kernels.backend import KernelBackend, TileMask, acc_dtype, as_mask
+from seqpar.vocab import BACKENDS, Backend, MaskKind, check_choice
+
 __all__ = [
+    "TileMask",
+    "KernelBackend",
     "MaskKind",
     "Backend",
-    "MASK_KINDS",
-    "BACKENDS",
+    "acc_dtype",
+    "get_backend",
     "resolve_backend",
     "block_attention",
     "block_attention_backward",
@@ -53,10 +55,8 @@ __all__ = [
     "merge_partial",
 ]
 
-MaskKind = Literal["full", "causal", "strict"]
-Backend = Literal["auto", "aten", "reference", "triton"]
-MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
-BACKENDS: tuple[str, ...] = get_args(Backend)
+_MODULES = {"aten": "seqpar.kernels.aten", "reference": "seqpar.kernels.reference",
+            "triton": "seqpar.kernels.triton_attention"}
 
 
 def _triton_usable(device: torch.device) -> tuple[bool, str]:
@@ -72,13 +72,16 @@ def _triton_usable(device: torch.device) -> tuple[bool, str]:
     )
 
 
+def _has_triton_kernels() -> bool:
+    return importlib.util.find_spec(_MODULES["triton"]) is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` -> the best backend for ``device``; checks an explicit one is usable there.
 
     Raises ``ValueError`` naming the argument when the backend is unknown or unusable.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         if device.type == "cuda" and _triton_usable(device)[0] and _has_triton_kernels():
             return "triton"
@@ -88,30 +91,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not ok:
             raise ValueError(why)
         if not _has_triton_kernels():
-            raise ValueError("backend='triton': seqpar.kernels.triton is not available in this build")
+            raise ValueError("backend='triton': seqpar.kernels.triton_attention is not available in this build")
     return backend
 
 
-def _has_triton_kernels() -> bool:
-    return importlib.util.find_spec("seqpar.kernels.triton_attention") is not None
+def get_backend(name: str) -> KernelBackend:
+    """The :class:`KernelBackend` of a resolved backend name (its module is imported on first use)."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be resolved first (one of {tuple(_MODULES)}), got {name!r}")
+    return importlib.import_module(_MODULES[name]).BACKEND
 
 
-def _impl(backend: str):
-    if backend == "aten":
-        from seqpar.kernels import aten
-
-        return aten
-    if backend == "reference":
-        from seqpar.kernels import reference
-
-        return reference
-    if backend == "triton":
-        return importlib.import_module("seqpar.kernels.triton_attention")
-    raise ValueError(f"backend must be resolved first (got {backend!r})")
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _for(backend: str, dtype: torch.dtype) -> KernelBackend:
+    impl = get_backend(backend)
+    return impl if dtype in impl.dtypes else get_backend("reference")
 
 
 def block_attention(
@@ -119,22 +112,23 @@ def block_attention(
     k: torch.Tensor,  # (B, Hkv, Sk, D)
     v: torch.Tensor,  # (B, Hkv, Sk, D)
     *,
-    mask: MaskKind,
+    mask: TileMask | str,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One tile's attention: ``(out (B,Hq,Sq,D), lse (B,Hq,Sq) fp32)``."""
-    impl = _impl(backend)
-    if mask == "strict" and not getattr(impl, "NATIVE_STRICT", False):
-        B, Hq, Sq, D = q.shape
-        out = q.new_zeros(B, Hq, Sq, v.shape[-1])
-        lse = torch.full((B, Hq, Sq), float("-inf"), dtype=_lse_dtype(q.dtype), device=q.device)
-        if Sq > 1 and k.shape[2] > 0:
-            o, l = impl.forward(q[:, :, 1:], k[:, :, : Sq - 1], v[:, :, : Sq - 1], mask="causal", scale=scale)
-            out[:, :, 1:] = o
-            lse[:, :, 1:] = l
-        return out, lse
-    return impl.forward(q, k, v, mask=mask, scale=scale)
+    mask, impl = as_mask(mask), _for(backend, q.dtype)
+    if mask.kind in impl.native_masks:
+        return impl.forward(q, k, v, mask=mask, scale=scale)
+    assert mask.kind == "strict", mask  # every backend has full and causal
+    B, Hq, Sq, D = q.shape
+    out = q.new_zeros(B, Hq, Sq, v.shape[-1])
+    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+    if Sq > 1 and k.shape[2] > 0:
+        o, l = impl.forward(q[:, :, 1:], k[:, :, : Sq - 1], v[:, :, : Sq - 1], mask=TileMask("causal"), scale=scale)
+        out[:, :, 1:] = o
+        lse[:, :, 1:] = l
+    return out, lse
 
 
 def block_attention_backward(
@@ -145,27 +139,24 @@ def block_attention_backward(
     out: torch.Tensor,  # (B, Hq, Sq, D)  the global output of these query rows
     lse: torch.Tensor,  # (B, Hq, Sq)     the global log-sum-exp of these query rows
     *,
-    mask: MaskKind,
+    mask: TileMask | str,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one tile given the global ``out``/``lse``: ``(dq, dk, dv)`` shaped like q, k, v."""
-    impl = _impl(backend)
-    if mask == "strict" and not getattr(impl, "NATIVE_STRICT", False):
-        Sq = q.shape[2]
-        dq = torch.zeros_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        if Sq > 1:
-            gq, gk, gv = impl.backward(
-                dout[:, :, 1:], q[:, :, 1:], k[:, :, : Sq - 1], v[:, :, : Sq - 1],
-                out[:, :, 1:], lse[:, :, 1:], mask="causal", scale=scale,
-            )
-            dq[:, :, 1:] = gq
-            dk[:, :, : Sq - 1] = gk
-            dv[:, :, : Sq - 1] = gv
-        return dq, dk, dv
-    return impl.backward(dout, q, k, v, out, lse, mask=mask, scale=scale)
+    mask, impl = as_mask(mask), _for(backend, q.dtype)
+    if mask.kind in impl.native_masks:
+        return impl.backward(dout, q, k, v, out, lse, mask=mask, scale=scale)
+    assert mask.kind == "strict", mask
+    Sq = q.shape[2]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if Sq > 1:
+        gq, gk, gv = impl.backward(dout[:, :, 1:], q[:, :, 1:], k[:, :, : Sq - 1], v[:, :, : Sq - 1],
+                                   out[:, :, 1:], lse[:, :, 1:], mask=TileMask("causal"), scale=scale)
+        dq[:, :, 1:] = gq
+        dk[:, :, : Sq - 1] = gk
+        dv[:, :, : Sq - 1] = gv
+    return dq, dk, dv
 
 
 def merge_partial(
@@ -195,15 +186,15 @@ def block_attention_accumulate(
     out: torch.Tensor,  # (B, Hq, Sq, D) running output, fp32 (fp64 for fp64 inputs), any strides: in place
     lse: torch.Tensor,  # (B, Hq, Sq)    running lse, same dtype as out, any strides: in place
     *,
-    mask: MaskKind,
+    mask: TileMask | str,
     scale: float,
     backend: str,
 ) -> None:
     """Merge one tile's attention into the running ``(out, lse)`` in place (rows with no visible key
     of this tile are left untouched). Equals ``block_attention`` then :func:`merge_partial`."""
-    impl = _impl(backend)
-    if getattr(impl, "NATIVE_ACCUMULATE", False) and out.dtype == torch.float32 and q.dtype != torch.float64:
+    mask, impl = as_mask(mask), _for(backend, q.dtype)
+    if impl.forward_accumulate is not None and out.dtype == torch.float32 and mask.kind in impl.native_masks:
         impl.forward_accumulate(q, k, v, out, lse, mask=mask, scale=scale)
         return
-    o, l = block_attention(q, k, v, mask=mask, scale=scale, backend=backend)
+    o, l = block_attention(q, k, v, mask=mask, scale=scale, backend=impl.name)
     merge_partial(out, lse, o, l)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["forward", "backward", "NATIVE_STRICT"]
+from seqpar.kernels.backend import KernelBackend, TileMask
 
-NATIVE_STRICT = False
+__all__ = ["forward", "backward", "BACKEND"]
+
 _aten = torch.ops.aten
 
 
-def _check_mask(mask: str) -> bool:
-    if mask not in ("full", "causal"):
-        raise ValueError(f"aten backend: mask must be 'full' or 'causal' here, got {mask!r}")
-    return mask == "causal"
+def _check_mask(mask: TileMask) -> bool:
+    if mask.kind not in ("full", "causal"):
+        raise ValueError(f"aten backend: mask must be 'full' or 'causal' here, got {mask.kind!r}")
+    return mask.kind == "causal"
 
 
 def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -33,7 +34,7 @@ def _sum_groups(dx: torch.Tensor, hkv: int) -> torch.Tensor:
     return dx.float().reshape(B, hkv, Hq // hkv, S, D).sum(2).to(dx.dtype)
 
 
-def forward(q, k, v, *, mask: str, scale: float):
+def forward(q, k, v, *, mask: TileMask, scale: float):
     causal = _check_mask(mask)
     if q.device.type == "cpu":
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -47,7 +48,7 @@ def forward(q, k, v, *, mask: str, scale: float):
     return out, lse[..., : q.shape[2]]
 
 
-def backward(dout, q, k, v, out, lse, *, mask: str, scale: float):
+def backward(dout, q, k, v, out, lse, *, mask: TileMask, scale: float):
     causal = _check_mask(mask)
     if q.device.type == "cpu":
         return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -71,3 +72,9 @@ def backward(dout, q, k, v, out, lse, *, mask: str, scale: float):
             dout, q, kr, vr, None, out, lse_p, zero, zero, 0.0, [True, True, True, False], causal, scale=scale
         )
     return dq, _sum_groups(dk, hkv), _sum_groups(dv, hkv)
+
+
+BACKEND = KernelBackend(
+    name="aten", forward=forward, backward=backward, native_masks=frozenset({"full", "causal"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+)

@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["forward", "backward", "NATIVE_STRICT"]
+from seqpar.kernels.backend import KernelBackend, TileMask, acc_dtype
 
-NATIVE_STRICT = True
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["forward", "backward", "BACKEND"]
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, mask: str, scale: float) -> torch.Tensor:
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: TileMask, scale: float) -> torch.Tensor:
     # q (B, Hkv, G, Sq, D), k (B, Hkv, Sk, D) -> s (B, Hkv, G, Sq, Sk)
     s = torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scale
-    if mask != "full":
+    if mask.kind != "full":
         Sq, Sk = s.shape[-2], s.shape[-1]
         rows = torch.arange(Sq, device=s.device)[:, None]
         cols = torch.arange(Sk, device=s.device)[None, :]
-        hidden = cols > rows if mask == "causal" else cols >= rows
+        hidden = cols > rows if mask.kind == "causal" else cols >= rows
         s = s.masked_fill(hidden, float("-inf"))
     return s
 
@@ -35,9 +31,9 @@ def _split_heads(q: torch.Tensor, hkv: int) -> torch.Tensor:
     return q.reshape(B, hkv, Hq // hkv, S, D)
 
 
-def forward(q, k, v, *, mask: str, scale: float):
+def forward(q, k, v, *, mask: TileMask, scale: float):
     """-> out (B, Hq, Sq, Dv) in fp32/fp64, lse (B, Hq, Sq); rows with no key: out 0, lse -inf."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     B, Hq, Sq, _ = q.shape
     hkv = k.shape[1]
     s = _scores(_split_heads(q.to(acc), hkv), k.to(acc), mask, scale)
@@ -47,9 +43,9 @@ def forward(q, k, v, *, mask: str, scale: float):
     return out.reshape(B, Hq, Sq, -1), lse.reshape(B, Hq, Sq)
 
 
-def backward(dout, q, k, v, out, lse, *, mask: str, scale: float):
+def backward(dout, q, k, v, out, lse, *, mask: TileMask, scale: float):
     """Gradients of one tile against the global out/lse, returned in the input dtypes."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     hkv = k.shape[1]
     qa, ka, va = _split_heads(q.to(acc), hkv), k.to(acc), v.to(acc)
     do = _split_heads(dout.to(acc), hkv)
@@ -64,3 +60,9 @@ def backward(dout, q, k, v, out, lse, *, mask: str, scale: float):
     dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, ka).reshape(q.shape)
     dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, qa)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+BACKEND = KernelBackend(
+    name="reference", forward=forward, backward=backward, native_masks=frozenset({"full", "causal", "strict"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+)

@@ -13,7 +13,8 @@ Shapes::
     dq, dk, dv like q, k, v       fp32 (the ring accumulates gradients in fp32)
 
 D is 1..256, any value: tiles are padded to BLOCK_D = max(16, next_pow2(D)) with masked loads.
-fp64 inputs (no fast Triton path) fall back to the ``reference`` backend.
+fp64 inputs (no fast Triton path) go to the ``reference`` backend: ``BACKEND.dtypes`` leaves fp64 out,
+and the dispatcher in :mod:`seqpar.kernels` routes by it.
 
 Note
 ----
@@ -52,26 +53,28 @@ import torch
 import triton
 import triton.language as tl
 
+from seqpar.kernels.backend import KernelBackend, TileMask
+
 __all__ = [
     "forward",
     "forward_accumulate",
     "backward",
-    "NATIVE_STRICT",
-    "NATIVE_ACCUMULATE",
+    "BACKEND",
     "INTERPRET",
     "MAX_HEAD_DIM",
     "TUNE",
 ]
 
-NATIVE_STRICT = True
-NATIVE_ACCUMULATE = True
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 256
 
-# Launches are serialised: the autotuner keeps per-call state on the kernel object and the interpreter
-# keeps global grid state, so ranks that are threads of one process (seqpar.threaded) must not launch
-# concurrently. A launch is asynchronous on CUDA, so the lock is held for microseconds (or for the one
-# autotuning run of a new shape, which then also does not compete with another thread's benchmark).
+# Launches are serialised. The state this guards is Triton's, not seqpar's: the autotuner keeps per-call
+# state on the shared kernel object (the arguments of the call it is tuning) and the interpreter keeps
+# global grid state, so *any* two threads launching these kernels race: seqpar's thread-ranks
+# (seqpar.comm.threads) as much as a user's threads or an inference server's. It cannot move next to
+# the thread-ranks: the lock must be around the launch, which only this module sees. A launch is
+# asynchronous on CUDA, so the lock is held for microseconds (or for the one autotuning run of a new
+# shape, which then also does not compete with another thread's benchmark).
 _LAUNCH = threading.RLock()
 
 _MASK_CODE = {"full": 0, "causal": 1, "strict": 2}
@@ -490,9 +493,9 @@ _bwd_dq = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config
 # python entry points
 # ----------------------------------------------------------------------------------------------------------------
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str) -> None:
-    if mask not in _MASK_CODE:
-        raise ValueError(f"triton backend: mask must be one of {tuple(_MASK_CODE)}, got {mask!r}")
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: TileMask) -> None:
+    if mask.kind not in _MASK_CODE:
+        raise ValueError(f"triton backend: mask must be one of {tuple(_MASK_CODE)}, got {mask.kind!r}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"triton backend: q, k, v must be 4-D (B, H, S, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -519,7 +522,7 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _launch_forward(q, k, v, out, lse, mask: str, scale: float, accumulate: bool) -> None:
+def _launch_forward(q, k, v, out, lse, mask: TileMask, scale: float, accumulate: bool) -> None:
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     kernel = _fwd_acc if accumulate else _fwd
@@ -530,7 +533,7 @@ def _launch_forward(q, k, v, out, lse, mask: str, scale: float, accumulate: bool
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
             Hq, Hq // Hkv, Sq, Sk, float(scale) * _LOG2E,
             _bucket(Sq), _bucket(Sk),
-            MASK=_MASK_CODE[mask], ACCUMULATE=accumulate, PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=_block_d(D),
+            MASK=_MASK_CODE[mask.kind], ACCUMULATE=accumulate, PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=_block_d(D),
         )
 
 
@@ -539,14 +542,10 @@ def forward(
     k: torch.Tensor,  # (B, Hkv, Sk, D)
     v: torch.Tensor,  # (B, Hkv, Sk, D)
     *,
-    mask: str,
+    mask: TileMask,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, Hq, Sq, D) fp32, lse (B, Hq, Sq) fp32; rows with no visible key: out 0, lse -inf."""
-    if q.dtype == torch.float64:
-        from seqpar.kernels import reference
-
-        return reference.forward(q, k, v, mask=mask, scale=scale)
     _check(q, k, v, mask)
     B, Hq, Sq, D = q.shape
     out = torch.zeros(B, Hq, Sq, D, dtype=torch.float32, device=q.device)
@@ -563,18 +562,12 @@ def forward_accumulate(
     out_acc: torch.Tensor,  # (B, Hq, Sq, D) fp32, any strides (a view of the ring's running output)
     lse_acc: torch.Tensor,  # (B, Hq, Sq)    fp32, any strides
     *,
-    mask: str,
+    mask: TileMask,
     scale: float,
 ) -> None:
     """In place: merge this tile's attention into the running ``(out_acc, lse_acc)``.
 
     Rows that see no key of this tile are left untouched (bit for bit)."""
-    if q.dtype == torch.float64:
-        from seqpar.kernels import merge_partial, reference
-
-        o, l = reference.forward(q, k, v, mask=mask, scale=scale)
-        merge_partial(out_acc, lse_acc, o, l)
-        return
     _check(q, k, v, mask)
     B, Hq, Sq, D = q.shape
     if out_acc.shape != (B, Hq, Sq, D) or lse_acc.shape != (B, Hq, Sq):
@@ -594,14 +587,10 @@ def backward(
     out: torch.Tensor,  # (B, Hq, Sq, D) the global output of these rows
     lse: torch.Tensor,  # (B, Hq, Sq)    the global lse of these rows (natural log)
     *,
-    mask: str,
+    mask: TileMask,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), all fp32 (fp64 for fp64 inputs)."""
-    if q.dtype == torch.float64:
-        from seqpar.kernels import reference
-
-        return reference.backward(dout, q, k, v, out, lse, mask=mask, scale=scale)
+    """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), all fp32."""
     _check(q, k, v, mask)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -619,7 +608,7 @@ def backward(
         _bwd_delta_kernel[(triton.cdiv(Sq, bm_delta), B * Hq)](
             out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm_delta)
         common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
-        consts = dict(MASK=_MASK_CODE[mask], PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=bd)
+        consts = dict(MASK=_MASK_CODE[mask.kind], PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=bd)
         _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, *common,
             Hkv, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
@@ -627,3 +616,9 @@ def backward(
             q, k, v, dout, lse, delta, dq, *common,
             Hq, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
     return dq, dk, dv
+
+
+BACKEND = KernelBackend(
+    name="triton", forward=forward, backward=backward, forward_accumulate=forward_accumulate,
+    native_masks=frozenset(_MASK_CODE), dtypes=frozenset(_FLOATS),
+)

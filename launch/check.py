@@ -26,20 +26,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import seqpar  # noqa: E402
 from seqpar.comm import make_ring  # noqa: E402
-from seqpar.distributed import group_rank_size, resolve_group  # noqa: E402
-
-FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
-
-
-def _grads(q, k, v, do, causal, gqa):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-    out.backward(do)
-    return [out.detach(), q.grad, k.grad, v.grad]
+from seqpar.mesh import group_rank_size, resolve_group  # noqa: E402
+from seqpar.testing import numerics  # noqa: E402
+from seqpar.vocab import CP_DIM, LAYOUTS  # noqa: E402
 
 
 def equivalence(group, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype) -> float:
@@ -47,17 +39,14 @@ def equivalence(group, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype) -> floa
     g = torch.Generator().manual_seed(seed)
     q, k, v, do = (torch.randn(B, h, S, D, generator=g, dtype=torch.float64) for h in (Hq, Hkv, Hkv, Hq))
     gqa = Hq != Hkv
-    ref = _grads(q, k, v, do, causal, gqa)
-    low = _grads(*(t.to(dtype) for t in (q, k, v, do)), causal, gqa)
+    ref = numerics.sdpa_grads(q, k, v, do, causal=causal)
+    low = numerics.sdpa_grads(*(t.to(dtype) for t in (q, k, v, do)), causal=causal)
     sh = lambda t: seqpar.shard(t, dim=2, group=group, layout=layout)  # noqa: E731
     ql, kl, vl = (sh(t.to(dtype)).detach().requires_grad_() for t in (q, k, v))
     out = seqpar.attention(ql, kl, vl, group=group, is_causal=causal, enable_gqa=gqa, layout=layout)
     out.backward(sh(do.to(dtype)))
-    worst = 0.0
-    for mine, r, lo in zip([out.detach(), ql.grad, kl.grad, vl.grad], ref, low):
-        r = sh(r)
-        bound = 2 * (sh(lo).double() - r).abs().max().item() + FLOOR[dtype] * max(1.0, r.abs().max().item())
-        worst = max(worst, (mine.double() - r).abs().max().item() / bound)
+    res = numerics.errors([out.detach(), ql.grad, kl.grad, vl.grad], [sh(r) for r in ref], [sh(lo) for lo in low])
+    worst = max(e["seqpar"] / numerics.bound(e["sdpa"], e["scale"], dtype) for e in res.values())
     # unshard round trip over the same group
     full = seqpar.unshard(out.detach(), dim=2, group=group, layout=layout)
     if not torch.equal(seqpar.shard(full, dim=2, group=group, layout=layout), out.detach()):
@@ -66,7 +55,7 @@ def equivalence(group, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype) -> floa
 
 
 def cases(P: int):
-    for layout in ("contiguous", "striped", "zigzag"):
+    for layout in LAYOUTS:
         for causal in (False, True):
             for Hq, Hkv in ((4, 4), (4, 2)):
                 yield dict(B=2, Hq=Hq, Hkv=Hkv, S=8 * P, D=32, layout=layout, causal=causal, dtype=torch.float32)
@@ -80,7 +69,7 @@ def make_group(transport: str, world: int):
     if transport == "mpi":
         return seqpar.MPIGroup()
     if transport == "mpi-cp":  # the MPI twin of the "cp" dim of a (dp, cp=2) mesh
-        return seqpar.mpi_group(seqpar.init_mesh(cp=2 if world % 2 == 0 else 1)["cp"])
+        return seqpar.mpi_group(seqpar.init_mesh(cp=2 if world % 2 == 0 else 1)[CP_DIM])
     raise SystemExit(f"--transport: unknown transport {transport!r} (gloo, mpi, mpi-cp)")
 
 

@@ -1,12 +1,15 @@
 """seqpar: exact softmax attention over sequences sharded across devices (Ring / Striped / Zigzag)."""
 
-from seqpar.attention import attention
+from seqpar.api import attention
 from seqpar.batch import shard_batch
-from seqpar.comm_mpi import MPIGroup, mpi_group
-from seqpar.distributed import init_distributed, init_mesh
-from seqpar.layout import LAYOUTS, LayoutKind
-from seqpar.parallelize import parallelize
+from seqpar.comm.mpi import MPIGroup, mpi_group
+from seqpar.launcher import init_distributed
+from seqpar.mesh import init_mesh
+from seqpar.parallel import parallelize
 from seqpar.sharding import positions, shard, unshard
+from seqpar.vocab import BACKENDS, LAYOUTS, METHODS, Layout
+
+LayoutKind = Layout  # the name of earlier releases
 
 __all__ = [
     "attention",
@@ -20,6 +23,9 @@ __all__ = [
     "parallelize",
     "shard_batch",
     "LAYOUTS",
+    "METHODS",
+    "BACKENDS",
+    "Layout",
     "LayoutKind",
 ]
 

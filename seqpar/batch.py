@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from seqpar import layout as _layout
+from seqpar.mesh import check_mesh, cp_mesh
 
 __all__ = ["shard_batch", "shift_labels"]
 
@@ -55,8 +56,6 @@ def shard_batch(
     ``num_items_in_batch`` (0-d long, the global count of non-ignored targets). Raises before any
     communication (there is none).
     """
-    from seqpar.parallelize import check_mesh
-
     _, cp = check_mesh(mesh)
     _layout.check_layout(layout)
     if not isinstance(batch, Mapping):
@@ -85,7 +84,7 @@ def shard_batch(
         raise ValueError("shard_batch: attention_mask has zeros; seqpar does not mask keys. Mark padded positions "
                          f"with labels={ignore_index} (and pad at the end) instead")
 
-    rank = mesh["cp"].get_local_rank() if mesh.ndim == 2 else mesh.get_local_rank()
+    rank = cp_mesh(mesh).get_local_rank()
     local = lambda t: _layout.shard_tensor(t, -1, rank, cp, layout).contiguous()  # noqa: E731
 
     pos = batch.get("position_ids")

@@ -33,12 +33,14 @@ then P-1 half tiles of exactly S_local^2/2).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import torch
 
+from seqpar.kernels.backend import TileMask, as_mask
+from seqpar.vocab import LAYOUTS, Layout, check_choice
+
 __all__ = [
-    "LayoutKind",
+    "Layout",
     "LAYOUTS",
     "Tile",
     "check_layout",
@@ -50,21 +52,20 @@ __all__ = [
     "tile",
 ]
 
-LayoutKind = Literal["contiguous", "striped", "zigzag"]
-LAYOUTS: tuple[str, ...] = get_args(LayoutKind)
-
-
 @dataclass(frozen=True)
 class Tile:
     """The part of one (query block, kv block) pair that has work, and its mask kind.
 
-    ``q`` and ``kv`` slice the local sequence dim of the query and the kv block; ``mask`` is a
-    ``seqpar.kernels.MaskKind`` applied to the sliced tile.
+    ``q`` and ``kv`` slice the local sequence dim of the query and the kv block; ``mask`` is the
+    :class:`seqpar.kernels.TileMask` of the sliced tile.
     """
 
-    mask: Literal["full", "causal", "strict"]
+    mask: TileMask  # a kind name ("causal") is taken as TileMask("causal")
     q: slice = field(default_factory=lambda: slice(None))
     kv: slice = field(default_factory=lambda: slice(None))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask", as_mask(self.mask))
 
     @property
     def whole(self) -> bool:
@@ -72,8 +73,7 @@ class Tile:
 
 
 def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_choice("layout", layout, LAYOUTS)
 
 
 def unit(layout: str, world: int) -> int:

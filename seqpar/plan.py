@@ -27,19 +27,18 @@ So the compute per step falls like 1/P^2 and the bytes like 1/P: the ring hides 
 while ``s = S/P >= (4 + ...) F e Hkv / (f 2 Hq BW)`` roughly, i.e. for long enough local blocks.
 Across nodes every step moves at the slowest link in the ring (the inter-node one).
 
-``method="all_to_all"`` (Ulysses) is a stub formula for later: two all-to-alls of q, k, v, out
-((P-1)/P of the local activations each) and full-sequence attention on Hq/P heads.
+``method`` takes the names of :data:`seqpar.vocab.METHODS` (today: ``"ring"``); each new method adds
+its cost here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, get_args
+from typing import Literal
 
-__all__ = ["ModelShape", "Machine", "StepPlan", "Plan", "plan", "Method", "METHODS", "LLAMA3_8B", "H100"]
+from seqpar.vocab import METHODS, Method, check_choice
 
-Method = Literal["ring", "all_to_all"]
-METHODS: tuple[str, ...] = get_args(Method)
+__all__ = ["ModelShape", "Machine", "StepPlan", "Plan", "plan", "LLAMA3_8B", "H100"]
 Checkpoint = Literal["none", "full"]
 Overlap = Literal["full", "none"]
 
@@ -155,8 +154,7 @@ def plan(
     (Megatron's count for fp16 with fused attention). Parameters, gradients and Adam state (16 bytes
     per parameter) are sharded over all ranks (FSDP). Logits are assumed computed in chunks.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     if seq_len % ranks:
         raise ValueError(f"seq_len={seq_len} must be a multiple of ranks={ranks}")
     P, s, B = ranks, seq_len // ranks, batch
@@ -170,27 +168,17 @@ def plan(
     def comm(nbytes: float) -> float:
         return lat + nbytes / bw if P > 1 else 0.0
 
-    if method == "ring":
-        flops_f = 4 * B * Hq * s * s * D * f
-        flops_b = 10 * B * Hq * s * s * D * f
-        ov = machine.overlap
-        fwd = StepPlan(flops_f / machine.attn_flops, comm(kv_bytes), kv_bytes, flops_f, ov)
-        bwd = StepPlan(flops_b / Fb, comm(kv_bytes + dkv_bytes), kv_bytes + dkv_bytes, flops_b, ov)
-        # the causal diagonal tile (step 0) runs at its own rate; every other step is a (half) tile
-        diag_f = flops_f / (machine.diag_flops or machine.attn_flops) if causal else fwd.compute
-        diag_b = flops_b / (machine.diag_bwd_flops or Fb) if causal else bwd.compute
-        attn_fwd = (P - 1) * fwd.time + diag_f
-        attn_bwd = (P - 1) * bwd.time + diag_b + (comm(dkv_bytes) if P > 1 else 0.0)
-        ring_buffers = 2 * kv_bytes + 2 * dkv_bytes  # KV double buffer + dK/dV in flight (fp32)
-    else:  # all_to_all (Ulysses), stub: P must divide the heads; no overlap assumed
-        a2a = lambda n: comm(n * (P - 1) / P)  # noqa: E731
-        act = B * s * D * dtype_bytes
-        flops_f = 4 * B * (Hq / P) * seq_len * seq_len * D * f
-        flops_b = 2.5 * flops_f
-        fwd = StepPlan(flops_f / machine.attn_flops, a2a(act * (2 * Hq + 2 * Hkv)), act * (2 * Hq + 2 * Hkv), flops_f)
-        bwd = StepPlan(flops_b / Fb, a2a(act * (2 * Hq + 2 * Hkv)), act * (2 * Hq + 2 * Hkv), flops_b)
-        attn_fwd, attn_bwd = fwd.compute + fwd.comm, bwd.compute + bwd.comm
-        ring_buffers = act * (2 * Hq + 2 * Hkv)
+    flops_f = 4 * B * Hq * s * s * D * f
+    flops_b = 10 * B * Hq * s * s * D * f
+    ov = machine.overlap
+    fwd = StepPlan(flops_f / machine.attn_flops, comm(kv_bytes), kv_bytes, flops_f, ov)
+    bwd = StepPlan(flops_b / Fb, comm(kv_bytes + dkv_bytes), kv_bytes + dkv_bytes, flops_b, ov)
+    # the causal diagonal tile (step 0) runs at its own rate; every other step is a (half) tile
+    diag_f = flops_f / (machine.diag_flops or machine.attn_flops) if causal else fwd.compute
+    diag_b = flops_b / (machine.diag_bwd_flops or Fb) if causal else bwd.compute
+    attn_fwd = (P - 1) * fwd.time + diag_f
+    attn_bwd = (P - 1) * bwd.time + diag_b + (comm(dkv_bytes) if P > 1 else 0.0)
+    ring_buffers = 2 * kv_bytes + 2 * dkv_bytes  # KV double buffer + dK/dV in flight (fp32)
     linear = 6 * model.params * B * s / machine.linear_flops if machine.linear_flops and model.params else 0.0
     step_time = model.layers * (attn_fwd + attn_bwd) + linear
 

@@ -6,7 +6,7 @@ import torch
 
 from seqpar import layout as _layout
 from seqpar.comm import all_gather_tensor
-from seqpar.distributed import group_rank_size, resolve_group
+from seqpar.mesh import group_rank_size, resolve_group
 
 __all__ = ["shard", "unshard", "positions"]
 

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from seqpar.vocab import DP_DIM
+
 __all__ = ["main", "run", "make_parser", "recall_batch", "build_model", "task_spec", "TaskSpec"]
 
 
@@ -224,7 +226,7 @@ def run(args) -> dict:
         raise ValueError(f"--dp {dp} x --cp {cp} must equal the world size {world}")
     args.dp = dp
     mesh = seqpar.init_mesh(cp=cp, dp=dp)
-    replica = mesh.get_local_rank("dp")
+    replica = mesh.get_local_rank(DP_DIM)
     spec = task_spec(args)
     lead = rank == 0
 

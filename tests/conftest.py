@@ -1,12 +1,10 @@
 import os
-import sys
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(__file__))
+from seqpar.testing.worlds import World
 
-from world import World  # noqa: E402
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

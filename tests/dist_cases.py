@@ -1,5 +1,5 @@
-"""Cases run on every rank of a spawned gloo world (see world.py). Each returns plain numbers;
-the pytest side asserts on them. References are computed independently on the full sequence."""
+"""Cases run on every rank of a spawned gloo world (``seqpar.testing.worlds``). Each returns plain
+numbers; the pytest side asserts on them. References are computed independently on the full sequence."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import seqpar
+from seqpar.testing import numerics
 
 
 def make_inputs(seed, B, Hq, Hkv, S, D, dtype, transposed):
@@ -23,37 +24,21 @@ def make_inputs(seed, B, Hq, Hkv, S, D, dtype, transposed):
     return rnd(Hq), rnd(Hkv), rnd(Hkv), rnd(Hq), dtype
 
 
-def sdpa_grads(q, k, v, do, causal, gqa):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-    out.backward(do)
-    return [out.detach(), q.grad, k.grad, v.grad]
-
-
 def equivalence(rank, size, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype, transposed=False,
                 backend="aten"):
     """Max-abs errors vs an fp64 SDPA reference of: seqpar in ``dtype``, and SDPA in ``dtype``
     on the whole sequence, for out, dq, dk, dv on this rank's shard."""
     q, k, v, do, dtype = make_inputs(seed, B, Hq, Hkv, S, D, dtype, transposed)
     gqa = Hq != Hkv
-    ref = sdpa_grads(q, k, v, do, causal, gqa)  # fp64, full sequence
-    low = sdpa_grads(*(t.to(dtype) for t in (q, k, v, do)), causal, gqa)  # same dtype, one device
+    ref = numerics.sdpa_grads(q, k, v, do, causal=causal)  # fp64, full sequence
+    low = numerics.sdpa_grads(*(t.to(dtype) for t in (q, k, v, do)), causal=causal)  # same dtype, one device
     sh = lambda t: seqpar.shard(t, dim=2, layout=layout)  # noqa: E731
     ql, kl, vl = (sh(t.to(dtype)).detach().requires_grad_() for t in (q, k, v))
     out = seqpar.attention(ql, kl, vl, is_causal=causal, enable_gqa=gqa, layout=layout, backend=backend)
     out.backward(sh(do.to(dtype)))
     mine = [out.detach(), ql.grad, kl.grad, vl.grad]
-    names = ["out", "dq", "dk", "dv"]
-    res = {}
-    for n, m, r, lo in zip(names, mine, ref, low):
-        assert m.dtype == dtype, (n, m.dtype)
-        r_local = sh(r)
-        res[n] = dict(
-            seqpar=(m.double() - r_local).abs().max().item(),
-            sdpa=(sh(lo).double() - r_local).abs().max().item(),
-            scale=r_local.abs().max().item(),
-        )
-    return res
+    assert all(m.dtype == dtype for m in mine), [m.dtype for m in mine]
+    return numerics.errors(mine, [sh(r) for r in ref], [sh(lo) for lo in low])
 
 
 def count_exchanges(rank, size, *, layout, causal):

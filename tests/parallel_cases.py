@@ -124,11 +124,9 @@ def count_checkpoint_exchanges(rank, size, *, kind, layout, S=64):
     """batch_isend_irecv calls in forward and in backward, and replayed attention calls in
     backward, for: no checkpointing ("none"), seqpar's (``checkpoint=True``), and, for the HF
     model, transformers' own gradient checkpointing ("hf", a control that re-runs the ring)."""
-    import importlib
+    from seqpar.methods import MethodFunction
 
-    sp = importlib.import_module("seqpar.parallelize")  # the module (the package attribute is the function)
-
-    real, real_replay = dist.batch_isend_irecv, sp._Replay.apply
+    real, real_apply = dist.batch_isend_irecv, MethodFunction.apply
     calls: list[int] = []
     replays: list[int] = []
 
@@ -136,13 +134,14 @@ def count_checkpoint_exchanges(rank, size, *, kind, layout, S=64):
         calls.append(len(ops))
         return real(ops)
 
-    def counting_replay(*args):
-        replays.append(1)
-        return real_replay(*args)
+    def counting_apply(q, k, v, method, kept=None):
+        if kept is not None:  # a replay of a kept forward
+            replays.append(1)
+        return real_apply(q, k, v, method, kept)
 
     mesh = mesh_for(1, size)
     out = {}
-    dist.batch_isend_irecv, sp._Replay.apply = counting, counting_replay
+    dist.batch_isend_irecv, MethodFunction.apply = counting, counting_apply
     try:
         for mode in ("none", "seqpar", "hf") if kind == "llama" else ("none", "seqpar"):
             model = make_model(kind)
@@ -159,7 +158,7 @@ def count_checkpoint_exchanges(rank, size, *, kind, layout, S=64):
             out[mode] = dict(fwd=fwd, bwd=len(calls), replays=len(replays), loss=loss.item(),
                              grad=next(model.parameters()).grad.norm().item())
     finally:
-        dist.batch_isend_irecv, sp._Replay.apply = real, real_replay
+        dist.batch_isend_irecv, MethodFunction.apply = real, real_apply
     return out
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-import dist_cases as C
+import dist_cases
 
 CASES = {
     "dtype_mismatch": ("TypeError", "dtype"),
@@ -25,14 +25,14 @@ CASES = {
 def test_bad_input_raises_on_every_rank(worlds, case):
     world = worlds(2)
     kind, text = CASES[case]
-    res = world.run(C.bad_input, case=case, timeout=30)
+    res = world.run(dist_cases.bad_input, case=case, timeout=30)
     for rank, (etype, msg) in enumerate(res):
         assert etype is not None, f"rank {rank} did not raise for {case}"
         if case == "one_rank_bad_dtype" and rank == 0:
             assert etype == "ValueError" and "rank(s) [1] rejected" in msg, msg
             continue
         assert etype == kind and text in msg, f"rank {rank}: {etype}: {msg}"
-    assert max(world.run(C.healthy)) < 1e-6  # nobody is left waiting: the world still works
+    assert max(world.run(dist_cases.healthy)) < 1e-6  # nobody is left waiting: the world still works
 
 
 def test_layout_divisibility_message():

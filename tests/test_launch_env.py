@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from seqpar.distributed import LaunchEnv, LaunchError, discover_env, expand_nodelist, first_host
+from seqpar.launcher import LaunchEnv, LaunchError, discover_env, expand_nodelist, first_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -214,7 +214,7 @@ def test_cuda_device_from_local_rank(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    import seqpar.distributed as D
+    import seqpar.launcher as D
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -50,7 +50,7 @@ def _tile_mask(t, n):
     rows = torch.arange(n)[t.q]
     cols = torch.arange(n)[t.kv]
     r, c = torch.meshgrid(torch.arange(len(rows)), torch.arange(len(cols)), indexing="ij")
-    sub = {"full": torch.ones_like(r, dtype=torch.bool), "causal": c <= r, "strict": c < r}[t.mask]
+    sub = {"full": torch.ones_like(r, dtype=torch.bool), "causal": c <= r, "strict": c < r}[t.mask.kind]
     m[rows[:, None], cols[None, :]] = sub
     return m
 

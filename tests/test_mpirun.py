@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-import procs
+from seqpar.testing import processes as procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

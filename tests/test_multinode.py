@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-import procs as launcher
+from seqpar.testing import processes as launcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

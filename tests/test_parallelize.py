@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 
 import parallel_cases as pc
+from seqpar.vocab import LAYOUTS
 
 pytest.importorskip("transformers")
 
 P = 4
-LAYOUTS = ("contiguous", "striped", "zigzag")
 # (dp, cp, fsdp): the two required configurations, and the other two gradient paths for one layout
 CONFIGS = [(1, 4, False), (2, 2, True)]
 EXTRA = [(2, 2, False), (1, 4, True)]

@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-import procs
+from seqpar.testing import processes as procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "launch", "local_cluster.sh")

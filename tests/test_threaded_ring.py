@@ -1,4 +1,4 @@
-"""The whole ring on P thread-ranks in one process (seqpar.threaded) vs torch SDPA on the whole sequence.
+"""The whole ring on P thread-ranks in one process (seqpar.comm.threads) vs torch SDPA on the whole sequence.
 
 Process-free, so the grid is wide and fast: every P in 1..4, every layout, causal or not, MHA / GQA /
 MQA, fp32 / fp64 / bf16, aten and reference backends; the Triton backend under the interpreter (CPU,
@@ -15,19 +15,15 @@ import time
 import pytest
 import torch
 
-import threaded_cases as T
+import threaded_cases
 from seqpar.comm import TAG_DKV, TAG_KV
-from seqpar.threaded import RingAborted, ThreadWorld, run_threads
+from seqpar.comm.threads import RingAborted, ThreadWorld, run_threads
+from seqpar.testing.numerics import assert_within_bound as assert_ok
+from seqpar.vocab import LAYOUTS
 
-LAYOUTS = ["contiguous", "striped", "zigzag"]
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def assert_ok(res, dtype):
-    bad = T.within_bound(res, dtype)
-    assert not bad, bad
 
 
 # ---------------------------------------------------------------------------------------------- the transport
@@ -84,8 +80,8 @@ def test_hang_times_out():
 @pytest.mark.parametrize("P", [1, 2, 4])
 def test_exchange_count(P, layout):
     """Forward: P-1 K/V exchanges. Backward: P-1 K/V and P dK/dV exchanges (as on gloo)."""
-    from seqpar.attention.ring import RingAttention
     from seqpar.layout import shard_tensor
+    from seqpar.methods import MethodFunction, RingMethod
 
     def main(ring):
         calls = []
@@ -98,7 +94,8 @@ def test_exchange_count(P, layout):
         ring.exchange = counting
         x = torch.randn(1, 2, 8 * P, 8, generator=torch.Generator().manual_seed(0))
         q, k, v = (shard_tensor(x, 2, ring.rank, P, layout).clone().requires_grad_() for _ in range(3))
-        out, _ = RingAttention.apply(q, k, v, ring, layout, True, 0.3, "aten")
+        out, _ = MethodFunction.apply(q, k, v, RingMethod(ring, layout=layout, causal=True, scale=0.3,
+                                                          backend="aten"))
         fwd = list(calls)
         calls.clear()
         out.sum().backward()
@@ -117,7 +114,7 @@ GRID = list(itertools.product([1, 2, 3, 4], LAYOUTS, [False, True], HEADS))
 @pytest.mark.parametrize("P,layout,causal,heads", GRID)
 def test_ring_fp32(P, layout, causal, heads):
     Hq, Hkv = HEADS[heads]
-    res = T.ring_equivalence(P, seed=P * 10 + len(layout), B=2, Hq=Hq, Hkv=Hkv, S=8 * P, D=32, layout=layout,
+    res = threaded_cases.ring_equivalence(P, seed=P * 10 + len(layout), B=2, Hq=Hq, Hkv=Hkv, S=8 * P, D=32, layout=layout,
                              causal=causal, dtype=torch.float32, backend="aten", transposed=heads == "gqa")
     assert_ok(res, torch.float32)
 
@@ -125,7 +122,7 @@ def test_ring_fp32(P, layout, causal, heads):
 @pytest.mark.parametrize("backend", ["aten", "reference"])
 @pytest.mark.parametrize("P,layout", [(2, "zigzag"), (3, "contiguous"), (4, "striped"), (4, "zigzag")])
 def test_ring_fp64_exact(P, layout, backend):
-    res = T.ring_equivalence(P, seed=7, B=1, Hq=4, Hkv=2, S=12 * P, D=24, layout=layout, causal=True,
+    res = threaded_cases.ring_equivalence(P, seed=7, B=1, Hq=4, Hkv=2, S=12 * P, D=24, layout=layout, causal=True,
                              dtype=torch.float64, backend=backend)
     for name, e in res.items():
         assert e["seqpar"] < 1e-12 * max(1.0, e["scale"]), (name, e)
@@ -133,14 +130,14 @@ def test_ring_fp64_exact(P, layout, backend):
 
 @pytest.mark.parametrize("P,layout,D", [(2, "zigzag", 40), (3, "striped", 80), (4, "contiguous", 40)])
 def test_ring_odd_head_dims(P, layout, D):
-    res = T.ring_equivalence(P, seed=D, B=1, Hq=6, Hkv=2, S=12 * P, D=D, layout=layout, causal=True,
+    res = threaded_cases.ring_equivalence(P, seed=D, B=1, Hq=6, Hkv=2, S=12 * P, D=D, layout=layout, causal=True,
                              dtype=torch.float32, backend="aten", transposed=True)
     assert_ok(res, torch.float32)
 
 
 @pytest.mark.parametrize("P,layout", [(2, "zigzag"), (4, "striped"), (3, "contiguous"), (4, "zigzag")])
 def test_ring_bf16(P, layout):
-    res = T.ring_equivalence(P, seed=11, B=1, Hq=4, Hkv=1, S=32 * P, D=64, layout=layout, causal=True,
+    res = threaded_cases.ring_equivalence(P, seed=11, B=1, Hq=4, Hkv=1, S=32 * P, D=64, layout=layout, causal=True,
                              dtype=torch.bfloat16, backend="aten", transposed=True)
     assert_ok(res, torch.bfloat16)
 
@@ -157,9 +154,9 @@ def interp():
 
 
 def _ring_cases():
-    import triton_cases as C
+    import triton_cases
 
-    return C.RING_CASES, C.case_id
+    return triton_cases.RING_CASES, triton_cases.case_id
 
 
 @pytest.mark.parametrize("case", _ring_cases()[0], ids=_ring_cases()[1])
@@ -174,7 +171,7 @@ def test_ring_triton_interpret(interp, case):
 @pytest.mark.parametrize("P", [4, 8])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_ring_triton_cuda_bf16(P, layout):
-    res = T.ring_equivalence(P, seed=P, B=1, Hq=8, Hkv=2, S=256 * P, D=128, layout=layout, causal=True,
+    res = threaded_cases.ring_equivalence(P, seed=P, B=1, Hq=8, Hkv=2, S=256 * P, D=128, layout=layout, causal=True,
                              dtype=torch.bfloat16, backend="triton", device="cuda", mode="direct")
     assert_ok(res, torch.bfloat16)
 
@@ -182,6 +179,6 @@ def test_ring_triton_cuda_bf16(P, layout):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_ring_aten_cuda_bf16(layout):
-    res = T.ring_equivalence(4, seed=3, B=1, Hq=8, Hkv=1, S=1024, D=64, layout=layout, causal=True,
+    res = threaded_cases.ring_equivalence(4, seed=3, B=1, Hq=8, Hkv=1, S=1024, D=64, layout=layout, causal=True,
                              dtype=torch.bfloat16, backend="aten", device="cuda", mode="direct")
     assert_ok(res, torch.bfloat16)

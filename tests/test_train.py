@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import procs
+from seqpar.testing import processes as procs
 
 pytest.importorskip("transformers")
 

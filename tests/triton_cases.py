@@ -18,7 +18,9 @@ import time
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+
+from seqpar.kernels import TileMask
+from seqpar.testing.numerics import sdpa_grads
 
 __all__ = ["KERNEL_CASES", "TILED_CASES", "ACCUMULATE_CASES", "RING_CASES", "kernel_case", "accumulate_case", "run_all", "case_id"]
 
@@ -95,13 +97,6 @@ def _as(x: torch.Tensor, dtype: torch.dtype, strides: Strides) -> torch.Tensor:
     return buf[:, :, ::2, ::2]
 
 
-def _sdpa_grads(q, k, v, do, visible):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1])
-    out.backward(do)
-    return [out.detach(), q.grad, k.grad, v.grad]
-
-
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     fin = torch.isfinite(b)
     if not torch.equal(torch.isfinite(a), fin):
@@ -119,8 +114,8 @@ def kernel_case(B, Hq, Hkv, Sq, Sk, D, mask, dtype, strides, *, device="cpu", se
     k, v = (torch.randn(B, Hkv, Sk, D, generator=g, dtype=torch.float64).to(device) for _ in range(2))
     scale = D ** -0.5
     # truth: the reference backend in fp64 on the fp64 inputs
-    t_out, t_lse = reference.forward(q, k, v, mask=mask, scale=scale)
-    t_grads = reference.backward(do, q, k, v, t_out, t_lse, mask=mask, scale=scale)
+    t_out, t_lse = reference.forward(q, k, v, mask=TileMask(mask), scale=scale)
+    t_grads = reference.backward(do, q, k, v, t_out, t_lse, mask=TileMask(mask), scale=scale)
     # triton in dt, any strides; the backward gets the global (out, lse) as the ring passes them
     ql, kl, vl, dol = (_as(x, dt, strides) for x in (q, k, v, do))
     out, lse = block_attention(ql, kl, vl, mask=mask, scale=scale, backend="triton")
@@ -129,10 +124,10 @@ def kernel_case(B, Hq, Hkv, Sq, Sk, D, mask, dtype, strides, *, device="cpu", se
     # torch in dt: SDPA with an explicit mask (rows that would see nothing see key 0, for the baseline only)
     vis = _visible(Sq, Sk, mask, device)
     vis[:, 0] |= ~vis.any(1)
-    base64 = _sdpa_grads(q, k, v, do, vis)
-    base = _sdpa_grads(*(x.to(dt) for x in (q, k, v, do)), vis)
+    base64 = sdpa_grads(q, k, v, do, causal=False, attn_mask=vis)
+    base = sdpa_grads(*(x.to(dt) for x in (q, k, v, do)), causal=False, attn_mask=vis)
     # lse baseline: exact math on the inputs rounded to dt (the part of the error that is the dtype's)
-    _, lse_low = reference.forward(*(x.to(dt) for x in (q, k, v)), mask=mask, scale=scale)
+    _, lse_low = reference.forward(*(x.to(dt) for x in (q, k, v)), mask=TileMask(mask), scale=scale)
     res = {"out": dict(triton=_err(out, t_out), sdpa=_err(base[0], base64[0]), scale=t_out.abs().max().item()),
            "lse": dict(triton=_err(lse, t_lse), sdpa=_err(lse_low, t_lse),
                        scale=t_lse[torch.isfinite(t_lse)].abs().max().item())}
@@ -164,7 +159,7 @@ def accumulate_case(B, Hq, Hkv, Sq, Sk, D, mask, dtype, views, *, device="cpu", 
     k1, v1 = (torch.randn(B, Hkv, Sk, D, generator=g, dtype=torch.float64).to(device) for _ in range(2))
     scale = D ** -0.5
     # the running state: the diagonal block (causal), as the ring's step 0 leaves it
-    s_out, s_lse = reference.forward(q, k0, v0, mask="causal", scale=scale)
+    s_out, s_lse = reference.forward(q, k0, v0, mask=TileMask("causal"), scale=scale)
     # truth: fp64 attention over both blocks at once (not a merge)
     t_out, t_lse = _attend64(q, [(k0, v0, _visible(Sq, Sq, "causal", device)), (k1, v1, _visible(Sq, Sk, mask, device))],
                              scale)
@@ -246,7 +241,7 @@ def _backend_checks() -> dict:
     res = {"triton_on_cpu": resolve_backend("triton", cpu), "auto_on_cpu": resolve_backend("auto", cpu)}
     q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     o, l = block_attention(q, q, q, mask="causal", scale=0.25, backend="triton")
-    ro, rl = reference.forward(q, q, q, mask="causal", scale=0.25)
+    ro, rl = reference.forward(q, q, q, mask=TileMask("causal"), scale=0.25)
     res["fp64_fallback_err"] = max((o - ro).abs().max().item(), (l - rl).abs().max().item())
     try:
         big = torch.randn(1, 1, 4, 264)
@@ -259,7 +254,6 @@ def _backend_checks() -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     results = run_all("cpu")
     results["backend"] = _backend_checks()
     results["interpret"] = os.environ.get("TRITON_INTERPRET")

@@ -1,7 +1,8 @@
-"""Process-group setup: ``init_distributed`` from launcher environments, ``init_mesh``, group lookup.
+"""Launcher environments and process-group start-up: ``init_distributed`` from torchrun, SLURM or mpirun.
 
-Nothing here is stored in module state: the process group lives in torch.distributed, and meshes
-and groups are returned to the caller and passed explicitly afterwards.
+Start-up only: the attention path never imports this module (it holds the subprocess and socket
+machinery of the SLURM node-list lookup and the MPI rendezvous). Meshes and group lookup live in
+:mod:`seqpar.mesh`. Nothing is stored in module state: the process group lives in torch.distributed.
 """
 
 from __future__ import annotations
@@ -18,15 +19,9 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-from seqpar.comm import TransportGroup
 
 __all__ = [
     "init_distributed",
-    "init_mesh",
-    "resolve_group",
-    "group_rank_size",
     "LaunchEnv",
     "LaunchError",
     "LaunchSource",
@@ -304,52 +299,3 @@ def init_distributed(
     dist.init_process_group(backend, init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
                             world_size=env.world_size, **kwargs)
     return env
-
-
-def init_mesh(cp: int, dp: int | None = None) -> DeviceMesh:
-    """A 2-D DeviceMesh with dims ("dp", "cp") over the whole world; ``dp`` defaults to world // cp."""
-    if not dist.is_initialized():
-        raise ValueError("init_mesh: call seqpar.init_distributed() first")
-    world = dist.get_world_size()
-    if not isinstance(cp, int) or cp < 1:
-        raise ValueError(f"cp must be a positive int, got {cp!r}")
-    if world % cp:
-        raise ValueError(f"cp={cp} must divide the world size {world}")
-    dp = world // cp if dp is None else dp
-    if dp * cp != world:
-        raise ValueError(f"dp*cp must equal the world size: dp={dp}, cp={cp}, world={world}")
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))
-
-
-def resolve_group(group) -> dist.ProcessGroup | TransportGroup | None:
-    """``group`` argument -> a ProcessGroup, or ``None`` for a single process.
-
-    Accepts a ProcessGroup, a 1-D DeviceMesh (e.g. ``mesh["cp"]``), a DeviceMesh with a "cp" dim,
-    a transport group such as ``seqpar.MPIGroup(comm)`` (passed through),
-    or ``None`` (the default world when torch.distributed is initialised, else a single process).
-    """
-    if group is None:
-        return dist.group.WORLD if dist.is_initialized() else None
-    if isinstance(group, DeviceMesh):
-        if group.ndim == 1:
-            return group.get_group()
-        names = group.mesh_dim_names or ()
-        if "cp" in names:
-            return group["cp"].get_group()
-        raise ValueError(
-            f"group: a {group.ndim}-D DeviceMesh with dims {names} has no 'cp' dim; pass mesh['<dim>'] "
-            f"for the dim the sequence is sharded over"
-        )
-    if isinstance(group, (dist.ProcessGroup, TransportGroup)):
-        return group
-    raise TypeError(f"group must be a ProcessGroup, a DeviceMesh, a seqpar.MPIGroup or None, got "
-                    f"{type(group).__name__}")
-
-
-def group_rank_size(group: dist.ProcessGroup | TransportGroup | None) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    if isinstance(group, TransportGroup):
-        return group.rank, group.size
-    return dist.get_rank(group), dist.get_world_size(group)

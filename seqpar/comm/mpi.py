@@ -134,7 +134,7 @@ def mpi_group(group, comm: MPI.Comm | None = None) -> MPIGroup:
     """
     import torch.distributed as dist
 
-    from seqpar.distributed import resolve_group
+    from seqpar.mesh import resolve_group
 
     world = MPIGroup(comm)
     pg = resolve_group(group)

@@ -4,12 +4,14 @@
 as ranks; :func:`run_threads` runs a function on P such threads and collects the results. The ring
 layer is called directly with this rank's shards::
 
-    from seqpar.attention.ring import RingAttention
     from seqpar.layout import shard_tensor
+    from seqpar.methods import MethodFunction
+    from seqpar.methods.ring import RingMethod
 
     def rank_main(ring, q, k, v):                    # q (B, Hq, S, D), k/v (B, Hkv, S, D): full tensors
         sh = lambda t: shard_tensor(t, 2, ring.rank, ring.size, "zigzag")
-        out, lse = RingAttention.apply(sh(q), sh(k), sh(v), ring, "zigzag", True, D ** -0.5, "aten")
+        method = RingMethod(ring, layout="zigzag", causal=True, scale=D ** -0.5, backend="aten")
+        out, lse = MethodFunction.apply(sh(q), sh(k), sh(v), method)
         return out
 
     outs = run_threads(rank_main, 4, q, k, v)        # 4 local outputs, in rank order
@@ -29,7 +31,7 @@ the n-th exchange of a tag on rank r receives the n-th message rank r-1 posted w
 A rank that raises sets an abort flag; the others leave their waits with :class:`RingAborted`, and
 :func:`run_threads` raises the first real error (with its rank) or a ``TimeoutError`` on a hang.
 
-On CUDA, run the backward by calling ``ring_backward`` directly rather than through autograd: the
+On CUDA, run the backward by calling ``method.backward`` directly rather than through autograd: the
 autograd engine runs every thread's CUDA backward on one shared device thread, where a rank that
 blocks in ``wait`` would stall the rank it waits for.
 """

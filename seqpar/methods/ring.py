@@ -28,17 +28,16 @@ of KV_r arrives back at rank r holding every rank's contribution::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from seqpar import layout as _layout
 from seqpar.comm import TAG_DKV, TAG_KV, Ring
-from seqpar.kernels import block_attention, block_attention_accumulate, block_attention_backward
+from seqpar.kernels import acc_dtype, block_attention, block_attention_accumulate, block_attention_backward
+from seqpar.methods.base import Recorder, step_timer
 
-__all__ = ["ring_forward", "ring_backward", "RingAttention"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["ring_forward", "ring_backward", "RingMethod"]
 
 
 def _tile(layout: str, causal: bool, ring: Ring, step: int, s_local: int):
@@ -56,10 +55,11 @@ def ring_forward(
     causal: bool,
     scale: float,
     backend: str,
+    record: Recorder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""
     s_local = q.shape[2]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one message per step
     spare = torch.empty_like(kv) if ring.size > 2 else None
     out = lse = None
@@ -68,14 +68,15 @@ def ring_forward(
         t = _tile(layout, causal, ring, step, s_local)
         if t is not None:
             qt, kt, vt = q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv]  # views (zigzag: half tiles)
-            if out is None:
-                assert step == 0 and t.whole, "the diagonal tile must come first and cover every row"
-                o, l = block_attention(qt, kt, vt, mask=t.mask, scale=scale, backend=backend)
-                out, lse = o.to(acc), l.to(acc)
-            else:
-                # merged into strided views of the running (out, lse): in-kernel where the backend can
-                block_attention_accumulate(qt, kt, vt, out[:, :, t.q], lse[:, :, t.q], mask=t.mask, scale=scale,
-                                           backend=backend)
+            with step_timer(record, "forward", step):
+                if out is None:
+                    assert step == 0 and t.whole, "the diagonal tile must come first and cover every row"
+                    o, l = block_attention(qt, kt, vt, mask=t.mask, scale=scale, backend=backend)
+                    out, lse = o.to(acc), l.to(acc)
+                else:
+                    # merged into strided views of the running (out, lse): in-kernel where the backend can
+                    block_attention_accumulate(qt, kt, vt, out[:, :, t.q], lse[:, :, t.q], mask=t.mask,
+                                               scale=scale, backend=backend)
         if pending is not None:
             kv, spare = pending.wait(), kv
     return out, lse
@@ -94,9 +95,10 @@ def ring_backward(
     causal: bool,
     scale: float,
     backend: str,
+    record: Recorder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s_local = q.shape[2]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D)
     spare = torch.empty_like(kv) if ring.size > 2 else None
@@ -106,10 +108,11 @@ def ring_backward(
         dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
         t = _tile(layout, causal, ring, step, s_local)
         if t is not None:
-            gq, gk, gv = block_attention_backward(
-                dout[:, :, t.q], q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv], out[:, :, t.q], lse[:, :, t.q],
-                mask=t.mask, scale=scale, backend=backend,
-            )
+            with step_timer(record, "backward", step):
+                gq, gk, gv = block_attention_backward(
+                    dout[:, :, t.q], q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv], out[:, :, t.q],
+                    lse[:, :, t.q], mask=t.mask, scale=scale, backend=backend,
+                )
             dq[:, :, t.q] += gq
             dkv[0][:, :, t.kv] += gk
             dkv[1][:, :, t.kv] += gv
@@ -122,18 +125,25 @@ def ring_backward(
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-class RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, ring, layout, causal, scale, backend):
-        out, lse = ring_forward(q, k, v, ring=ring, layout=layout, causal=causal, scale=scale, backend=backend)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
-        ctx.opts = dict(ring=ring, layout=layout, causal=causal, scale=scale, backend=backend)
-        return out, lse
+@dataclass(frozen=True)
+class RingMethod:
+    """The ring over ``ring`` (a :class:`seqpar.comm.Ring`) with one call's options; a
+    :class:`seqpar.methods.Method`."""
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, **ctx.opts)
-        return dq, dk, dv, None, None, None, None, None
+    ring: Ring
+    layout: str
+    causal: bool
+    scale: float
+    backend: str  # resolved (not "auto")
+    record: Recorder | None = None
+    name: str = "ring"
+
+    def _opts(self) -> dict:
+        return dict(ring=self.ring, layout=self.layout, causal=self.causal, scale=self.scale, backend=self.backend,
+                    record=self.record)
+
+    def forward(self, q, k, v):
+        return ring_forward(q, k, v, **self._opts())
+
+    def backward(self, dout, q, k, v, out, lse):
+        return ring_backward(dout, q, k, v, out, lse, **self._opts())

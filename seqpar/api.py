@@ -1,22 +1,23 @@
-"""``seqpar.attention``: SDPA on sequence-sharded tensors. Validation, then the chosen method."""
+"""``seqpar.attention``: SDPA on sequence-sharded tensors. Validation, cross-rank agreement, dispatch to a method.
+
+``attention`` is the public function; :func:`attend` is the same call with two internal options the
+other layers use: ``kept`` (replay a kept forward, for checkpointing, see
+:class:`seqpar.methods.MethodFunction`) and ``record`` (per-step kernel timing, for benchmarks).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import torch
 
-from seqpar import layout as _layout
-from seqpar.attention.ring import RingAttention
-from seqpar.comm import gather_ints, make_ring
-from seqpar.distributed import group_rank_size, resolve_group
-from seqpar.kernels import BACKENDS, resolve_backend
+from seqpar import methods as _methods
+from seqpar.comm import gather_ints
+from seqpar.kernels import resolve_backend
+from seqpar.mesh import group_rank_size, resolve_group
+from seqpar.vocab import BACKENDS, LAYOUTS, METHODS, check_choice
 
-__all__ = ["attention", "Method", "METHODS"]
-
-Method = Literal["ring"]
-METHODS: tuple[str, ...] = get_args(Method)
+__all__ = ["attention", "attend"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -60,12 +61,9 @@ def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend,
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    if layout not in _layout.LAYOUTS:
-        raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("layout", layout, LAYOUTS)
+    check_choice("method", method, METHODS)
+    check_choice("backend", backend, BACKENDS)
     if sq < 1:
         raise ValueError("the local sequence length must be at least 1")
     if layout == "zigzag" and sq % 2:
@@ -80,7 +78,7 @@ def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend,
 def _signature(q, k, is_causal, layout, method) -> tuple:
     """9 ints every rank must agree on: (B, Hq, S_local, D, Hkv, dtype, causal, layout, method)."""
     return (int(math.prod(q.shape[:-3])), *(int(x) for x in q.shape[-3:]), int(k.shape[-3]),
-            _DTYPE_CODE[q.dtype], int(is_causal), _layout.LAYOUTS.index(layout), METHODS.index(method))
+            _DTYPE_CODE[q.dtype], int(is_causal), LAYOUTS.index(layout), METHODS.index(method))
 
 
 def _agree(group, signature: tuple, error: Exception | None, device: torch.device) -> None:
@@ -127,12 +125,38 @@ def attention(
     returns the log-sum-exp of each query row, (B, Hq, S_local) fp32, not differentiable (what
     ``seqpar.parallelize`` keeps so activation checkpointing need not re-run the ring).
     """
+    return attend(q, k, v, group=group, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, layout=layout,
+                  method=method, backend=backend, return_lse=return_lse)
+
+
+def attend(
+    q: torch.Tensor,  # (..., Hq, S_local, D)
+    k: torch.Tensor,  # (..., Hkv, S_local, D)
+    v: torch.Tensor,  # (..., Hkv, S_local, D)
+    *,
+    group=None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    layout: str = "zigzag",
+    method: str = "ring",
+    backend: str = "auto",
+    return_lse: bool = False,
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None,
+    record: _methods.Recorder | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` plus ``kept`` = the ``(out, lse)`` an earlier call with these inputs returned
+    (``return_lse=True``): replayed, no forward communication, the backward as usual; and ``record``:
+    a per-step kernel-time hook (:class:`seqpar.methods.StepRecord`)."""
     g = resolve_group(group)
     _, world = group_rank_size(g)
     error = None
     try:
         backend = _validate(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, layout=layout,
                             method=method, backend=backend, world=world)
+        if kept is not None and (kept[0].shape != q.shape or kept[1].shape != q.shape[:-1]):
+            raise ValueError(f"kept (out, lse) of shapes {tuple(kept[0].shape)}, {tuple(kept[1].shape)} does not "
+                             f"match q {tuple(q.shape)}: replay only the forward call that produced it")
     except (TypeError, ValueError) as e:
         if world == 1 or not isinstance(q, torch.Tensor):
             raise
@@ -142,8 +166,11 @@ def attention(
         _agree(g, _signature(q, k, is_causal, layout, method) if error is None else (0,) * 9, error, device)
     lead = q.shape[:-3]
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+    if kept is not None:
+        kept = (kept[0].reshape(q4.shape), kept[1].reshape(q4.shape[:-1]))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = RingAttention.apply(q4, k4, v4, make_ring(g), layout, is_causal, scale, backend)
+    impl = _methods.build(method, g, layout=layout, causal=is_causal, scale=scale, backend=backend, record=record)
+    out, lse = _methods.MethodFunction.apply(q4, k4, v4, impl, kept)
     out = out.reshape(*lead, *out.shape[-3:])
     if return_lse:
         return out, lse.reshape(*lead, *lse.shape[-2:])

@@ -1,0 +1,75 @@
+"""``seqpar.parallelize``: make an existing model train on sequences sharded over ``mesh["cp"]``.
+
+The orchestrator: the model code stays free of parallelism; ``parallelize`` applies the passes of
+:mod:`seqpar.passes` to it, in place, in this order (each pass only relies on the ones before it)::
+
+    0. check      mesh has a "cp" dim, options are known, the model has attention seqpar can take
+                  over (raises ValueError / TypeError before any communication)
+    1. sync       parameters and buffers broadcast from the mesh's first rank (all ranks start equal)
+    2. attention  Hugging Face model: a per-call "seqpar_<id>" implementation registered through
+                  transformers' AttentionInterface / AttentionMaskInterface, model switched to it.
+                  Plain PyTorch model: a TorchFunctionMode, active whenever one of the model's
+                  modules runs (forward and checkpoint recomputation), turns every
+                  F.scaled_dot_product_attention into seqpar.attention
+    3. loss       root hooks: the loss becomes the mean over the *global* number of non-ignored
+                  tokens, its value all-reduced over cp (the gradient stays local: the cp ranks'
+                  gradients sum to the single-device one). HF: needs the batch of
+                  seqpar.shard_batch (shift_labels, num_items_in_batch, global position_ids).
+                  Plain model: its mean F.cross_entropy becomes sum / global count
+    4. checkpoint (checkpoint=True) every transformer block runs under non-reentrant
+                  torch.utils.checkpoint; the ring attention's (out, lse) of the first forward are
+                  kept, so the recomputation does not run the ring again (no K/V exchange)
+    5. data-parallel gradients, over the dp x cp ranks flattened (parameters are replicated over
+                  cp, so cp ranks share the sharding): fsdp=True: FSDP2 ``fully_shard`` per block,
+                  then the root; fsdp=False: full parameters, a post-accumulate-grad hook per
+                  parameter all-reduces. Either way the gradient is summed over cp and averaged
+                  over dp (FSDP: SUM reduce-scatter + post-divide by dp, since gloo lacks PREMUL_SUM)
+
+Semantics: each dp replica trains on its own batch; ``model(**shard_batch(batch))`` returns that
+batch's single-device loss on every cp rank; gradients after ``backward`` are the mean over dp
+replicas of their single-device gradients (DDP semantics), for FSDP as DTensors (``full_tensor()``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from seqpar.mesh import cp_mesh, flat_mesh
+from seqpar.passes.attention import attention_pass
+from seqpar.passes.check import check
+from seqpar.passes.checkpoint import checkpoint_pass
+from seqpar.passes.data_parallel import data_parallel_pass
+from seqpar.passes.loss import loss_pass
+from seqpar.passes.runtime import Runtime
+from seqpar.passes.sync import sync_params
+
+__all__ = ["parallelize"]
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    layout: str = "zigzag",
+    method: str = "ring",
+    fsdp: bool = True,
+    checkpoint: bool = False,
+    backend: str = "auto",
+) -> nn.Module:
+    """Apply sequence parallelism (and FSDP2 / activation checkpointing) to ``model`` in place.
+
+    ``mesh``: a DeviceMesh with a "cp" dim (``seqpar.init_mesh``); ("dp", "cp") for data parallelism
+    on top. ``layout``/``method``/``backend`` as in :func:`seqpar.attention`; batches must be sharded
+    with the same layout (:func:`seqpar.shard_batch`). Passes, in order: check, sync, attention,
+    loss, checkpoint, data-parallel gradients (see the module docstring). Returns ``model``.
+    """
+    dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint)
+    rt = Runtime(cp_mesh(mesh).get_group(), layout, method, backend)
+    sync_params(model, flat_mesh(mesh).get_group())
+    attention_pass(model, kind, rt)
+    loss_pass(model, kind, rt)
+    if checkpoint:
+        checkpoint_pass(model, blocks, rt)
+    data_parallel_pass(model, blocks, mesh, dp, fsdp)
+    return model

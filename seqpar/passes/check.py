@@ -1,0 +1,70 @@
+"""Pass 0, check: options, mesh and model, validated before any communication."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+from torch import nn
+
+from seqpar.mesh import check_mesh
+from seqpar.passes import hf
+from seqpar.vocab import LAYOUTS, METHODS, check_choice
+
+__all__ = ["ModelKind", "check", "find_blocks", "model_kind"]
+
+ModelKind = Literal["hf", "sdpa"]
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: children of the outermost non-empty ``nn.ModuleList``s."""
+    lists: list[tuple[str, nn.ModuleList]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and not any(name.startswith(n + ".") for n, _ in lists):
+            lists.append((name, m))
+    return [b for _, ml in lists for b in ml]
+
+
+def _calls_sdpa(model: nn.Module) -> bool:
+    for m in model.modules():
+        try:
+            src = inspect.getsource(type(m))
+        except (OSError, TypeError):
+            continue
+        if "scaled_dot_product_attention" in src:
+            return True
+    return False
+
+
+def model_kind(model: nn.Module) -> ModelKind:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if hf.is_hf_model(model):
+        if not hf.supports_attention_interface(model):
+            raise TypeError(f"{type(model).__name__} does not dispatch attention through transformers' "
+                            f"AttentionInterface, so seqpar cannot take it over")
+        return "hf"
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        raise TypeError("model uses nn.MultiheadAttention, which seqpar cannot shard; call "
+                        "torch.nn.functional.scaled_dot_product_attention instead")
+    if not _calls_sdpa(model):
+        raise TypeError(f"{type(model).__name__} has no supported attention: seqpar takes over Hugging Face models "
+                        f"using AttentionInterface and models calling "
+                        f"torch.nn.functional.scaled_dot_product_attention")
+    return "sdpa"
+
+
+def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool,
+          checkpoint: bool) -> tuple[int, ModelKind, list[nn.Module]]:
+    """-> (dp, model kind, blocks); raises ValueError / TypeError naming what to change."""
+    dp, _ = check_mesh(mesh)
+    check_choice("layout", layout, LAYOUTS)
+    check_choice("method", method, METHODS)
+    for name, flag in (("fsdp", fsdp), ("checkpoint", checkpoint)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    kind = model_kind(model)
+    blocks = find_blocks(model)
+    if (fsdp or checkpoint) and not blocks:
+        raise TypeError(f"{type(model).__name__} has no nn.ModuleList of blocks to shard/checkpoint per block")
+    return dp, kind, blocks

@@ -1,0 +1,88 @@
+"""Pass 3, loss: the loss becomes the mean over the *global* number of non-ignored tokens.
+
+Its value is all-reduced over cp (:func:`reduce_forward`); the gradient stays local, since the cp
+ranks' gradients sum to the single-device one. Hugging Face models need the batch of
+``seqpar.shard_batch`` (``shift_labels``, ``num_items_in_batch``, global ``position_ids``); in plain
+models a mean ``F.cross_entropy`` becomes sum / global count (a torch-function override).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from seqpar.passes.check import ModelKind
+from seqpar.passes.runtime import Runtime
+
+__all__ = ["loss_pass", "reduce_forward"]
+
+
+class _ReduceForward(torch.autograd.Function):
+    """Forward: all-reduce SUM over ``group``. Backward: identity (each rank keeps its own part)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def reduce_forward(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum of ``x`` over ``group`` as a value; the gradient flows to this rank's ``x`` only."""
+    return _ReduceForward.apply(x, group)
+
+
+def _global_cross_entropy(rt: Runtime):
+    def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                      reduction="mean", label_smoothing=0.0):
+        if reduction != "mean" or target.is_floating_point() or size_average is not None or reduce is not None:
+            return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                   label_smoothing)
+        if weight is not None:
+            raise ValueError("seqpar: a class-weighted mean cross_entropy cannot be made global; compute the loss "
+                             "with reduction='sum' and divide by batch['num_items_in_batch']")
+        total = F.cross_entropy(input, target, ignore_index=ignore_index, reduction="sum",
+                                label_smoothing=label_smoothing)
+        count = (target != ignore_index).sum().to(total.dtype)  # this rank's tokens
+        dist.all_reduce(count, group=rt.group)  # the global count
+        return reduce_forward(total / count, rt.group)
+
+    return cross_entropy
+
+
+def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
+    if kind == "sdpa":
+        rt.override(model, F.cross_entropy, _global_cross_entropy(rt))
+
+    def pre(module, args, kwargs):
+        if kind == "sdpa":
+            kwargs.pop("shift_labels", None)
+            kwargs.pop("num_items_in_batch", None)
+            return args, kwargs
+        if kwargs.get("labels") is not None and ("num_items_in_batch" not in kwargs or "shift_labels" not in kwargs):
+            raise ValueError("seqpar: labels without shift_labels/num_items_in_batch; build the batch with "
+                             "seqpar.shard_batch(batch, mesh, layout=...) so the loss is the global-token mean")
+        if "position_ids" not in kwargs and "input_ids" in kwargs:
+            raise ValueError("seqpar: no position_ids; the model would number the local shard 0..S/P-1. Use "
+                             "seqpar.shard_batch, which adds the global positions")
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("seqpar: past_key_values (KV cache) is not supported on a sharded sequence")
+        kwargs.setdefault("use_cache", False)
+        return args, kwargs
+
+    def post(module, args, kwargs, output):
+        if kind != "hf" or kwargs.get("labels") is None:
+            return output
+        if isinstance(output, tuple):
+            return (reduce_forward(output[0], rt.group), *output[1:])
+        output["loss"] = reduce_forward(output["loss"], rt.group)
+        return output
+
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    model.register_forward_hook(post, with_kwargs=True)
