@@ -1,13 +1,16 @@
 """``seqpar.attention``: SDPA on sequence-sharded tensors. Validation, cross-rank agreement, dispatch to a method.
 
-``attention`` is the public function; :func:`attend` is the same call with two internal options the
-other layers use: ``kept`` (replay a kept forward, for checkpointing, see
-:class:`seqpar.methods.MethodFunction`) and ``record`` (per-step kernel timing, for benchmarks).
+``attention`` is the public function. The other layers make the same call through :func:`attend`
+with the options as one :class:`AttentionCall` and two internal extras: ``kept`` (replay a kept
+forward, for checkpointing, see :class:`seqpar.methods.MethodFunction`) and ``record`` (per-step
+kernel timing, for benchmarks).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -17,7 +20,7 @@ from seqpar.kernels import resolve_backend
 from seqpar.mesh import group_rank_size, resolve_group
 from seqpar.vocab import BACKENDS, LAYOUTS, METHODS, check_choice
 
-__all__ = ["attention", "attend"]
+__all__ = ["attention", "attend", "AttentionCall"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -101,6 +104,19 @@ def _agree(group, signature: tuple, error: Exception | None, device: torch.devic
     _AGREED.add(key)
 
 
+@dataclass(frozen=True)
+class AttentionCall:
+    """The options of one attention call, as :func:`attention` takes them (``group`` unresolved)."""
+
+    group: Any = None
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+    layout: str = "zigzag"
+    method: str = "ring"
+    backend: str = "auto"
+
+
 def attention(
     q: torch.Tensor,  # (B, Hq, S_local, D)
     k: torch.Tensor,  # (B, Hkv, S_local, D)
@@ -125,35 +141,29 @@ def attention(
     returns the log-sum-exp of each query row, (B, Hq, S_local) fp32, not differentiable (what
     ``seqpar.parallelize`` keeps so activation checkpointing need not re-run the ring).
     """
-    return attend(q, k, v, group=group, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, layout=layout,
-                  method=method, backend=backend, return_lse=return_lse)
+    call = AttentionCall(group, is_causal, scale, enable_gqa, layout, method, backend)
+    return attend(q, k, v, call, return_lse=return_lse)
 
 
 def attend(
     q: torch.Tensor,  # (..., Hq, S_local, D)
     k: torch.Tensor,  # (..., Hkv, S_local, D)
     v: torch.Tensor,  # (..., Hkv, S_local, D)
+    call: AttentionCall,
     *,
-    group=None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    layout: str = "zigzag",
-    method: str = "ring",
-    backend: str = "auto",
     return_lse: bool = False,
     kept: tuple[torch.Tensor, torch.Tensor] | None = None,
     record: _methods.Recorder | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attention` plus ``kept`` = the ``(out, lse)`` an earlier call with these inputs returned
-    (``return_lse=True``): replayed, no forward communication, the backward as usual; and ``record``:
-    a per-step kernel-time hook (:class:`seqpar.methods.StepRecord`)."""
-    g = resolve_group(group)
+    """:func:`attention` with its options as ``call``, plus ``kept`` = the ``(out, lse)`` an earlier
+    call with these inputs returned (``return_lse=True``): replayed, no forward communication, the
+    backward as usual; and ``record``: a per-step kernel-time hook (:class:`seqpar.methods.StepRecord`)."""
+    g = resolve_group(call.group)
     _, world = group_rank_size(g)
+    opts = {f.name: getattr(call, f.name) for f in fields(call) if f.name != "group"}  # shallow: not the group
     error = None
     try:
-        backend = _validate(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, layout=layout,
-                            method=method, backend=backend, world=world)
+        backend = _validate(q, k, v, world=world, **opts)
         if kept is not None and (kept[0].shape != q.shape or kept[1].shape != q.shape[:-1]):
             raise ValueError(f"kept (out, lse) of shapes {tuple(kept[0].shape)}, {tuple(kept[1].shape)} does not "
                              f"match q {tuple(q.shape)}: replay only the forward call that produced it")
@@ -163,13 +173,15 @@ def attend(
         error = e
     if world > 1:
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-        _agree(g, _signature(q, k, is_causal, layout, method) if error is None else (0,) * 9, error, device)
+        sig = _signature(q, k, call.is_causal, call.layout, call.method) if error is None else (0,) * 9
+        _agree(g, sig, error, device)
     lead = q.shape[:-3]
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     if kept is not None:
         kept = (kept[0].reshape(q4.shape), kept[1].reshape(q4.shape[:-1]))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    impl = _methods.build(method, g, layout=layout, causal=is_causal, scale=scale, backend=backend, record=record)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if call.scale is None else float(call.scale)
+    impl = _methods.build(call.method, g, layout=call.layout, causal=call.is_causal, scale=scale, backend=backend,
+                          record=record)
     out, lse = _methods.MethodFunction.apply(q4, k4, v4, impl, kept)
     out = out.reshape(*lead, *out.shape[-3:])
     if return_lse:

@@ -2,7 +2,7 @@
 
 CPU: the kernels run under ``TRITON_INTERPRET=1`` in one fresh subprocess (tests/triton_interpret.py);
 the tests here assert on its numbers. GPU (skipped without CUDA): the same cases compiled, in-process,
-plus larger shapes. Error bound (DESIGN.md): <= 2x torch's error in the same dtype + a small floor.
+plus larger shapes. Error bound (seqpar.testing.numerics): <= 2x torch's error in the same dtype + a small floor.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``ring_equivalence`` runs the ring method (``RingMethod`` under ``MethodFunction``) on P threads with this rank's shards,
 unshards the outputs and gradients, and returns max-abs errors against an fp64 SDPA reference of:
-the ring in ``dtype`` and single-device SDPA in ``dtype`` (the error budget of DESIGN.md). The
+the ring in ``dtype`` and single-device SDPA in ``dtype`` (the error budget of seqpar.testing.numerics). The
 pytest side asserts; this module only computes. Device-agnostic: CPU tests and the GPU check share it.
 """
 

@@ -1,7 +1,7 @@
 """Cases for the Triton kernels: computed here, asserted in tests/test_triton_kernels.py.
 
 Each case returns plain numbers: max-abs errors against an fp64 truth (the ``reference`` backend on
-the fp64 inputs) of the Triton kernel and of torch in the same dtype (the error budget of DESIGN.md).
+the fp64 inputs) of the Triton kernel and of torch in the same dtype (the error budget of seqpar.testing.numerics).
 Device-agnostic: on CUDA the tests call these in-process (compiled kernels); on CPU they run in a
 fresh interpreter with ``TRITON_INTERPRET=1`` (the variable must be set before triton is imported)::
 

@@ -37,113 +37,87 @@ from seqpar.comm import TAG_DKV, TAG_KV, Ring
 from seqpar.kernels import acc_dtype, block_attention, block_attention_accumulate, block_attention_backward
 from seqpar.methods.base import Recorder, step_timer
 
-__all__ = ["ring_forward", "ring_backward", "RingMethod"]
-
-
-def _tile(layout: str, causal: bool, ring: Ring, step: int, s_local: int):
-    kv_rank = (ring.rank - step) % ring.size
-    return _layout.tile(layout, causal, ring.rank, kv_rank, ring.size, s_local)
-
-
-def ring_forward(
-    q: torch.Tensor,  # (B, Hq, S_local, D)
-    k: torch.Tensor,  # (B, Hkv, S_local, D)
-    v: torch.Tensor,  # (B, Hkv, S_local, D)
-    *,
-    ring: Ring,
-    layout: str,
-    causal: bool,
-    scale: float,
-    backend: str,
-    record: Recorder | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""
-    s_local = q.shape[2]
-    acc = acc_dtype(q.dtype)
-    kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one message per step
-    spare = torch.empty_like(kv) if ring.size > 2 else None
-    out = lse = None
-    for step in range(ring.size):
-        pending = ring.exchange(kv, spare, tag=TAG_KV) if step + 1 < ring.size else None
-        t = _tile(layout, causal, ring, step, s_local)
-        if t is not None:
-            qt, kt, vt = q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv]  # views (zigzag: half tiles)
-            with step_timer(record, "forward", step):
-                if out is None:
-                    assert step == 0 and t.whole, "the diagonal tile must come first and cover every row"
-                    o, l = block_attention(qt, kt, vt, mask=t.mask, scale=scale, backend=backend)
-                    out, lse = o.to(acc), l.to(acc)
-                else:
-                    # merged into strided views of the running (out, lse): in-kernel where the backend can
-                    block_attention_accumulate(qt, kt, vt, out[:, :, t.q], lse[:, :, t.q], mask=t.mask,
-                                               scale=scale, backend=backend)
-        if pending is not None:
-            kv, spare = pending.wait(), kv
-    return out, lse
-
-
-def ring_backward(
-    dout: torch.Tensor,  # (B, Hq, S_local, D)
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,  # (B, Hq, S_local, D) global output
-    lse: torch.Tensor,  # (B, Hq, S_local) global lse
-    *,
-    ring: Ring,
-    layout: str,
-    causal: bool,
-    scale: float,
-    backend: str,
-    record: Recorder | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    s_local = q.shape[2]
-    acc = acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D)
-    spare = torch.empty_like(kv) if ring.size > 2 else None
-    dkv_pending = None
-    for step in range(ring.size):
-        kv_pending = ring.exchange(kv, spare, tag=TAG_KV) if step + 1 < ring.size else None
-        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
-        t = _tile(layout, causal, ring, step, s_local)
-        if t is not None:
-            with step_timer(record, "backward", step):
-                gq, gk, gv = block_attention_backward(
-                    dout[:, :, t.q], q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv], out[:, :, t.q],
-                    lse[:, :, t.q], mask=t.mask, scale=scale, backend=backend,
-                )
-            dq[:, :, t.q] += gq
-            dkv[0][:, :, t.kv] += gk
-            dkv[1][:, :, t.kv] += gv
-        if dkv_pending is not None:
-            dkv += dkv_pending.wait()  # the buffer of this KV block, from the rank before
-        dkv_pending = ring.exchange(dkv, tag=TAG_DKV)
-        if kv_pending is not None:
-            kv, spare = kv_pending.wait(), kv
-    dkv = dkv_pending.wait()  # our own block's buffer, back home after P hops
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+__all__ = ["RingMethod"]
 
 
 @dataclass(frozen=True)
 class RingMethod:
     """The ring over ``ring`` (a :class:`seqpar.comm.Ring`) with one call's options; a
-    :class:`seqpar.methods.Method`."""
+    :class:`seqpar.methods.Method`. ``backend`` is resolved (not "auto")."""
 
     ring: Ring
     layout: str
     causal: bool
     scale: float
-    backend: str  # resolved (not "auto")
+    backend: str
     record: Recorder | None = None
     name: str = "ring"
 
-    def _opts(self) -> dict:
-        return dict(ring=self.ring, layout=self.layout, causal=self.causal, scale=self.scale, backend=self.backend,
-                    record=self.record)
+    def _tile(self, step: int, s_local: int):
+        kv_rank = (self.ring.rank - step) % self.ring.size
+        return _layout.tile(self.layout, self.causal, self.ring.rank, kv_rank, self.ring.size, s_local)
 
-    def forward(self, q, k, v):
-        return ring_forward(q, k, v, **self._opts())
+    def forward(
+        self,
+        q: torch.Tensor,  # (B, Hq, S_local, D)
+        k: torch.Tensor,  # (B, Hkv, S_local, D)
+        v: torch.Tensor,  # (B, Hkv, S_local, D)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""
+        ring, opts = self.ring, dict(scale=self.scale, backend=self.backend)
+        acc = acc_dtype(q.dtype)
+        kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one message per step
+        spare = torch.empty_like(kv) if ring.size > 2 else None
+        out = lse = None
+        for step in range(ring.size):
+            pending = ring.exchange(kv, spare, tag=TAG_KV) if step + 1 < ring.size else None
+            t = self._tile(step, q.shape[2])
+            if t is not None:
+                qt, kt, vt = q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv]  # views (zigzag: half tiles)
+                with step_timer(self.record, "forward", step):
+                    if out is None:
+                        assert step == 0 and t.whole, "the diagonal tile must come first and cover every row"
+                        o, l = block_attention(qt, kt, vt, mask=t.mask, **opts)
+                        out, lse = o.to(acc), l.to(acc)
+                    else:
+                        # merged into strided views of the running (out, lse): in-kernel where the backend can
+                        block_attention_accumulate(qt, kt, vt, out[:, :, t.q], lse[:, :, t.q], mask=t.mask, **opts)
+            if pending is not None:
+                kv, spare = pending.wait(), kv
+        return out, lse
 
-    def backward(self, dout, q, k, v, out, lse):
-        return ring_backward(dout, q, k, v, out, lse, **self._opts())
+    def backward(
+        self,
+        dout: torch.Tensor,  # (B, Hq, S_local, D)
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,  # (B, Hq, S_local, D) global output
+        lse: torch.Tensor,  # (B, Hq, S_local) global lse
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ring, opts = self.ring, dict(scale=self.scale, backend=self.backend)
+        acc = acc_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D)
+        spare = torch.empty_like(kv) if ring.size > 2 else None
+        dkv_pending = None
+        for step in range(ring.size):
+            kv_pending = ring.exchange(kv, spare, tag=TAG_KV) if step + 1 < ring.size else None
+            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
+            t = self._tile(step, q.shape[2])
+            if t is not None:
+                with step_timer(self.record, "backward", step):
+                    gq, gk, gv = block_attention_backward(
+                        dout[:, :, t.q], q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv], out[:, :, t.q],
+                        lse[:, :, t.q], mask=t.mask, **opts,
+                    )
+                dq[:, :, t.q] += gq
+                dkv[0][:, :, t.kv] += gk
+                dkv[1][:, :, t.kv] += gv
+            if dkv_pending is not None:
+                dkv += dkv_pending.wait()  # the buffer of this KV block, from the rank before
+            dkv_pending = ring.exchange(dkv, tag=TAG_DKV)
+            if kv_pending is not None:
+                kv, spare = kv_pending.wait(), kv
+        dkv = dkv_pending.wait()  # our own block's buffer, back home after P hops
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from seqpar.api import attend
+from seqpar.api import AttentionCall, attend
 
 __all__ = ["Runtime", "Frame"]
 
@@ -62,20 +62,19 @@ class Runtime:
     # -- attention, with checkpoint record / replay
 
     def attention(self, q, k, v, *, is_causal: bool, scale: float | None = None, enable_gqa: bool = False):
-        opts = dict(group=self.group, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, layout=self.layout,
-                    method=self.method, backend=self.backend)
+        call = AttentionCall(self.group, is_causal, scale, enable_gqa, self.layout, self.method, self.backend)
         if not self.frames:
-            return attend(q, k, v, **opts)
+            return attend(q, k, v, call)
         frame, recording = self.frames[-1]
         if recording:
-            out, lse = attend(q, k, v, return_lse=True, **opts)
+            out, lse = attend(q, k, v, call, return_lse=True)
             frame.saved.append((out.detach(), lse.detach()))
             return out
         if frame.next >= len(frame.saved):
             raise RuntimeError("seqpar checkpoint: the recomputation made more attention calls than the forward")
         kept = frame.saved[frame.next]
         frame.next += 1
-        return attend(q, k, v, kept=kept, **opts)
+        return attend(q, k, v, call, kept=kept)
 
     @contextmanager
     def frame(self, frame: Frame, recording: bool):
