@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from common import inputs, time_median  # noqa: E402
 
 import seqpar  # noqa: E402
+from seqpar.testing.numerics import errors, sdpa_grads  # noqa: E402
 
 
 def main():
@@ -36,28 +36,18 @@ def main():
     seqpar.init_distributed("gloo", timeout=300)
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    g = torch.Generator().manual_seed(0)
     B, S, D = 1, args.seq, args.dim
-    q = torch.randn(B, args.heads, S, D, generator=g)
-    k = torch.randn(B, args.kv_heads, S, D, generator=g)
-    v = torch.randn(B, args.kv_heads, S, D, generator=g)
-    do = torch.randn(B, args.heads, S, D, generator=g)
+    q, k, v, do = inputs(B, args.heads, args.kv_heads, S, D)
     gqa = args.heads != args.kv_heads
 
     def sdpa_fwd_bwd(dtype):
-        qq, kk, vv = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=gqa)
-        out.backward(do.to(dtype))
-        return out.detach(), qq.grad, kk.grad, vv.grad
+        return sdpa_grads(*(t.to(dtype) for t in (q, k, v, do)), causal=True)
 
     sdpa_s = 0.0
     if rank == 0:  # the baseline runs alone; the other ranks wait at the barrier
         print(f"seqpar demo: S={S}, B={B}, H={args.heads}/{args.kv_heads}, D={D}, causal, fp32, "
               f"{world} ranks x 1 thread, layout={args.layout}", flush=True)
-        sdpa_fwd_bwd(torch.float32)  # warm-up
-        t0 = time.perf_counter()
-        sdpa_fwd_bwd(torch.float32)
-        sdpa_s = time.perf_counter() - t0
+        sdpa_s = time_median(lambda: sdpa_fwd_bwd(torch.float32), 1)
     dist.barrier()
 
     sh = lambda t: seqpar.shard(t, dim=2, layout=args.layout).contiguous()  # noqa: E731
@@ -68,11 +58,8 @@ def main():
         out.backward(sh(do))
         return out.detach(), ql.grad, kl.grad, vl.grad
 
-    ring_fwd_bwd()  # warm-up
-    dist.barrier()
-    t0 = time.perf_counter()
-    local = ring_fwd_bwd()
-    t = torch.tensor([time.perf_counter() - t0])
+    local = ring_fwd_bwd()  # also the warm-up
+    t = torch.tensor([time_median(ring_fwd_bwd, 1, before=dist.barrier, warmup=False)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     full = [seqpar.unshard(x, dim=2, layout=args.layout) for x in local]
 
@@ -80,8 +67,8 @@ def main():
         ref = sdpa_fwd_bwd(torch.float64)
         low = sdpa_fwd_bwd(torch.float32)
         print(f"{'':4} {'seqpar err':>12} {'SDPA fp32 err':>14}   (max abs vs fp64 SDPA on the whole sequence)")
-        for name, mine, r, lo in zip(("out", "dq", "dk", "dv"), full, ref, low):
-            print(f"{name:4} {(mine.double() - r).abs().max().item():>12.3e} {(lo.double() - r).abs().max().item():>14.3e}")
+        for name, e in errors(full, ref, low).items():
+            print(f"{name:4} {e['seqpar']:>12.3e} {e['sdpa']:>14.3e}")
         print(f"SDPA 1 process: {sdpa_s:.2f} s   seqpar {world} ranks: {t.item():.2f} s   "
               f"speedup {sdpa_s / t.item():.2f}x")
     dist.destroy_process_group()

@@ -14,10 +14,7 @@ Writes a table to stdout, JSON and a PNG to benchmarks/results/kernels_<device>.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Literal
@@ -26,8 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, inputs, pyplot, save_figure, time_median, write_json  # noqa: E402
 
 from seqpar.kernels import (  # noqa: E402
     block_attention,
@@ -36,7 +32,6 @@ from seqpar.kernels import (  # noqa: E402
     merge_partial,
 )
 
-RESULTS = Path(__file__).parent / "results"
 Mode = Literal["fwd", "bwd", "both"]
 MODES: tuple[Mode, ...] = ("fwd", "bwd", "both")
 
@@ -53,25 +48,7 @@ def _timer(device: str) -> Callable[[Callable[[], object]], float]:
 
         return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100) * 1e-3
 
-    def cpu_time(fn, reps: int = 3) -> float:
-        fn()  # warm-up
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    return cpu_time
-
-
-def _inputs(B, Hq, Hkv, S, D, dtype, device, seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(B, Hq, S, D, generator=g, device=device, dtype=dtype)
-    k = torch.randn(B, Hkv, S, D, generator=g, device=device, dtype=dtype)
-    v = torch.randn(B, Hkv, S, D, generator=g, device=device, dtype=dtype)
-    do = torch.randn(B, Hq, S, D, generator=g, device=device, dtype=dtype)
-    return q, k, v, do
+    return lambda fn: time_median(fn, 3)
 
 
 def bench_kernel_backend(backend, q, k, v, do, causal, timer) -> dict[str, float]:
@@ -117,7 +94,7 @@ def bench_sdpa(q, k, v, do, causal, timer, flash: bool) -> dict[str, float]:
 
 def bench_accumulate(backend, B, H, S, D, dtype, device, timer) -> dict[str, float]:
     """One ring step's tile merged into a running fp32 state: in-kernel vs forward + separate merge."""
-    q, k, v, _ = _inputs(B, H, H, S, D, dtype, device, seed=1)
+    q, k, v, _ = inputs(B, H, H, S, D, dtype=dtype, device=device, seed=1)
     scale = D ** -0.5
     out0, lse0 = block_attention(q, k, v, mask="causal", scale=scale, backend=backend)
     out0, lse0 = out0.float(), lse0.float()
@@ -153,7 +130,7 @@ def run_sweep(device: str, quick: bool) -> dict:
         for causal in (False, True):
             for S in seqs:
                 B, H = shape(S, D)
-                q, k, v, do = _inputs(B, H, H, S, D, dtype, device)
+                q, k, v, do = inputs(B, H, H, S, D, dtype=dtype, device=device)
                 for prov in providers:
                     if prov == "reference" and S > 2048:
                         continue
@@ -185,12 +162,12 @@ def run_million(S: int = 1 << 20, Hq: int = 8, Hkv: int = 1, D: int = 128) -> di
     timer = _timer("cuda")
     res = {}
     # tune on a 32k problem first: the autotune key caps sequence length at 32k, so the big runs reuse it
-    q, k, v, do = _inputs(1, Hq, Hkv, 32768, D, torch.bfloat16, "cuda")
+    q, k, v, do = inputs(1, Hq, Hkv, 32768, D, dtype=torch.bfloat16, device="cuda")
     bench_kernel_backend("triton", q, k, v, do, True, timer)
     del q, k, v, do
     for s in (S // 4, S):
         torch.cuda.empty_cache()
-        q, k, v, do = _inputs(1, Hq, Hkv, s, D, torch.bfloat16, "cuda")
+        q, k, v, do = inputs(1, Hq, Hkv, s, D, dtype=torch.bfloat16, device="cuda")
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
@@ -270,11 +247,9 @@ def _fmt_acc(a: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     rows = res["rows"]
     groups = list(dict.fromkeys((r["D"], r["causal"]) for r in rows))
     fig, axes = plt.subplots(len(MODES), len(groups), figsize=(4 * len(groups), 3 * len(MODES)), squeeze=False)
@@ -293,8 +268,7 @@ def plot(res: dict, path: Path) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(f"block attention, {res['device']}, {res['dtype']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -311,12 +285,12 @@ def main() -> None:
         if args.device != "cuda":
             raise SystemExit("--million needs --device cuda")
         res = run_million()
-        (args.out / "kernels_million.json").write_text(json.dumps(res, indent=1))
+        write_json(args.out / "kernels_million.json", res)
         return
     res = run_sweep(args.device, args.quick)
     print()
     print(table(res))
-    (args.out / f"kernels_{args.device}.json").write_text(json.dumps(res, indent=1))
+    write_json(args.out / f"kernels_{args.device}.json", res)
     plot(res, args.out / f"kernels_{args.device}.png")
     print(f"\nwrote {args.out / f'kernels_{args.device}.json'} and .png")
 

@@ -9,9 +9,10 @@ the table compares ratios measured side by side (these machines are shared and n
 - ``sdpa-1proc``: torch SDPA (the CPU flash kernel) on the whole sequence in one process, 1 thread;
 - ``seqpar-<layout>``: seqpar.attention on P ranks (gloo), 1 thread each, max wall time over ranks;
 - ``ring-attention-pytorch``: the peer's striped ring (``ring_flash_attn``) on the same ranks;
-- per-rank compute time of each seqpar layout (CPU time inside the block kernels), max/mean = balance:
-  measured in the run (``max/mean``), and replayed rank after rank on one core (``same core``: the
-  work itself, free of which core each rank got on a shared machine).
+- per-rank compute time of each seqpar layout (CPU time inside the block kernels, as the ring reports it
+  per step to the ``record`` hook of ``seqpar.api.attend``), max/mean = balance: measured in the run
+  (``max/mean``), and replayed rank after rank on one core (``same core``: the work itself, free of
+  which core each rank got on a shared machine).
 
 Writes a table to stdout, JSON and a PNG to benchmarks/results/.
 """
@@ -19,13 +20,8 @@ Writes a table to stdout, JSON and a PNG to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import importlib
-import queue
-import json
-import multiprocessing as mp
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,33 +30,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common import RESULTS, inputs, on_ranks, pyplot, save_figure, time_median, write_json  # noqa: E402
+
+from seqpar.methods import StepRecord  # noqa: E402
+
 LAYOUTS = ("contiguous", "striped", "zigzag")
-RESULTS = Path(__file__).parent / "results"
-
-
-def _inputs(S, H, D, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, H, S, D, generator=g) for _ in range(4)]  # q, k, v, grad-out (B, H, S, D)
-
-
-def _time(fn, reps):
-    fn()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def bench_sdpa(S, H, D, reps):
-    q, k, v, do = _inputs(S, H, D)
+    q, k, v, do = inputs(1, H, H, S, D)
 
     def run():
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
         F.scaled_dot_product_attention(qq, kk, vv, is_causal=True).backward(do)
 
-    return _time(run, reps)
+    return time_median(run, reps)
 
 
 def replay_rank_compute(S, H, D, P, layout, reps):
@@ -71,8 +55,7 @@ def replay_rank_compute(S, H, D, P, layout, reps):
     from seqpar.kernels import block_attention, block_attention_backward
 
     n = S // P
-    g = torch.Generator().manual_seed(1)
-    q, k, v, do = (torch.randn(1, H, n, D, generator=g) for _ in range(4))
+    q, k, v, do = inputs(1, H, H, n, D, seed=1)
     times = [[] for _ in range(P)]
     for _ in range(reps):
         for r in range(P):
@@ -88,77 +71,50 @@ def replay_rank_compute(S, H, D, P, layout, reps):
     return [statistics.median(ts) for ts in times]
 
 
-class _KernelTimer:
-    """Wraps the ring module's kernel entry points to sum the CPU time spent computing tiles.
+class KernelTime:
+    """A ``record`` hook for ``seqpar.api.attend``: sums the CPU time of the ring's step kernels.
 
     Thread CPU time, not wall time: the kernels run on the calling thread (1 intra-op thread), the
     transfers on gloo's own threads, and other load on a shared machine does not inflate it."""
 
     def __init__(self):
-        # (seqpar.attention is also the function's name, so import the module by its path)
-        ring_mod = importlib.import_module("seqpar.attention.ring")
+        self.total = 0.0
 
-        self.mod, self.total, self.saved = ring_mod, 0.0, {}
-        for name in ("block_attention", "block_attention_backward", "block_attention_accumulate"):
-            if hasattr(ring_mod, name):
-                self.saved[name] = getattr(ring_mod, name)
-                setattr(ring_mod, name, self._wrap(self.saved[name]))
-
-    def _wrap(self, fn):
-        def timed(*a, **kw):
-            t0 = time.thread_time()
-            r = fn(*a, **kw)
-            self.total += time.thread_time() - t0
-            return r
-
-        return timed
-
-    def restore(self):
-        for name, fn in self.saved.items():
-            setattr(self.mod, name, fn)
+    def __call__(self, rec: StepRecord) -> None:
+        self.total += rec.seconds
 
 
-def _rank_main(rank, world, store_path, seqs, H, D, reps, peer, results):
-    import datetime
-
+def _rank_main(rank, world, seqs, H, D, reps, peer):
+    """One gloo rank (of ``on_ranks``): every seqpar layout, then the peer -> {(S, method): result}."""
     import torch.distributed as dist
 
     import seqpar
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+    from seqpar.api import AttentionCall, attend
 
     def timed_max(fn):
-        def once():
-            dist.barrier()
-            fn()
-
-        local = _time(once, reps)
-        t = torch.tensor([local])
+        t = torch.tensor([time_median(fn, reps, before=dist.barrier)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
     out = {}
     for S in seqs:
-        q, k, v, do = _inputs(S, H, D)
+        q, k, v, do = inputs(1, H, H, S, D)
         for layout in LAYOUTS:
             sh = lambda t: seqpar.shard(t, dim=2, layout=layout)  # noqa: E731
             ql, kl, vl, dol = (sh(t).contiguous() for t in (q, k, v, do))
 
-            def run():
+            call = AttentionCall(is_causal=True, layout=layout)
+
+            def run(record=None):
                 qq, kk, vv = (t.clone().requires_grad_() for t in (ql, kl, vl))
-                seqpar.attention(qq, kk, vv, is_causal=True, layout=layout).backward(dol)
+                attend(qq, kk, vv, call, record=record).backward(dol)
 
             wall = timed_max(run)
-            timer = _KernelTimer()
-            try:
-                dist.barrier()
-                run()
-            finally:
-                timer.restore()
+            kernels = KernelTime()
+            dist.barrier()
+            run(kernels)
             comp = [torch.zeros(1) for _ in range(world)]
-            dist.all_gather(comp, torch.tensor([timer.total]))
+            dist.all_gather(comp, torch.tensor([kernels.total]))
             out[(S, f"seqpar-{layout}")] = dict(wall=wall, compute=[c.item() for c in comp])
         try:
             from ring_attention_pytorch import ring_flash_attn
@@ -182,10 +138,7 @@ def _rank_main(rank, world, store_path, seqs, H, D, reps, peer, results):
             err = (o - seqpar.shard(ref, dim=2, layout="striped")).abs().max()
             dist.all_reduce(err, op=dist.ReduceOp.MAX)
             out[(S, "ring-attention-pytorch")] = dict(wall=timed_max(run_peer), max_err=err.item())
-    if rank == 0:
-        results.put(out)
-    dist.barrier()
-    dist.destroy_process_group()
+    return out
 
 
 def main():
@@ -205,26 +158,8 @@ def main():
     replay = {(S, layout): replay_rank_compute(S, args.heads, args.dim, args.ranks, layout, args.reps)
               for S in args.seq for layout in LAYOUTS}
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    fd, store = tempfile.mkstemp(prefix="seqpar-bench-")
-    os.close(fd)
-    os.unlink(store)
-    procs = [ctx.Process(target=_rank_main, args=(r, args.ranks, store, args.seq, args.heads, args.dim, args.reps,
-                                                  args.peer, results)) for r in range(args.ranks)]
-    for p in procs:
-        p.start()
-    ring = None
-    while ring is None:
-        try:
-            ring = results.get(timeout=5)
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                for p in procs:
-                    p.kill()
-                raise SystemExit("a rank failed (traceback above)")
-    for p in procs:
-        p.join(timeout=60)
+    ring = on_ranks(args.ranks, _rank_main, args.seq, args.heads, args.dim, args.reps, args.peer,
+                    timeout=24 * 3600)[0]
 
     rows = []
     for S in args.seq:
@@ -258,16 +193,11 @@ def main():
         print(f"{r['seq']:>6} {r['method']:<24} {r['wall_s']:>8.2f} {r['speedup_vs_sdpa']:>7.2f}x {peer:>8} "
               f"{comp:>18} {imb:>8} {imb2:>9}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(ranks=args.ranks, heads=args.heads, dim=args.dim, dtype="float32", causal=True, threads_per_rank=1,
                 torch=torch.__version__)
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    write_json(args.out, dict(meta=meta, rows=rows), indent=2)
+    plt = pyplot()
+    if plt is not None:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
         width = 0.8 / len(methods)
@@ -289,9 +219,7 @@ def main():
         a2.set_ylabel(f"per-rank kernel CPU time, s (S={S}, same core)")
         a2.set_title("causal balance")
         fig.tight_layout()
-        fig.savefig(args.out.with_suffix(".png"), dpi=110)
-    except ImportError:
-        print("matplotlib not installed: no plot")
+        save_figure(fig, args.out.with_suffix(".png"))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 
 

@@ -22,11 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import RESULTS, pyplot, save_figure, write_json
 
-from seqpar.plan import H100, LLAMA3_8B, Machine, ModelShape, plan  # noqa: E402
+from seqpar.plan import H100, LLAMA3_8B, Machine, ModelShape, plan
 
-RESULTS = Path(__file__).parent / "results"
 TOLERANCE = 0.25
 VALIDATED = ("compute", "mixed")
 SEQ_1M = 1 << 20
@@ -63,11 +62,9 @@ def project() -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     P = [r["ranks"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     a1.loglog(P, [r["step_compute_fwd_ms"] for r in rows], "o-", label="compute / step (fwd)")
@@ -93,16 +90,18 @@ def plot(rows: list[dict], path: Path) -> None:
             a2.plot(r["ranks"], r["step_time_s"], "o", mfc="white", mec="C0")
     a2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--measure", action="store_true", help="run benchmarks/transport.py first")
     ap.add_argument("--transport-json", default=str(RESULTS / "transport.json"))
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for scaling.json and scaling.png")
     args = ap.parse_args()
     if args.measure:
-        subprocess.run([sys.executable, str(Path(__file__).parent / "transport.py")], check=True)
+        subprocess.run([sys.executable, str(Path(__file__).parent / "transport.py"), "--json", args.transport_json],
+                       check=True)
     transport = json.loads(Path(args.transport_json).read_text())
     val = validate(transport)
     print("model vs measured (CPU, 1 thread/rank; seqpar.attention causal zigzag fp32, one call)")
@@ -127,13 +126,12 @@ def main() -> None:
         print(f"{r['ranks']:>5} {r['s_local']:>7} {r['step_compute_fwd_ms']:>9.3f} {r['step_comm_fwd_ms']:>9.3f} "
               f"{r['step_compute_bwd_ms']:>9.3f} {r['step_comm_bwd_ms']:>9.3f} {str(r['hidden']):>6} "
               f"{r['step_time_s']:>8.3f} {r['tokens_per_s'] / 1e3:>7.1f} {r['memory_gb']:>7.1f}")
-    RESULTS.mkdir(exist_ok=True)
-    png = RESULTS / "scaling.png"
+    png = args.out / "scaling.png"
     plot(proj, png)
     out = dict(tolerance=TOLERANCE, worst_abs_error=worst, validation=val, transport_meta=transport["meta"],
                projection=dict(model=LLAMA3_8B.__dict__, machine=H100.__dict__, seq_len=SEQ_1M, rows=proj))
-    (RESULTS / "scaling.json").write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {RESULTS / 'scaling.json'} and {png}")
+    write_json(args.out / "scaling.json", out)
+    print(f"\nwrote {args.out / 'scaling.json'} and {png}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, pyplot, save_figure, write_json
 
 
 def _rss_bytes() -> int:
@@ -107,7 +107,7 @@ def worker(args) -> None:
                 print(json.dumps(rows[-1]), flush=True)
             del model, opt
     if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps(rows))
+        write_json(args.out, rows, indent=None)
     dist.destroy_process_group()
 
 
@@ -138,12 +138,8 @@ def report(rows, budget_mb: float, png: Path) -> str:
             sel = [r for r in rows if r["cp"] == cp and r["checkpoint"] == ck]
             fits[(cp, ck)] = m = _fit_max_len(sel, budget_mb)
             lines.append(f"| {cp} | {'yes' if ck else 'no'} | {m if m is not None else 'n/a'} |")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for cp in sorted({r["cp"] for r in rows}):
             for ck, ls in ((False, "-"), (True, "--")):
@@ -163,11 +159,7 @@ def report(rows, budget_mb: float, png: Path) -> str:
             ax.legend(fontsize=7)
         fig.suptitle("seqpar training job on CPU (gloo, 2 cores shared by all ranks)", fontsize=9)
         fig.tight_layout()
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
-    except ImportError:
-        pass
+        save_figure(fig, png, dpi=100)
     return "\n".join(lines)
 
 
@@ -186,12 +178,11 @@ def driver(args) -> None:
         subprocess.run(cmd, env=env, check=True)
         rows += json.loads(Path(out).read_text())
         os.unlink(out)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    table = report(rows, args.budget_mb, RESULTS / "train.png")
+    table = report(rows, args.budget_mb, args.results / "train.png")
     meta = dict(budget_mb=args.budget_mb, layers=args.layers, timed_steps=args.steps, cpus=os.cpu_count(),
                 wall_s=time.perf_counter() - t0)
-    (RESULTS / "train.json").write_text(json.dumps(dict(meta, rows=rows), indent=1))
-    (RESULTS / "train.md").write_text(table + "\n")
+    write_json(args.results / "train.json", dict(meta, rows=rows))
+    (args.results / "train.md").write_text(table + "\n")
     print(table)
 
 
@@ -205,11 +196,12 @@ def main() -> None:
     p.add_argument("--budget-mb", type=float, default=256.0)
     p.add_argument("--worker", action="store_true")
     p.add_argument("--out", default=None)
-    p.add_argument("--replot", action="store_true", help="only redo table and PNG from results/train.json")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder for train.json, train.md and train.png")
+    p.add_argument("--replot", action="store_true", help="only redo table and PNG from <results>/train.json")
     args = p.parse_args()
     if args.replot:
-        data = json.loads((RESULTS / "train.json").read_text())
-        print(report(data["rows"], data["budget_mb"], RESULTS / "train.png"))
+        data = json.loads((args.results / "train.json").read_text())
+        print(report(data["rows"], data["budget_mb"], args.results / "train.png"))
         return
     worker(args) if args.worker else driver(args)
 

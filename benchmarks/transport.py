@@ -30,7 +30,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, inputs, time_reps, write_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # (name, B, Hq, Hkv, S_local, D): per-rank shapes of the attention runs
@@ -44,14 +45,7 @@ SHAPES = [
 def _timed(fn, reps: int, barrier) -> float:
     """Min over reps of the wall time (each rep starts after a barrier): the least disturbed run on a
     shared machine."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        barrier()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+    return min(time_reps(fn, reps, before=barrier))
 
 
 def worker(args) -> None:
@@ -112,10 +106,8 @@ def worker(args) -> None:
             dkv[0] += gk
             dkv[1] += gv
 
-        q = torch.randn(B, Hq, s, D, generator=g0, requires_grad=True)
-        k = torch.randn(B, Hkv, s, D, generator=g0, requires_grad=True)
-        v = torch.randn(B, Hkv, s, D, generator=g0, requires_grad=True)
-        do = torch.randn(B, Hq, s, D, generator=g0)
+        q, k, v, do = inputs(B, Hq, Hkv, s, D, seed=rank)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
 
         def fwd(g):
             return seqpar.attention(q, k, v, group=g, is_causal=True, layout="zigzag", backend="aten",
@@ -147,7 +139,7 @@ def worker(args) -> None:
         res = {t: dict(fwd_s=best[f"{t}_fwd"], fwd_bwd_s=best[f"{t}_fwd_bwd"]) for t in transports}
         out["attention"][name] = dict(B=B, Hq=Hq, Hkv=Hkv, S_local=s, D=D, S=s * P, kernel=kernel, **res)
     if rank == 0:
-        Path(args.out).write_text(json.dumps(out))
+        write_json(args.out, out, indent=None)
     dist.destroy_process_group()
 
 
@@ -197,8 +189,7 @@ def main() -> None:
     meta = dict(host_cpus=os.cpu_count(), threads_per_rank=1, mb=args.mb, reps=args.reps,
                 load_avg_1min=os.getloadavg()[0],
                 when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.json).write_text(json.dumps(dict(meta=meta, runs=runs), indent=1))
+    write_json(args.json, dict(meta=meta, runs=runs))
     print(f"\nwrote {args.json}")
 
 
