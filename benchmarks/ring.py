@@ -34,7 +34,7 @@ from common import RESULTS, inputs, on_ranks, pyplot, save_figure, time_median, 
 
 from seqpar.methods import StepRecord  # noqa: E402
 
-LAYOUTS = ("contiguous", "striped", "zigzag")
+from seqpar.vocab import LAYOUTS  # noqa: E402
 
 
 def bench_sdpa(S, H, D, reps):

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from seqpar.vocab import DP_DIM
+from seqpar.vocab import DP_DIM, LAYOUTS
 
 __all__ = ["main", "run", "make_parser", "recall_batch", "build_model", "task_spec", "TaskSpec"]
 
@@ -111,7 +111,7 @@ def make_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: world // cp)")
     p.add_argument("--cp", type=int, default=None, help="sequence-parallel ranks (default: world // dp, all ranks)")
-    p.add_argument("--layout", default="zigzag", choices=("contiguous", "striped", "zigzag"))
+    p.add_argument("--layout", default="zigzag", choices=LAYOUTS)
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1, help="sequences per dp replica per step")
     p.add_argument("--steps", type=int, default=200, help="train until this global step")

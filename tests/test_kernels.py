@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from seqpar.kernels import block_attention, block_attention_backward, resolve_backend
+from seqpar.vocab import MASK_KINDS
 
 
 def _math(q, k, v, mask, scale):
@@ -22,7 +23,7 @@ def _math(q, k, v, mask, scale):
 
 
 SQUARE = [(2, 4, 4, 17, 17, 32), (1, 6, 2, 9, 9, 40), (1, 4, 1, 12, 12, 80)]
-CASES = [(m, s) for m in ("full", "causal", "strict") for s in SQUARE] + [("full", (2, 2, 2, 5, 11, 16))]
+CASES = [(m, s) for m in MASK_KINDS for s in SQUARE] + [("full", (2, 2, 2, 5, 11, 16))]
 
 
 @pytest.mark.parametrize("backend", ["aten", "reference"])

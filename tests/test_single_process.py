@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import seqpar
+from seqpar.vocab import LAYOUTS
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_world_size_one_matches_sdpa(layout, causal):
     assert not torch.distributed.is_initialized()

@@ -21,6 +21,7 @@ import torch
 
 from seqpar.kernels import TileMask
 from seqpar.testing.numerics import sdpa_grads
+from seqpar.vocab import MASK_KINDS
 
 __all__ = ["KERNEL_CASES", "TILED_CASES", "ACCUMULATE_CASES", "RING_CASES", "kernel_case", "accumulate_case", "run_all", "case_id"]
 
@@ -29,10 +30,10 @@ Strides = Literal["contiguous", "transposed", "strided"]
 # (B, Hq, Hkv, Sq, Sk, D, mask, dtype, strides): every mask kind x GQA / MQA x odd head dims x Sq != Sk x
 # non-contiguous inputs x fp32 / bf16. Interpreter-sized (a few programs of 16 x 16 each).
 KERNEL_CASES = [
-    *[(1, 4, 4, 24, 24, 32, m, "float32", "contiguous") for m in ("full", "causal", "strict")],
-    *[(1, 4, 2, 21, 21, 40, m, "float32", "transposed") for m in ("full", "causal", "strict")],
-    *[(2, 3, 1, 19, 19, 80, m, "float32", "strided") for m in ("full", "causal", "strict")],
-    *[(1, 4, 1, 33, 33, 64, m, "bfloat16", "transposed") for m in ("full", "causal", "strict")],
+    *[(1, 4, 4, 24, 24, 32, m, "float32", "contiguous") for m in MASK_KINDS],
+    *[(1, 4, 2, 21, 21, 40, m, "float32", "transposed") for m in MASK_KINDS],
+    *[(2, 3, 1, 19, 19, 80, m, "float32", "strided") for m in MASK_KINDS],
+    *[(1, 4, 1, 33, 33, 64, m, "bfloat16", "transposed") for m in MASK_KINDS],
     (1, 2, 1, 13, 37, 40, "full", "float32", "strided"),  # Sq < Sk (zigzag: half q x all kv)
     (1, 2, 2, 37, 13, 24, "full", "bfloat16", "contiguous"),  # Sq > Sk (zigzag: all q x half kv)
     (1, 2, 1, 29, 18, 16, "causal", "float32", "contiguous"),  # top-left causal, Sq > Sk
