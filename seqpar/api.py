@@ -4,11 +4,21 @@
 with the options as one :class:`AttentionCall` and two internal extras: ``kept`` (replay a kept
 forward, for checkpointing, see :class:`seqpar.methods.MethodFunction`) and ``record`` (per-step
 kernel timing, for benchmarks).
+
+Each call gets a number: how many attention calls this rank made on the group before. Ranks that
+make the same calls agree on it, and the method tags its messages with it, so a rank that skipped a
+call can never pair its blocks with another call's: the ranks' waits time out with a
+:class:`seqpar.comm.CommError` naming the call number, the step and the peers.
+
+``SEQPAR_CHECK_FINITE=1`` (read at each call; off by default, then it costs one dict lookup) checks
+q, k, v and the output for NaN / Inf on every rank and raises on every rank, naming the call, the
+tensor and the ranks that hold it (one small all-gather per check).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -27,6 +37,27 @@ _DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.floa
 # Shape signatures every rank of a group has already agreed on: (id(group), signature). A cache,
 # not configuration: it only saves the agreement collective on repeated calls with the same shapes.
 _AGREED: set[tuple] = set()
+# Attention calls made so far on each group by this rank: id(group) -> count. Bookkeeping, not
+# configuration: it numbers the calls (and their message tags) identically on ranks that make the same calls.
+_CALLS: dict[int, int] = {}
+
+
+def _next_call(group) -> int:
+    n = _CALLS.get(id(group), 0)
+    _CALLS[id(group)] = n + 1
+    return n
+
+
+def _check_finite(named: list[tuple[str, torch.Tensor]], group, world: int, call: int, error: type) -> None:
+    """Raise ``error`` on every rank if any rank holds a non-finite value in one of ``named``."""
+    local = [int(not bool(torch.isfinite(t).all())) for _, t in named]
+    rows = gather_ints(local, group, named[0][1].device) if world > 1 else [local]
+    bad = {name: [r for r, row in enumerate(rows) if row[i]] for i, (name, _) in enumerate(named)}
+    bad = {name: ranks for name, ranks in bad.items() if ranks}
+    if bad:
+        where = "; ".join(f"{name} on rank(s) {ranks}" for name, ranks in bad.items())
+        raise error(f"seqpar.attention call #{call} on this group: non-finite values (NaN or Inf) in {where} "
+                    f"(checked because SEQPAR_CHECK_FINITE=1)")
 
 
 def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend, world) -> str:
@@ -175,14 +206,20 @@ def attend(
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         sig = _signature(q, k, call.is_causal, call.layout, call.method) if error is None else (0,) * 9
         _agree(g, sig, error, device)
+    number = _next_call(g)
+    check_finite = os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0")
+    if check_finite:
+        _check_finite([("q", q), ("k", k), ("v", v)], g, world, number, ValueError)
     lead = q.shape[:-3]
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     if kept is not None:
         kept = (kept[0].reshape(q4.shape), kept[1].reshape(q4.shape[:-1]))
     scale = 1.0 / math.sqrt(q.shape[-1]) if call.scale is None else float(call.scale)
     impl = _methods.build(call.method, g, layout=call.layout, causal=call.is_causal, scale=scale, backend=backend,
-                          record=record)
+                          record=record, call=number)
     out, lse = _methods.MethodFunction.apply(q4, k4, v4, impl, kept)
+    if check_finite:
+        _check_finite([("the output", out)], g, world, number, FloatingPointError)
     out = out.reshape(*lead, *out.shape[-3:])
     if return_lse:
         return out, lse.reshape(*lead, *lse.shape[-2:])

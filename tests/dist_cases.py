@@ -134,3 +134,24 @@ def shard_roundtrip(rank, size, *, layout):
     pos = seqpar.positions(S, layout=layout)
     errs.append((seqpar.shard(torch.arange(S), dim=0, layout=layout) - pos).abs().max().item())
     return max(errs)
+
+
+def finite_check(rank, size, *, case):
+    """SEQPAR_CHECK_FINITE=1 on this rank's process for one call: (exception type, message) or
+    (None, whether the output has a NaN)."""
+    import os
+
+    x = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(rank))
+    q, k, v = x.clone(), x.clone(), x.clone()
+    if case in ("nan_k_rank1", "off") and rank == 1:
+        k[0, 0, 3, 1] = float("nan")
+    if case == "overflow":  # finite inputs whose scores overflow fp32: the output is NaN
+        q, k = q * 1e30, k * 1e30
+    os.environ["SEQPAR_CHECK_FINITE"] = "0" if case == "off" else "1"
+    try:
+        out = seqpar.attention(q, k, v, is_causal=False, layout="contiguous")
+    except (ValueError, FloatingPointError) as e:
+        return type(e).__name__, str(e)
+    finally:
+        os.environ.pop("SEQPAR_CHECK_FINITE")
+    return None, bool(out.isnan().any())

@@ -10,7 +10,10 @@ while the next one is in flight::
                 wait()                                           kv_{s+1} has arrived
 
 Every rank posts the same number of exchanges in the same order, so the pattern never deadlocks
-(fully masked tiles skip the compute, not the exchange). World size 1 is :class:`LocalRing`:
+(fully masked tiles skip the compute, not the exchange). Each attention call tags its messages with
+its call number on the group (:func:`call_tags`), so ranks that fell out of step (one skipped a
+call) never pair one call's blocks with another's: their waits time out instead, and the method
+layer raises :class:`CommError` naming the call, the step and the peers. World size 1 is :class:`LocalRing`:
 ``exchange`` returns the send buffer itself and nothing moves.
 
 Backends: :class:`TorchRing` (torch.distributed: NCCL, gloo) and :class:`LocalRing`; a
@@ -34,11 +37,32 @@ __all__ = [
     "gather_ints",
     "TAG_KV",
     "TAG_DKV",
+    "call_tags",
+    "CommError",
+    "PeerAborted",
     "TransportGroup",
 ]
 
 TAG_KV = 17
 TAG_DKV = 23
+_TAG_STRIDE, _TAG_CALLS = 64, 4096  # tags stay below 2**18 (MPI guarantees only 2**15 - 1; OpenMPI has 2**31 - 1)
+
+
+def call_tags(call: int) -> tuple[int, int]:
+    """(K/V tag, dK/dV tag) of attention call number ``call`` on a group: distinct for 4096 calls in a
+    row, so blocks of different calls never match."""
+    off = _TAG_STRIDE * (call % _TAG_CALLS)
+    return TAG_KV + off, TAG_DKV + off
+
+
+class CommError(RuntimeError):
+    """A wait of a seqpar method failed (the transport's timeout, or a peer that is gone); the message
+    names the method, the call, the step and the peer ranks."""
+
+
+class PeerAborted(RuntimeError):
+    """Raised by in-process transports (thread-ranks) when another rank already failed: not a fault of
+    this rank's, so the method layer passes it on unwrapped."""
 
 
 class Handle(Protocol):
@@ -48,6 +72,8 @@ class Handle(Protocol):
 class Ring(Protocol):
     rank: int
     size: int
+    prev_rank: int  # the rank blocks come from, as the transport numbers ranks (global for torch.distributed)
+    next_rank: int  # the rank blocks go to
 
     def exchange(self, send: torch.Tensor, recv: torch.Tensor | None = None, *, tag: int = TAG_KV) -> Handle:
         """Post: send ``send`` to rank+1, receive from rank-1 into ``recv`` (allocated if None)."""
@@ -95,6 +121,7 @@ class LocalRing:
 
     rank = 0
     size = 1
+    prev_rank = next_rank = 0
 
     def exchange(self, send, recv=None, *, tag=TAG_KV):
         return _Done(send)
@@ -107,16 +134,16 @@ class TorchRing:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
-        self._next = dist.get_global_rank(group, (self.rank + 1) % self.size)
-        self._prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+        self.next_rank = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev_rank = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
     def exchange(self, send, recv=None, *, tag=TAG_KV):
         if recv is None:
             recv = torch.empty_like(send)
         send = send.contiguous()
         ops = [
-            dist.P2POp(dist.isend, send, self._next, self.group, tag),
-            dist.P2POp(dist.irecv, recv, self._prev, self.group, tag),
+            dist.P2POp(dist.isend, send, self.next_rank, self.group, tag),
+            dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, tag),
         ]
         return _Pending(dist.batch_isend_irecv(ops), send, recv)
 

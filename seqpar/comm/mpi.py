@@ -17,11 +17,14 @@ rank-1 with the ring's tag and returns at once; ``wait()`` is ``Waitall``::
                                                                   progresses inside MPI calls)
 
 The K/V ring (TAG_KV) and the dK/dV ring (TAG_DKV) are in flight together in the backward; MPI
-matches them by (source, tag), in posting order, as torch.distributed does.
+matches them by (source, tag), in posting order, as torch.distributed does. ``wait()`` is bounded:
+it polls ``Testall`` (which also drives MPI's progress) until ``MPIGroup(timeout=...)`` seconds
+have passed (default 1800, torch.distributed's), then raises ``TimeoutError``.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,17 +48,26 @@ def _check_cpu(t: torch.Tensor, what: str) -> None:
                          f"torch.distributed group (NCCL) for GPU tensors")
 
 
+_DEFAULT_TIMEOUT = 1800.0  # seconds, as torch.distributed's default
+
+
 class _MPIPending:
-    def __init__(self, reqs, send: torch.Tensor, recv: torch.Tensor):
+    def __init__(self, reqs, send: torch.Tensor, recv: torch.Tensor, timeout: float):
         self._reqs = reqs
         self._send = send  # alive until the transfer is done
         self._recv = recv
+        self._timeout = timeout
 
     def wait(self) -> torch.Tensor:
         from mpi4py import MPI
 
         if self._reqs:
-            MPI.Request.Waitall(self._reqs)
+            deadline, pause = time.monotonic() + self._timeout, 1e-5
+            while not MPI.Request.Testall(self._reqs):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"MPI: timed out after {self._timeout:.0f}s waiting for a ring exchange")
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)  # a short message finishes within microseconds; a hang costs nothing
             self._reqs = []
             self._send = None
         return self._recv
@@ -64,12 +76,13 @@ class _MPIPending:
 class MPIRing:
     """A ring over an mpi4py communicator (ranks in communicator order); CPU tensors."""
 
-    def __init__(self, comm: MPI.Comm):
+    def __init__(self, comm: MPI.Comm, timeout: float = _DEFAULT_TIMEOUT):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        self._next = (self.rank + 1) % self.size
-        self._prev = (self.rank - 1) % self.size
+        self.next_rank = (self.rank + 1) % self.size
+        self.prev_rank = (self.rank - 1) % self.size
+        self.timeout = timeout
 
     def exchange(self, send, recv=None, *, tag=TAG_KV):
         _check_cpu(send, "the ring's send buffer")
@@ -79,19 +92,20 @@ class MPIRing:
         if not recv.is_contiguous() or recv.shape != send.shape or recv.dtype != send.dtype:
             raise ValueError(f"recv must be a contiguous {send.dtype} buffer of shape {tuple(send.shape)}")
         reqs = [
-            self.comm.Irecv(_bytes(recv), source=self._prev, tag=tag),
-            self.comm.Isend(_bytes(send), dest=self._next, tag=tag),
+            self.comm.Irecv(_bytes(recv), source=self.prev_rank, tag=tag),
+            self.comm.Isend(_bytes(send), dest=self.next_rank, tag=tag),
         ]
-        return _MPIPending(reqs, send, recv)
+        return _MPIPending(reqs, send, recv, self.timeout)
 
 
 class MPIGroup:
     """seqpar's view of an mpi4py communicator; ``MPIGroup()`` is ``MPI.COMM_WORLD``.
 
-    Pass it as ``group=`` to ``seqpar.attention``, ``shard``, ``unshard``, ``positions``.
+    Pass it as ``group=`` to ``seqpar.attention``, ``shard``, ``unshard``, ``positions``. ``timeout``
+    (seconds) bounds every ring wait.
     """
 
-    def __init__(self, comm: MPI.Comm | None = None):
+    def __init__(self, comm: MPI.Comm | None = None, *, timeout: float = _DEFAULT_TIMEOUT):
         try:
             from mpi4py import MPI
         except ImportError as e:  # pragma: no cover - depends on the install
@@ -100,16 +114,19 @@ class MPIGroup:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Comm):
             raise TypeError(f"comm must be an mpi4py MPI.Comm, got {type(comm).__name__}")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
+        self.timeout = float(timeout)
 
     def __repr__(self) -> str:
         return f"MPIGroup(rank={self.rank}, size={self.size})"
 
     def ring(self):
         """The ring over this communicator (:class:`LocalRing` for one rank)."""
-        return LocalRing() if self.size == 1 else MPIRing(self.comm)
+        return LocalRing() if self.size == 1 else MPIRing(self.comm, self.timeout)
 
     def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``x`` (same shape and dtype everywhere), in rank order."""
@@ -126,7 +143,7 @@ class MPIGroup:
         return [list(v) for v in self.comm.allgather([int(x) for x in values])]
 
 
-def mpi_group(group, comm: MPI.Comm | None = None) -> MPIGroup:
+def mpi_group(group, comm: MPI.Comm | None = None, *, timeout: float = _DEFAULT_TIMEOUT) -> MPIGroup:
     """The MPI twin of a torch.distributed group or mesh dim: a sub-communicator of ``comm``
     (default COMM_WORLD) over the same ranks, so ``group=mpi_group(mesh["cp"])`` switches a call
     to MPI. Collective over the members of ``group``; needs torch global rank == MPI rank, as under
@@ -136,7 +153,7 @@ def mpi_group(group, comm: MPI.Comm | None = None) -> MPIGroup:
 
     from seqpar.mesh import resolve_group
 
-    world = MPIGroup(comm)
+    world = MPIGroup(comm, timeout=timeout)
     pg = resolve_group(group)
     if pg is None:
         return world
@@ -147,4 +164,4 @@ def mpi_group(group, comm: MPI.Comm | None = None) -> MPIGroup:
                          f"{world.rank}/{world.size}; start both from the same mpirun")
     ranks = dist.get_process_group_ranks(pg)
     sub = world.comm.Create_group(world.comm.Get_group().Incl(ranks))
-    return MPIGroup(sub)
+    return MPIGroup(sub, timeout=timeout)

@@ -44,12 +44,12 @@ from typing import Any, Callable
 
 import torch
 
-from seqpar.comm import TAG_KV
+from seqpar.comm import TAG_KV, PeerAborted
 
 __all__ = ["ThreadWorld", "ThreadRing", "RingAborted", "run_threads"]
 
 
-class RingAborted(RuntimeError):
+class RingAborted(PeerAborted):
     """Raised in a rank's ``wait`` when another rank failed or the world timed out."""
 
 
@@ -125,6 +125,8 @@ class ThreadRing:
         self.world = world
         self.rank = rank
         self.size = world.size
+        self.next_rank = (rank + 1) % world.size
+        self.prev_rank = (rank - 1) % world.size
         self._sent: dict[int, int] = {}  # tag -> messages posted so far (= received so far)
 
     def exchange(self, send: torch.Tensor, recv: torch.Tensor | None = None, *, tag: int = TAG_KV) -> _ThreadHandle:

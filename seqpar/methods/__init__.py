@@ -16,9 +16,11 @@ __all__ = ["build", "Method", "MethodFunction", "Recorder", "StepRecord", "RingM
 
 
 def build(method: str, group, *, layout: str, causal: bool, scale: float, backend: str,
-          record: Recorder | None = None) -> Method:
+          record: Recorder | None = None, call: int = 0) -> Method:
     """The ``method`` object for one call over ``group`` (a resolved group: ProcessGroup, transport
-    group or ``None``); ``backend`` already resolved for the tensors' device."""
+    group or ``None``); ``backend`` already resolved for the tensors' device; ``call`` the call's
+    number on the group (the same on every rank: it tags the call's messages)."""
     check_choice("method", method, METHODS)
     # one entry per name in seqpar.vocab.METHODS
-    return RingMethod(make_ring(group), layout=layout, causal=causal, scale=scale, backend=backend, record=record)
+    return RingMethod(make_ring(group), layout=layout, causal=causal, scale=scale, backend=backend, record=record,
+                      call=call)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from seqpar import layout as _layout
-from seqpar.comm import TAG_DKV, TAG_KV, Ring
+from seqpar.comm import CommError, PeerAborted, Ring, call_tags
 from seqpar.kernels import acc_dtype, block_attention, block_attention_accumulate, block_attention_backward
 from seqpar.methods.base import Recorder, step_timer
 
@@ -43,7 +43,8 @@ __all__ = ["RingMethod"]
 @dataclass(frozen=True)
 class RingMethod:
     """The ring over ``ring`` (a :class:`seqpar.comm.Ring`) with one call's options; a
-    :class:`seqpar.methods.Method`. ``backend`` is resolved (not "auto")."""
+    :class:`seqpar.methods.Method`. ``backend`` is resolved (not "auto"); ``call`` is the call's
+    number on the group (its messages' tags, see :func:`seqpar.comm.call_tags`)."""
 
     ring: Ring
     layout: str
@@ -51,7 +52,25 @@ class RingMethod:
     scale: float
     backend: str
     record: Recorder | None = None
+    call: int = 0
     name: str = "ring"
+
+    def _wait(self, handle, phase: str, step: int, what: str) -> torch.Tensor:
+        """``handle.wait()``; a transport failure becomes a :class:`CommError` that says where and why."""
+        try:
+            return handle.wait()
+        except PeerAborted:
+            raise
+        except (RuntimeError, TimeoutError) as e:
+            ring = self.ring
+            raise CommError(
+                f"seqpar.attention (method={self.name!r}): group rank {ring.rank} of {ring.size} failed in call "
+                f"#{self.call} on this group, {phase} ring step {step + 1} of {ring.size}, waiting to receive "
+                f"{what} from rank {ring.prev_rank} and send to rank {ring.next_rank}. Likely cause: the ranks did "
+                f"not make the same seqpar attention calls in the same order (a data-dependent branch, or an "
+                f"exception caught on some ranks only), or rank {ring.prev_rank} stopped or died. Every rank of the "
+                f"group must make the same attention calls in the same order. Transport: {type(e).__name__}: {e}"
+            ) from e
 
     def _tile(self, step: int, s_local: int):
         kv_rank = (self.ring.rank - step) % self.ring.size
@@ -65,12 +84,13 @@ class RingMethod:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""
         ring, opts = self.ring, dict(scale=self.scale, backend=self.backend)
+        tag_kv, _ = call_tags(self.call)
         acc = acc_dtype(q.dtype)
         kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one message per step
         spare = torch.empty_like(kv) if ring.size > 2 else None
         out = lse = None
         for step in range(ring.size):
-            pending = ring.exchange(kv, spare, tag=TAG_KV) if step + 1 < ring.size else None
+            pending = ring.exchange(kv, spare, tag=tag_kv) if step + 1 < ring.size else None
             t = self._tile(step, q.shape[2])
             if t is not None:
                 qt, kt, vt = q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv]  # views (zigzag: half tiles)
@@ -83,7 +103,7 @@ class RingMethod:
                         # merged into strided views of the running (out, lse): in-kernel where the backend can
                         block_attention_accumulate(qt, kt, vt, out[:, :, t.q], lse[:, :, t.q], mask=t.mask, **opts)
             if pending is not None:
-                kv, spare = pending.wait(), kv
+                kv, spare = self._wait(pending, "forward", step, "K/V"), kv
         return out, lse
 
     def backward(
@@ -96,13 +116,14 @@ class RingMethod:
         lse: torch.Tensor,  # (B, Hq, S_local) global lse
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ring, opts = self.ring, dict(scale=self.scale, backend=self.backend)
+        tag_kv, tag_dkv = call_tags(self.call)
         acc = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D)
         spare = torch.empty_like(kv) if ring.size > 2 else None
         dkv_pending = None
         for step in range(ring.size):
-            kv_pending = ring.exchange(kv, spare, tag=TAG_KV) if step + 1 < ring.size else None
+            kv_pending = ring.exchange(kv, spare, tag=tag_kv) if step + 1 < ring.size else None
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
             t = self._tile(step, q.shape[2])
             if t is not None:
@@ -115,9 +136,9 @@ class RingMethod:
                 dkv[0][:, :, t.kv] += gk
                 dkv[1][:, :, t.kv] += gv
             if dkv_pending is not None:
-                dkv += dkv_pending.wait()  # the buffer of this KV block, from the rank before
-            dkv_pending = ring.exchange(dkv, tag=TAG_DKV)
+                dkv += self._wait(dkv_pending, "backward", step, "dK/dV")  # this KV block's buffer, from the rank before
+            dkv_pending = ring.exchange(dkv, tag=tag_dkv)
             if kv_pending is not None:
-                kv, spare = kv_pending.wait(), kv
-        dkv = dkv_pending.wait()  # our own block's buffer, back home after P hops
+                kv, spare = self._wait(kv_pending, "backward", step, "K/V"), kv
+        dkv = self._wait(dkv_pending, "backward", ring.size - 1, "dK/dV")  # our own block's buffer, home after P hops
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
