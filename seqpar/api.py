@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from seqpar import methods as _methods
+from seqpar.methods import ops as _ops
 from seqpar.comm import gather_ints
 from seqpar.kernels import resolve_backend
 from seqpar.mesh import group_rank_size, resolve_group
@@ -46,6 +47,18 @@ def _next_call(group) -> int:
     n = _CALLS.get(id(group), 0)
     _CALLS[id(group)] = n + 1
     return n
+
+
+def _check_compilable(group, record) -> None:
+    """What a compiled graph cannot carry, refused by name (raised while tracing)."""
+    if group is not None and not isinstance(group, torch.distributed.ProcessGroup):
+        raise TypeError(f"group: {type(group).__name__} is not a torch.distributed group, so it cannot run under "
+                        f"torch.compile; run this transport eagerly (outside the compiled region)")
+    if record is not None:
+        raise ValueError("record: the per-step timing hook works eagerly only, not under torch.compile")
+    if os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0"):
+        raise ValueError("SEQPAR_CHECK_FINITE=1 checks eagerly only (it all-gathers flags); unset it under "
+                         "torch.compile, or run the model eagerly to find the non-finite values")
 
 
 def _check_finite(named: list[tuple[str, torch.Tensor]], group, world: int, call: int, error: type) -> None:
@@ -192,34 +205,44 @@ def attend(
     g = resolve_group(call.group)
     _, world = group_rank_size(g)
     opts = {f.name: getattr(call, f.name) for f in fields(call) if f.name != "group"}  # shallow: not the group
+    compiling = torch.compiler.is_compiling()
     error = None
     try:
         backend = _validate(q, k, v, world=world, **opts)
         if kept is not None and (kept[0].shape != q.shape or kept[1].shape != q.shape[:-1]):
             raise ValueError(f"kept (out, lse) of shapes {tuple(kept[0].shape)}, {tuple(kept[1].shape)} does not "
                              f"match q {tuple(q.shape)}: replay only the forward call that produced it")
+        if compiling:
+            _check_compilable(g, record)
     except (TypeError, ValueError) as e:
-        if world == 1 or not isinstance(q, torch.Tensor):
+        if world == 1 or compiling or not isinstance(q, torch.Tensor):
             raise
         error = e
-    if world > 1:
+    if world > 1 and not compiling:
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         sig = _signature(q, k, call.is_causal, call.layout, call.method) if error is None else (0,) * 9
         _agree(g, sig, error, device)
-    number = _next_call(g)
-    check_finite = os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0")
-    if check_finite:
-        _check_finite([("q", q), ("k", k), ("v", v)], g, world, number, ValueError)
     lead = q.shape[:-3]
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     if kept is not None:
         kept = (kept[0].reshape(q4.shape), kept[1].reshape(q4.shape[:-1]))
     scale = 1.0 / math.sqrt(q.shape[-1]) if call.scale is None else float(call.scale)
-    impl = _methods.build(call.method, g, layout=call.layout, causal=call.is_causal, scale=scale, backend=backend,
-                          record=record, call=number)
-    out, lse = _methods.MethodFunction.apply(q4, k4, v4, impl, kept)
-    if check_finite:
-        _check_finite([("the output", out)], g, world, number, FloatingPointError)
+    if compiling:  # registered ops: no host-side bookkeeping in the graph (see seqpar.methods.ops)
+        args = (call.method, _ops.group_name(g), call.layout, call.is_causal, scale, backend)
+        if kept is None:
+            out, lse = _ops.attention_fwd(q4, k4, v4, *args)
+        else:
+            out, lse = _ops.attention_replay(q4, k4, v4, *kept, *args), kept[1]
+    else:
+        number = _next_call(g)
+        check_finite = os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0")
+        if check_finite:
+            _check_finite([("q", q), ("k", k), ("v", v)], g, world, number, ValueError)
+        impl = _methods.build(call.method, g, layout=call.layout, causal=call.is_causal, scale=scale,
+                              backend=backend, record=record, call=number)
+        out, lse = _methods.MethodFunction.apply(q4, k4, v4, impl, kept)
+        if check_finite:
+            _check_finite([("the output", out)], g, world, number, FloatingPointError)
     out = out.reshape(*lead, *out.shape[-3:])
     if return_lse:
         return out, lse.reshape(*lead, *lse.shape[-2:])

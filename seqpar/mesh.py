@@ -47,6 +47,10 @@ def resolve_group(group) -> dist.ProcessGroup | TransportGroup | None:
     a transport group such as ``seqpar.MPIGroup(comm)`` (passed through),
     or ``None`` (the default world when torch.distributed is initialised, else a single process).
     """
+    # ProcessGroup first: torch.compile traces this function, and an isinstance check against the
+    # runtime-checkable TransportGroup protocol does not trace on a ProcessGroup
+    if isinstance(group, dist.ProcessGroup):
+        return group
     if group is None:
         return dist.group.WORLD if dist.is_initialized() else None
     if isinstance(group, DeviceMesh):
@@ -59,18 +63,18 @@ def resolve_group(group) -> dist.ProcessGroup | TransportGroup | None:
             f"group: a {group.ndim}-D DeviceMesh with dims {names} has no {CP_DIM!r} dim; pass mesh['<dim>'] "
             f"for the dim the sequence is sharded over"
         )
-    if isinstance(group, (dist.ProcessGroup, TransportGroup)):
+    if isinstance(group, TransportGroup):
         return group
     raise TypeError(f"group must be a ProcessGroup, a DeviceMesh, a seqpar.MPIGroup or None, got "
                     f"{type(group).__name__}")
 
 
 def group_rank_size(group: dist.ProcessGroup | TransportGroup | None) -> tuple[int, int]:
+    if isinstance(group, dist.ProcessGroup):  # first, as in resolve_group
+        return dist.get_rank(group), dist.get_world_size(group)
     if group is None:
         return 0, 1
-    if isinstance(group, TransportGroup):
-        return group.rank, group.size
-    return dist.get_rank(group), dist.get_world_size(group)
+    return group.rank, group.size
 
 
 def check_mesh(mesh: Any, what: str = "mesh") -> tuple[int, int]:

@@ -19,7 +19,10 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
     4. checkpoint (checkpoint=True) every transformer block runs under non-reentrant
                   torch.utils.checkpoint; the ring attention's (out, lse) of the first forward are
                   kept, so the recomputation does not run the ring again (no K/V exchange)
-    5. data-parallel gradients, over the dp x cp ranks flattened (parameters are replicated over
+    5. compile    (compile=True) every transformer block's forward (with its checkpoint) under
+                  torch.compile, before data parallelism (torchtitan's order); seqpar attention is a
+                  registered op there, saved by the selective checkpoint policy
+    6. data-parallel gradients, over the dp x cp ranks flattened (parameters are replicated over
                   cp, so cp ranks share the sharding): fsdp=True: FSDP2 ``fully_shard`` per block,
                   then the root; fsdp=False: full parameters, a post-accumulate-grad hook per
                   parameter all-reduces. Either way the gradient is summed over cp and averaged
@@ -39,6 +42,7 @@ from seqpar.mesh import cp_mesh, flat_mesh
 from seqpar.passes.attention import attention_pass
 from seqpar.passes.check import check
 from seqpar.passes.checkpoint import checkpoint_pass
+from seqpar.passes.compile import compile_pass
 from seqpar.passes.data_parallel import data_parallel_pass
 from seqpar.passes.loss import loss_pass
 from seqpar.passes.runtime import Runtime
@@ -55,21 +59,26 @@ def parallelize(
     method: str = "ring",
     fsdp: bool = True,
     checkpoint: bool = False,
+    compile: bool = False,
     backend: str = "auto",
 ) -> nn.Module:
     """Apply sequence parallelism (and FSDP2 / activation checkpointing) to ``model`` in place.
 
     ``mesh``: a DeviceMesh with a "cp" dim (``seqpar.init_mesh``); ("dp", "cp") for data parallelism
     on top. ``layout``/``method``/``backend`` as in :func:`seqpar.attention`; batches must be sharded
-    with the same layout (:func:`seqpar.shard_batch`). Passes, in order: check, sync, attention,
-    loss, checkpoint, data-parallel gradients (see the module docstring). Returns ``model``.
+    with the same layout (:func:`seqpar.shard_batch`). ``compile=True`` compiles each block
+    (``torch.compile``). Passes, in order: check, sync, attention, loss, checkpoint, compile,
+    data-parallel gradients (see the module docstring). Returns ``model``.
     """
-    dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint)
+    dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
+                             compile=compile)
     rt = Runtime(cp_mesh(mesh).get_group(), layout, method, backend)
     sync_params(model, flat_mesh(mesh).get_group())
     attention_pass(model, kind, rt)
     loss_pass(model, kind, rt)
     if checkpoint:
-        checkpoint_pass(model, blocks, rt)
+        checkpoint_pass(model, blocks, rt, compiled=compile)
+    if compile:
+        compile_pass(blocks)
     data_parallel_pass(model, blocks, mesh, dp, fsdp)
     return model

@@ -9,7 +9,7 @@ from torch import nn
 
 from seqpar.mesh import check_mesh
 from seqpar.passes import hf
-from seqpar.vocab import LAYOUTS, METHODS, check_choice
+from seqpar.vocab import BACKENDS, LAYOUTS, METHODS, check_choice
 
 __all__ = ["ModelKind", "check", "find_blocks", "model_kind"]
 
@@ -41,30 +41,39 @@ def model_kind(model: nn.Module) -> ModelKind:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if hf.is_hf_model(model):
         if not hf.supports_attention_interface(model):
-            raise TypeError(f"{type(model).__name__} does not dispatch attention through transformers' "
-                            f"AttentionInterface, so seqpar cannot take it over")
+            raise TypeError(f"model ({type(model).__name__}) does not dispatch attention through transformers' "
+                            f"AttentionInterface, so seqpar cannot take it over; use a model class that does")
         return "hf"
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         raise TypeError("model uses nn.MultiheadAttention, which seqpar cannot shard; call "
                         "torch.nn.functional.scaled_dot_product_attention instead")
     if not _calls_sdpa(model):
-        raise TypeError(f"{type(model).__name__} has no supported attention: seqpar takes over Hugging Face models "
-                        f"using AttentionInterface and models calling "
+        raise TypeError(f"model ({type(model).__name__}) has no supported attention: seqpar takes over Hugging Face "
+                        f"models using AttentionInterface and models calling "
                         f"torch.nn.functional.scaled_dot_product_attention")
     return "sdpa"
 
 
-def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool,
-          checkpoint: bool) -> tuple[int, ModelKind, list[nn.Module]]:
+def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, checkpoint: bool,
+          compile: bool = False, backend: str = "auto") -> tuple[int, ModelKind, list[nn.Module]]:
     """-> (dp, model kind, blocks); raises ValueError / TypeError naming what to change."""
     dp, _ = check_mesh(mesh)
     check_choice("layout", layout, LAYOUTS)
     check_choice("method", method, METHODS)
-    for name, flag in (("fsdp", fsdp), ("checkpoint", checkpoint)):
+    check_choice("backend", backend, BACKENDS)
+    for name, flag in (("fsdp", fsdp), ("checkpoint", checkpoint), ("compile", compile)):
         if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+            raise TypeError(f"{name} must be a bool (True or False), got {type(flag).__name__} {flag!r}")
     kind = model_kind(model)
+    if compile and checkpoint and kind == "sdpa":
+        raise ValueError("compile=True with checkpoint=True is not supported for plain PyTorch models: inside a "
+                         "compiled activation checkpoint the override that turns F.scaled_dot_product_attention "
+                         "into seqpar's does not apply, so the result would be wrong. Use one of the two, or a "
+                         "Hugging Face model (its attention is registered, not overridden)")
     blocks = find_blocks(model)
-    if (fsdp or checkpoint) and not blocks:
-        raise TypeError(f"{type(model).__name__} has no nn.ModuleList of blocks to shard/checkpoint per block")
+    if (fsdp or checkpoint or compile) and not blocks:
+        flags = " and ".join(f"{n}=False" for n, f in (("fsdp", fsdp), ("checkpoint", checkpoint),
+                                                       ("compile", compile)) if f)
+        raise TypeError(f"model ({type(model).__name__}) has no nn.ModuleList of blocks to shard/checkpoint/compile "
+                        f"per block: pass {flags}, or keep the blocks in an nn.ModuleList")
     return dp, kind, blocks
