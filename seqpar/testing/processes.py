@@ -1,5 +1,10 @@
 """Run a launcher (torchrun, mpirun, ...) in its own process group, so a timeout kills the whole
-job — the launcher *and* the ranks it started — instead of leaving orphaned ranks behind."""
+job — the launcher *and* the ranks it started — instead of leaving orphaned ranks behind.
+
+Killing the group is not enough on its own: torchrun (torch >= 2.13) starts each rank in a session of
+its own, outside the launcher's group. :func:`kill_group` therefore kills every descendant of the
+launcher found in ``/proc`` (and each one's group) before the launcher's group.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,43 @@ import os
 import signal
 import subprocess
 
-__all__ = ["run", "kill_group", "popen"]
+__all__ = ["run", "kill_group", "popen", "descendants"]
 
 
 def popen(cmd, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(cmd, start_new_session=True, **kwargs)
 
 
+def descendants(pid: int) -> list[int]:
+    """The pids of every live descendant of ``pid`` (children first), read from ``/proc``; [] elsewhere."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def kill_group(p: subprocess.Popen) -> None:
-    """SIGKILL every process of ``p``'s process group (its session), then reap ``p``."""
+    """SIGKILL ``p``'s descendants (each with its own process group: ranks a launcher put in sessions
+    of their own) and ``p``'s process group, then reap ``p``."""
+    for pid in descendants(p.pid):
+        for kill in (lambda: os.killpg(os.getpgid(pid), signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+            try:
+                kill()
+            except (ProcessLookupError, PermissionError):
+                pass
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
