@@ -20,14 +20,32 @@ A model that cannot attend across the sequence (hence across shards) can do no b
 loss falls below it only by finding the key's record, mostly on another rank, and copying its value.
 Defaults (1 record, 8 values, a 1-layer Llama of width 32, 200 steps at S=8192) take ~2.5 minutes on
 2 CPU cores with 4 ranks; ``--pairs 2`` or more makes it associative (the key must be matched).
+
+Checkpoints (``--save DIR``) survive a kill at any point. A save of step N writes
+``DIR/.step{N}.partial/`` (every rank's shards, then rank 0 writes ``history.json``, the losses so
+far), a barrier, then rank 0 writes the marker ``COMPLETE`` and renames the directory to
+``DIR/step{N}`` (one atomic rename). ``--resume`` loads the highest ``step{N}`` holding the marker
+and ignores everything else (``*.partial`` leftovers, a step directory without the marker); with
+none it starts from step 0. ``latest.json`` (step + losses, replaced atomically after the rename) is
+for people and tools; resume does not read it. A run that saves step N replaces the checkpoints of
+steps >= N in DIR (they are from an earlier run).
+
+Test hook: the environment variable ``SEQPAR_TEST_SAVE_DELAY`` (read at each save; unset: no
+effect) makes every rank sleep that many seconds in the middle of a save, after the shards and
+``history.json`` are written and before the marker and the rename; ``SECONDS@STEP`` delays only the
+save of that step. Tests kill the job in that window.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +54,13 @@ import torch.distributed as dist
 
 from seqpar.vocab import DP_DIM, LAYOUTS
 
-__all__ = ["main", "run", "make_parser", "recall_batch", "build_model", "task_spec", "TaskSpec"]
+__all__ = ["main", "run", "make_parser", "recall_batch", "build_model", "task_spec", "TaskSpec", "complete_steps",
+           "param_digest"]
+
+COMPLETE = "COMPLETE"  # the marker file of a checkpoint directory that is whole
+SAVE_DELAY_ENV = "SEQPAR_TEST_SAVE_DELAY"  # test hook, see the module docstring
+_STEP_DIR = re.compile(r"step(\d+)")
+_SCRATCH_DIR = re.compile(r"\.step(\d+)\.(partial|old)")  # a save in progress / a checkpoint being replaced
 
 
 class TaskSpec:
@@ -131,9 +155,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-std", type=float, default=0.02, help="initializer_range of the LlamaConfig")
     p.add_argument("--untied", dest="tie", action="store_false", help="separate input and output embeddings")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", type=Path, default=None, help="directory for torch.distributed.checkpoint saves")
+    p.add_argument("--save", type=Path, default=None,
+                   help="directory for torch.distributed.checkpoint saves (DIR/step{N}, each committed atomically)")
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from --save")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint in --save (none: start from step 0)")
     p.add_argument("--plot", default="train_loss.png", help="loss plot (PNG); '' for none")
     p.add_argument("--metrics", type=Path, default=None, help="write the run's numbers as JSON")
     p.add_argument("--eval", type=int, default=2, help="fresh sequences to evaluate at the end (0: none)")
@@ -167,27 +193,133 @@ def _lr(step: int, args) -> float:
     return args.lr * min(1.0, (step + 1) / max(1, args.warmup))
 
 
+def complete_steps(root: Path) -> list[int]:
+    """The steps of the whole checkpoints in ``root`` (``step{N}`` directories with the marker), ascending."""
+    if not root.is_dir():
+        return []
+    steps = []
+    for d in root.iterdir():
+        m = _STEP_DIR.fullmatch(d.name)
+        if m and (d / COMPLETE).is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def _save_delay(step: int) -> float:
+    """Seconds the test hook ``SEQPAR_TEST_SAVE_DELAY`` (``SECONDS`` or ``SECONDS@STEP``) asks for at this save."""
+    value = os.environ.get(SAVE_DELAY_ENV, "")
+    if not value:
+        return 0.0
+    seconds, _, only = value.partition("@")
+    try:
+        return float(seconds) if not only or int(only) == step else 0.0
+    except ValueError:
+        raise ValueError(f"{SAVE_DELAY_ENV}={value!r}: expected SECONDS or SECONDS@STEP") from None
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write ``path`` so that it is either the old file or the whole new one (tmp + fsync + os.replace)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clear_scratch(root: Path) -> None:
+    """Remove what killed saves left behind (``.step{N}.partial``, ``.step{N}.old``); rank 0, no save running."""
+    for d in root.iterdir():
+        if _SCRATCH_DIR.fullmatch(d.name):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _retire_from(root: Path, step: int) -> None:
+    """Remove the checkpoints of steps >= ``step`` (an earlier run's): renamed out of the way first, so a
+    kill during the removal leaves scratch, never a ``step{N}`` directory with some of its files."""
+    for d in root.iterdir():
+        m = _STEP_DIR.fullmatch(d.name)
+        if m and d.is_dir() and int(m.group(1)) >= step:
+            old = root / f".{d.name}.old"
+            os.rename(d, old)
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _save(args, model, opt, step: int, history: list[float]) -> None:
+    """Save atomically: shards into ``.step{N}.partial``, barrier, marker, rename to ``step{N}`` (rank 0)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    root, lead = args.save, dist.get_rank() == 0
+    partial, final = root / f".step{step}.partial", root / f"step{step}"
+    if lead:
+        root.mkdir(parents=True, exist_ok=True)
+        _clear_scratch(root)
+    dist.barrier()  # the scratch is gone before any rank writes
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(args.save / f"step{step}"))
-    if dist.get_rank() == 0:
-        (args.save / "latest.json").write_text(json.dumps({"step": step, "losses": history}))
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(partial))
+    if lead:
+        _write_json(partial / "history.json", {"step": step, "losses": history})
+    delay = _save_delay(step)
+    if delay:
+        time.sleep(delay)
+    dist.barrier()  # every rank's shards are written
+    if lead:
+        _write_json(partial / COMPLETE, {"step": step, "world": dist.get_world_size()})
+        _fsync_dir(partial)
+        _retire_from(root, step)
+        os.rename(partial, final)  # the commit
+        _fsync_dir(root)
+        _write_json(root / "latest.json", {"step": step, "losses": history})
     dist.barrier()
 
 
 def _load(args, model, opt) -> tuple[int, list[float]]:
+    """Load the highest whole checkpoint in ``--save`` (rank 0 finds it, every rank loads it);
+    ``(0, [])`` if there is none."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    meta = json.loads((args.save / "latest.json").read_text())
+    found: list = [None, []]
+    if dist.get_rank() == 0:
+        steps = complete_steps(args.save)
+        if steps:
+            found = [steps[-1], json.loads((args.save / f"step{steps[-1]}" / "history.json").read_text())["losses"]]
+        else:
+            print(f"seqpar-train: no complete checkpoint in {args.save}: starting from step 0", file=sys.stderr,
+                  flush=True)
+    dist.broadcast_object_list(found, src=0)
+    step, history = found
+    if step is None:
+        return 0, []
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(args.save / f"step{meta['step']}"))
+    dcp.load(state, checkpoint_id=str(args.save / f"step{step}"))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return meta["step"], list(meta["losses"])
+    return step, list(history)
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """sha256 over the model's state dict (name, dtype, shape, bytes) in name order; DTensors (FSDP)
+    are gathered to full tensors, so every rank returns the same digest. A collective: call on all ranks."""
+    from torch.distributed.tensor import DTensor
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _plot(path: Path, history: list[float], baseline: float, title: str) -> None:
@@ -233,11 +365,13 @@ def run(args) -> dict:
     model = seqpar.parallelize(build_model(spec, args), mesh, layout=args.layout, fsdp=args.fsdp,
                                checkpoint=args.checkpoint)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    start, history = 0, []
+    start, history, load_seconds = 0, [], 0.0
     if args.resume:
         if args.save is None:
             raise ValueError("--resume needs --save DIR")
+        t_load = time.perf_counter()
         start, history = _load(args, model, opt)
+        load_seconds = time.perf_counter() - t_load
     if lead and not args.quiet:
         print(f"seqpar-train: world={world} dp={args.dp} cp={cp} layout={args.layout} seq_len={args.seq_len} "
               f"batch={args.batch} fsdp={args.fsdp} checkpoint={args.checkpoint} steps {start}->{args.steps} "
@@ -278,6 +412,7 @@ def run(args) -> dict:
     done = args.steps - start
     seconds = time.perf_counter() - t_start
     tail = history[-min(10, len(history)):] if history else [float("nan")]
+    digest = param_digest(model)
     evals = {}
     if args.eval:
         evals = dict(eval_loss=_evaluate(model, mesh, spec, args, replica, hide_records=False),
@@ -285,7 +420,7 @@ def run(args) -> dict:
     res = dict(world=world, dp=args.dp, cp=cp, layout=args.layout, seq_len=args.seq_len, batch=args.batch,
                steps=args.steps, resumed_from=start, losses=history, final_loss=sum(tail) / len(tail),
                baseline=spec.baseline, seconds=seconds, tokens_per_s=done * tokens / t_steps if t_steps else 0.0,
-               **evals)
+               load_seconds=load_seconds, param_digest=digest, **evals)
     if lead:
         if args.plot:
             _plot(Path(args.plot), history, spec.baseline, f"seqpar-train: Llama, S={args.seq_len}, dp={args.dp} x "
