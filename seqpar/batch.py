@@ -32,6 +32,20 @@ __all__ = ["shard_batch", "shift_labels"]
 _SEQ_KEYS = ("input_ids", "labels", "position_ids")
 
 
+def _check_tensor(t: Any, key: str, *, integer: bool) -> None:
+    """``batch[key]`` (if present) is a tensor with data, of an integer dtype when ``integer``."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"batch[{key!r}] must be a torch.Tensor (B, S), got {type(t).__name__}")
+    if t.device.type == "meta":
+        raise ValueError(f"batch[{key!r}] is on the meta device (a shape without data): shard_batch needs the data; "
+                         f"materialise the batch on a real device first")
+    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"batch[{key!r}] must be an integer tensor (token ids / positions, e.g. torch.long), got "
+                        f"{t.dtype}")
+
+
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """(B, S) labels -> (B, S) next-token targets: ``out[:, i] = labels[:, i + 1]``, last = ignore."""
     pad = torch.full_like(labels[:, :1], ignore_index)
@@ -48,37 +62,49 @@ def shard_batch(
     """Shard a full-sequence batch (the same on every cp rank) along the sequence over ``mesh["cp"]``.
 
     ``batch``: ``input_ids`` (B, S) [required], ``labels`` (B, S) unshifted (padding/prompt marked
-    ``ignore_index``), ``position_ids`` (B, S) or (S,) [default arange(S)], ``attention_mask``
+    ``ignore_index``), ``position_ids`` (B, S), (1, S) or (S,) [default arange(S)], ``attention_mask``
     (B, S) only if all ones (padding is marked in labels instead). S must be a multiple of the
     layout's unit (cp, 2*cp for zigzag). Returns local tensors (B, S/cp): ``input_ids``,
     ``position_ids`` (global positions, so RoPE / learned positions see true positions),
     and with labels: ``labels`` and ``shift_labels`` (both the shifted targets), and
-    ``num_items_in_batch`` (0-d long, the global count of non-ignored targets). Raises before any
-    communication (there is none).
+    ``num_items_in_batch`` (0-d long, the global count of non-ignored targets). Integer tensors only
+    (``attention_mask``: any dtype). Bad input raises ``ValueError``/``TypeError`` naming the key; there
+    is no communication, so only the ranks with bad input raise.
     """
     _, cp = check_mesh(mesh)
     _layout.check_layout(layout)
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping of tensors (e.g. {{'input_ids': ids, 'labels': ids}}), got "
                         f"{type(batch).__name__}")
-    unknown = set(batch) - {*_SEQ_KEYS, "attention_mask"}
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int (the label of ignored targets, e.g. -100), got "
+                        f"{type(ignore_index).__name__} {ignore_index!r}")
+    unknown = [k for k in batch if k not in (*_SEQ_KEYS, "attention_mask")]
     if unknown:
-        raise ValueError(f"shard_batch: unknown batch keys {sorted(unknown)}; supported: {[*_SEQ_KEYS, 'attention_mask']}")
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.is_floating_point():
-        raise ValueError(f"batch['input_ids'] must be an integer tensor (B, S), got "
-                         f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        raise ValueError(f"shard_batch: unknown batch keys {sorted(map(repr, unknown))}; supported: "
+                         f"{[*_SEQ_KEYS, 'attention_mask']}")
+    if batch.get("input_ids") is None:
+        raise ValueError("batch has no 'input_ids': pass {'input_ids': ids (B, S), ...}")
+    for key in (*_SEQ_KEYS, "attention_mask"):
+        _check_tensor(batch.get(key), key, integer=key != "attention_mask")
+    ids = batch["input_ids"]
+    if ids.ndim != 2:
+        raise ValueError(f"batch['input_ids'] must be a 2-D tensor (B, S), got shape {tuple(ids.shape)}")
     B, S = ids.shape
+    if S < 1:
+        raise ValueError(f"batch['input_ids'] has shape {tuple(ids.shape)}: the sequence is empty (S=0)")
     pad = _layout.padding_needed(S, layout, cp)
     if pad:
         u = _layout.unit(layout, cp)
         raise ValueError(f"batch sequence length {S} is not divisible by {u} (layout={layout!r} over cp={cp} needs a "
                          f"multiple of {u}); pad the sequence by {pad} tokens to {S + pad} (labels={ignore_index})")
-    for key in ("labels", "position_ids", "attention_mask"):
+    allowed = {"labels": [(B, S)], "attention_mask": [(B, S)], "position_ids": [(B, S), (1, S), (S,)]}
+    for key, shapes in allowed.items():
         t = batch.get(key)
-        if t is not None and (not isinstance(t, torch.Tensor) or t.shape[-1] != S or t.ndim > 2):
-            raise ValueError(f"batch[{key!r}] must be a tensor (B, S) = ({B}, {S}), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t is not None and tuple(t.shape) not in shapes:
+            want = " or ".join(str(s) for s in shapes)
+            raise ValueError(f"batch[{key!r}] must have shape {want} like input_ids (B, S) = ({B}, {S}), got "
+                             f"{tuple(t.shape)}")
     mask = batch.get("attention_mask")
     if mask is not None and not bool(mask.bool().all()):
         raise ValueError("shard_batch: attention_mask has zeros; seqpar does not mask keys. Mark padded positions "
@@ -88,8 +114,7 @@ def shard_batch(
     local = lambda t: _layout.shard_tensor(t, -1, rank, cp, layout).contiguous()  # noqa: E731
 
     pos = batch.get("position_ids")
-    if pos is None:
-        pos = torch.arange(S, device=ids.device)
+    pos = torch.arange(S, device=ids.device) if pos is None else pos.to(ids.device)
     out: dict[str, Any] = {"input_ids": local(ids), "position_ids": local(pos.expand(B, S))}
     labels = batch.get("labels")
     if labels is not None:

@@ -32,6 +32,7 @@ then P-1 half tiles of exactly S_local^2/2).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,8 @@ __all__ = [
     "LAYOUTS",
     "Tile",
     "check_layout",
+    "check_dim",
+    "check_seq_len",
     "unit",
     "padding_needed",
     "global_indices",
@@ -76,6 +79,42 @@ def check_layout(layout: str) -> None:
     check_choice("layout", layout, LAYOUTS)
 
 
+def _as_int(value: object) -> int | None:
+    """``value`` as an int if it is an integer (int, numpy int, 0-d integer tensor), not a bool; else None."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_dim(dim: object, ndim: int, tensor: str = "x", name: str = "dim") -> int:
+    """``dim`` of a ``ndim``-D tensor named ``tensor`` -> the non-negative dim; ``TypeError`` unless it is
+    an int (not a bool), ``ValueError`` unless ``-ndim <= dim < ndim`` (never taken modulo ``ndim``)."""
+    d = _as_int(dim)
+    if d is None:
+        raise TypeError(f"{name} must be an int (the sequence dim of {tensor}), got {type(dim).__name__} {dim!r}")
+    if ndim == 0:
+        raise ValueError(f"{tensor} is a 0-D tensor (a scalar): it has no sequence dim; pass a tensor with the "
+                         f"sequence along {name}")
+    if not -ndim <= d < ndim:
+        raise ValueError(f"{name}={d} is out of range for a {ndim}-D tensor {tensor}: pass a dim in "
+                         f"[{-ndim}, {ndim - 1}] (the sequence dim, e.g. {name}=2 for (B, H, S, D))")
+    return d % ndim
+
+
+def check_seq_len(seq_len: object, name: str = "seq_len") -> int:
+    """``seq_len`` -> an int >= 1: ``TypeError`` unless an int (not a bool), ``ValueError`` if < 1."""
+    n = _as_int(seq_len)
+    if n is None:
+        raise TypeError(f"{name} must be an int (the global sequence length), got {type(seq_len).__name__} "
+                        f"{seq_len!r}")
+    if n < 1:
+        raise ValueError(f"{name} must be a positive int (the global sequence length), got {n}")
+    return n
+
+
 def unit(layout: str, world: int) -> int:
     """The global sequence length must be a multiple of this."""
     check_layout(layout)
@@ -88,6 +127,9 @@ def padding_needed(seq_len: int, layout: str, world: int) -> int:
 
 
 def _check_len(seq_len: int, layout: str, world: int, what: str = "seq_len") -> None:
+    if seq_len < 1:
+        raise ValueError(f"{what}={seq_len}: the sequence is empty; seqpar shards a sequence of at least "
+                         f"{unit(layout, world)} tokens along it (layout={layout!r} over {world} ranks)")
     pad = padding_needed(seq_len, layout, world)
     if pad:
         u = unit(layout, world)
@@ -99,6 +141,8 @@ def _check_len(seq_len: int, layout: str, world: int, what: str = "seq_len") -> 
 
 def global_indices(seq_len: int, rank: int, world: int, layout: str) -> torch.Tensor:
     """LongTensor (seq_len // world,): the global positions of ``rank``'s tokens, in local order."""
+    seq_len = check_seq_len(seq_len)
+    check_layout(layout)
     _check_len(seq_len, layout, world)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
@@ -115,7 +159,8 @@ def global_indices(seq_len: int, rank: int, world: int, layout: str) -> torch.Te
 
 def shard_tensor(x: torch.Tensor, dim: int, rank: int, world: int, layout: str) -> torch.Tensor:
     """``x`` (..., S, ...) -> this rank's (..., S/P, ...) along ``dim`` (a view where possible)."""
-    dim = dim % x.ndim
+    check_layout(layout)
+    dim = check_dim(dim, x.ndim)
     S = x.shape[dim]
     _check_len(S, layout, world, what=f"x.shape[{dim}]")
     n = S // world
@@ -132,7 +177,13 @@ def shard_tensor(x: torch.Tensor, dim: int, rank: int, world: int, layout: str) 
 def unshard_tensor(shards: list[torch.Tensor], dim: int, layout: str) -> torch.Tensor:
     """Inverse of :func:`shard_tensor`: the P shards in rank order -> the global tensor."""
     check_layout(layout)
-    dim = dim % shards[0].ndim
+    dim = check_dim(dim, shards[0].ndim, tensor="the shards")
+    L = shards[0].shape[dim]
+    if any(s.shape != shards[0].shape for s in shards):
+        raise ValueError(f"the shards must have one shape, got {[tuple(s.shape) for s in shards]}")
+    if layout == "zigzag" and L % 2:
+        raise ValueError(f"layout='zigzag' shards hold two halves of equal length, got shards of odd length {L} "
+                         f"along dim {dim}")
     if layout == "contiguous":
         return torch.cat(shards, dim=dim)
     if layout == "striped":

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,42 +18,11 @@ import pytest
 from seqpar.testing import processes as procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLUSTER = os.path.join(ROOT, "launch", "local_cluster.sh")
 BIN = os.path.dirname(sys.executable)
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """SLURM_CONF of a running local cluster; stopped afterwards if this fixture started it."""
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        pytest.skip("SLURM is not installed and apt-get is unavailable to install it (Debian slurm-wlm)")
-    if os.geteuid() != 0:
-        pytest.skip("launch/local_cluster.sh needs root (apt-get, munged, slurmd)")
-    if subprocess.run([CLUSTER, "status"], capture_output=True, timeout=60).returncode == 0:
-        # a user's cluster (default dir, same ports) is already up: use it, leave it running
-        out = subprocess.run([CLUSTER, "env"], capture_output=True, text=True, timeout=30).stdout
-        yield out.strip().split("=", 1)[1]
-        return
-    d = str(tmp_path_factory.mktemp("slurm"))
-    env = {**os.environ, "SEQPAR_SLURM_DIR": d}
-    r = subprocess.run([CLUSTER, "start", "4"], env=env, capture_output=True, text=True, timeout=300)
-    try:
-        assert r.returncode == 0, f"local_cluster.sh start failed:\n{r.stdout}\n{r.stderr}"
-        yield os.path.join(d, "slurm.conf")
-    finally:
-        subprocess.run([CLUSTER, "stop"], env=env, capture_output=True, text=True, timeout=60)
-
-
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "OMPI_", "PMI_")) and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + env["PATH"])
-    return env
-
-
 def _sbatch(conf: str, script: str, *payload: str, extra_env=None, timeout=240) -> tuple[int, str]:
-    env = {**_clean_env(), "SLURM_CONF": conf, **(extra_env or {})}
+    env = {**procs.launcher_env(), "SLURM_CONF": conf, **(extra_env or {})}
     fd, log = tempfile.mkstemp(prefix="seqpar-sbatch-", suffix=".out")
     os.close(fd)
     cmd = ["sbatch", "--wait", "--parsable", f"--output={log}", os.path.join(ROOT, script), *payload]
@@ -95,7 +63,7 @@ def torchrun_loss(tmp_path_factory):
     if importlib.util.find_spec("seqpar.train") is None or importlib.util.find_spec("transformers") is None:
         pytest.skip("seqpar.train (and transformers) not available")
     d = str(tmp_path_factory.mktemp("torchrun"))
-    env = _clean_env()
+    env = procs.launcher_env()
     r = procs.run([os.path.join(BIN, "torchrun"), "--nproc-per-node", "2", *_train_args(d, "ref")], cwd=ROOT,
                   env=env, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]

@@ -11,8 +11,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
-__all__ = ["run", "kill_group", "popen", "descendants"]
+_LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_")
+_LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any launcher's variables (so a launcher started from a test
+    sets its own), one thread per rank, this interpreter's bin folder (mpirun, torchrun) first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
+    env.update(OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    env.update(extra)
+    return env
+
+__all__ = ["run", "kill_group", "popen", "descendants", "launcher_env"]
 
 
 def popen(cmd, **kwargs) -> subprocess.Popen:
