@@ -24,7 +24,7 @@ Backends (each a :class:`KernelBackend`: entry points plus capabilities as data)
 ``block_attention_accumulate`` merges a tile into a running fp32 ``(out, lse)`` in place: inside the
 kernel where the backend has a ``forward_accumulate`` (triton), else ``block_attention`` +
 :func:`merge_partial`. Inputs of a dtype outside a backend's ``dtypes`` (fp64 for triton) run on
-``reference``.
+``reference``, and so do calls a backend declares it cannot compute (``scale <= 0`` on ``aten``).
 
 The backward takes the *global* ``out`` and ``lse`` (after all tiles were merged) so a tile's
 gradient is exact: ``P = exp(S - lse)``, ``delta = rowsum(dO * out)``.
@@ -102,9 +102,12 @@ def get_backend(name: str) -> KernelBackend:
     return importlib.import_module(_MODULES[name]).BACKEND
 
 
-def _for(backend: str, dtype: torch.dtype) -> KernelBackend:
+def _for(backend: str, dtype: torch.dtype, scale: float) -> KernelBackend:
+    """The backend that computes these inputs: ``backend``, or ``reference`` for what it cannot."""
     impl = get_backend(backend)
-    return impl if dtype in impl.dtypes else get_backend("reference")
+    if dtype not in impl.dtypes or (impl.positive_scale_only and scale <= 0):
+        return get_backend("reference")
+    return impl
 
 
 def block_attention(
@@ -117,7 +120,7 @@ def block_attention(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One tile's attention: ``(out (B,Hq,Sq,D), lse (B,Hq,Sq) fp32)``."""
-    mask, impl = as_mask(mask), _for(backend, q.dtype)
+    mask, impl = as_mask(mask), _for(backend, q.dtype, scale)
     if mask.kind in impl.native_masks:
         return impl.forward(q, k, v, mask=mask, scale=scale)
     assert mask.kind == "strict", mask  # every backend has full and causal
@@ -144,7 +147,7 @@ def block_attention_backward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one tile given the global ``out``/``lse``: ``(dq, dk, dv)`` shaped like q, k, v."""
-    mask, impl = as_mask(mask), _for(backend, q.dtype)
+    mask, impl = as_mask(mask), _for(backend, q.dtype, scale)
     if mask.kind in impl.native_masks:
         return impl.backward(dout, q, k, v, out, lse, mask=mask, scale=scale)
     assert mask.kind == "strict", mask
@@ -192,7 +195,7 @@ def block_attention_accumulate(
 ) -> None:
     """Merge one tile's attention into the running ``(out, lse)`` in place (rows with no visible key
     of this tile are left untouched). Equals ``block_attention`` then :func:`merge_partial`."""
-    mask, impl = as_mask(mask), _for(backend, q.dtype)
+    mask, impl = as_mask(mask), _for(backend, q.dtype, scale)
     if impl.forward_accumulate is not None and out.dtype == torch.float32 and mask.kind in impl.native_masks:
         impl.forward_accumulate(q, k, v, out, lse, mask=mask, scale=scale)
         return

@@ -77,4 +77,5 @@ def backward(dout, q, k, v, out, lse, *, mask: TileMask, scale: float):
 BACKEND = KernelBackend(
     name="aten", forward=forward, backward=backward, native_masks=frozenset({"full", "causal"}),
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+    positive_scale_only=True,  # torch's CPU flash kernel returns NaN for causal rows with scale <= 0
 )

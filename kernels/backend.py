@@ -54,7 +54,8 @@ class KernelBackend:
     ``forward(q, k, v, *, mask, scale) -> (out, lse)``; ``backward(dout, q, k, v, out, lse, *, mask,
     scale) -> (dq, dk, dv)``; ``forward_accumulate(q, k, v, out, lse, *, mask, scale)`` merges a tile
     into fp32 ``(out, lse)`` views in place (``None``: the dispatcher merges). ``native_masks``: the
-    mask kinds the kernels take as they are; ``dtypes``: the input dtypes they compute.
+    mask kinds the kernels take as they are; ``dtypes``: the input dtypes they compute;
+    ``positive_scale_only``: the kernels are wrong for ``scale <= 0`` (such calls go to ``reference``).
     """
 
     name: str
@@ -63,6 +64,7 @@ class KernelBackend:
     native_masks: frozenset[str]
     dtypes: frozenset[torch.dtype]
     forward_accumulate: Callable[..., None] | None = None
+    positive_scale_only: bool = False
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -40,7 +40,7 @@ def forward(q, k, v, *, mask: TileMask, scale: float):
     lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, G, Sq)
     p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     out = torch.einsum("bhgqk,bhkd->bhgqd", p, v.to(acc))
-    return out.reshape(B, Hq, Sq, -1), lse.reshape(B, Hq, Sq)
+    return out.reshape(B, Hq, Sq, v.shape[-1]), lse.reshape(B, Hq, Sq)
 
 
 def backward(dout, q, k, v, out, lse, *, mask: TileMask, scale: float):

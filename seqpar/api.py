@@ -64,7 +64,7 @@ def _check_compilable(group, record) -> None:
 def _check_finite(named: list[tuple[str, torch.Tensor]], group, world: int, call: int, error: type) -> None:
     """Raise ``error`` on every rank if any rank holds a non-finite value in one of ``named``."""
     local = [int(not bool(torch.isfinite(t).all())) for _, t in named]
-    rows = gather_ints(local, group, named[0][1].device) if world > 1 else [local]
+    rows = gather_ints(local, group) if world > 1 else [local]
     bad = {name: [r for r, row in enumerate(rows) if row[i]] for i, (name, _) in enumerate(named)}
     bad = {name: ranks for name, ranks in bad.items() if ranks}
     if bad:
@@ -82,6 +82,9 @@ def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend,
             raise ValueError(f"{name} must have at least 3 dims (..., H, S_local, D); got shape {tuple(t.shape)}")
         if t.dtype not in _FLOATS:
             raise TypeError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
+        if t.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (shapes without data): attention needs real tensors; "
+                             f"materialise the model (e.g. to_empty + init) before running it")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}; cast them first")
     if not (q.device == k.device == v.device):
@@ -95,24 +98,32 @@ def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend,
         raise ValueError(f"q and k must have the same batch dims, got {tuple(q.shape[:-3])} and {tuple(k.shape[:-3])}")
     hq, sq, d = q.shape[-3:]
     hkv, sk, dk = k.shape[-3:]
+    if hq < 1 or hkv < 1:
+        raise ValueError(f"q and k need at least one head (dim -3), got q: {hq}, k/v: {hkv}")
+    if d < 1:
+        raise ValueError(f"q, k, v need a head dim D >= 1 (dim -1), got {d}")
     if d != dk:
         raise ValueError(f"q and k must have the same head dim, got {d} and {dk}")
     if sq != sk:
         raise ValueError(f"q and k must have the same local sequence length (both sharded with the same layout), "
                          f"got {sq} and {sk}")
     if hq % hkv:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of kv heads ({hkv})")
+        raise ValueError(f"the number of query heads of q ({hq}) must be a multiple of the number of kv heads of "
+                         f"k and v ({hkv})")
     if hq != hkv and not enable_gqa:
         raise ValueError(f"q has {hq} heads and k/v have {hkv}: pass enable_gqa=True for grouped-query attention")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
     check_choice("layout", layout, LAYOUTS)
     check_choice("method", method, METHODS)
     check_choice("backend", backend, BACKENDS)
     if sq < 1:
-        raise ValueError("the local sequence length must be at least 1")
+        raise ValueError(f"q, k, v have local sequence length S_local={sq} (dim -2): pass at least one token per rank")
     if layout == "zigzag" and sq % 2:
         raise ValueError(
             f"layout='zigzag' needs an even local length (the global length a multiple of 2P={2 * world}); got "
@@ -128,12 +139,12 @@ def _signature(q, k, is_causal, layout, method) -> tuple:
             _DTYPE_CODE[q.dtype], int(is_causal), LAYOUTS.index(layout), METHODS.index(method))
 
 
-def _agree(group, signature: tuple, error: Exception | None, device: torch.device) -> None:
+def _agree(group, signature: tuple, error: Exception | None) -> None:
     """Once per new shape signature: all ranks compare signatures; any rank's error fails them all."""
     key = (id(group), signature)
     if error is None and key in _AGREED:
         return
-    rows = gather_ints([0 if error is None else 1, *signature], group, device)
+    rows = gather_ints([0 if error is None else 1, *signature], group)
     if error is not None:
         raise error
     bad = [r for r, row in enumerate(rows) if row[0]]
@@ -215,13 +226,12 @@ def attend(
         if compiling:
             _check_compilable(g, record)
     except (TypeError, ValueError) as e:
-        if world == 1 or compiling or not isinstance(q, torch.Tensor):
+        if world == 1 or compiling:
             raise
         error = e
     if world > 1 and not compiling:
-        device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         sig = _signature(q, k, call.is_causal, call.layout, call.method) if error is None else (0,) * 9
-        _agree(g, sig, error, device)
+        _agree(g, sig, error)
     lead = q.shape[:-3]
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     if kept is not None:

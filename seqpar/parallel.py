@@ -71,7 +71,7 @@ def parallelize(
     data-parallel gradients (see the module docstring). Returns ``model``.
     """
     dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
-                             compile=compile)
+                             compile=compile, backend=backend)
     rt = Runtime(cp_mesh(mesh).get_group(), layout, method, backend)
     sync_params(model, flat_mesh(mesh).get_group())
     attention_pass(model, kind, rt)

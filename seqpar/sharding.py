@@ -11,10 +11,9 @@ a ``ValueError``/``TypeError`` on every rank instead of hanging or crashing the 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from seqpar import layout as _layout
-from seqpar.comm import TransportGroup, all_gather_tensor, gather_ints
+from seqpar.comm import all_gather_tensor, gather_ints
 from seqpar.mesh import group_rank_size, resolve_group
 
 __all__ = ["shard", "unshard", "positions"]
@@ -99,16 +98,6 @@ def _check_unshard(local, dim, layout: str, world: int) -> int:
     return d
 
 
-def _control_device(group) -> torch.device:
-    """Where the small agreement collective runs: the same device on every rank of ``group``."""
-    if isinstance(group, TransportGroup):
-        return torch.device("cpu")
-    backend = str(dist.get_backend(group))
-    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _unshard_signature(local: torch.Tensor, d: int, layout: str) -> list[int]:
     shape = [int(s) for s in local.shape]
     head = (shape + [-1] * _SHAPE_SLOTS)[:_SHAPE_SLOTS]
@@ -120,7 +109,7 @@ def _agree_unshard(group, signature: list[int] | None, error: Exception | None) 
     """Every rank learns whether any rank rejected its input, or whether the ranks' shards differ."""
     code = 0 if error is None else 1 + _ARGS.index(getattr(error, "seqpar_argument", "local"))
     width = 5 + _SHAPE_SLOTS
-    rows = gather_ints([code, *(signature or [0] * width)], group, _control_device(group))
+    rows = gather_ints([code, *(signature or [0] * width)], group)
     if error is not None:
         raise error
     bad = {r: _ARGS[row[0] - 1] for r, row in enumerate(rows) if row[0]}

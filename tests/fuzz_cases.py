@@ -103,11 +103,12 @@ def _exact(got: torch.Tensor, want: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- shard / unshard / positions
 
 
-def shard_expect(s: dict, P: int):
-    """None if ``seqpar.shard`` must succeed, else the names an error may give."""
+def _shard_like_expect(s: dict, arg: str, bad_length) -> list[str]:
+    """The names a shard / unshard error may give: ``arg`` (the tensor's name) for a bad tensor or a
+    length ``bad_length(n)`` refuses, ``layout``, ``dim``."""
     names = []
     if s["x_kind"] != "tensor":
-        names.append("x")
+        names.append(arg)
     if not layout_ok(s["layout"]):
         names.append("layout")
     dim, shape = s["dim"], s["shape"]
@@ -115,31 +116,23 @@ def shard_expect(s: dict, P: int):
         names.append("dim")
     elif s["x_kind"] == "tensor":
         if len(shape) == 0:
-            names.append("x")
+            names.append(arg)
         elif not -len(shape) <= dim < len(shape):
             names.append("dim")
-        elif shape[dim] == 0 or (layout_ok(s["layout"]) and shape[dim] % unit(s["layout"], P)):
-            names.append("x")
+        elif shape[dim] == 0 or bad_length(shape[dim]):
+            names.append(arg)
+    return names
+
+
+def shard_expect(s: dict, P: int):
+    """None if ``seqpar.shard`` must succeed, else the names an error may give."""
+    names = _shard_like_expect(s, "x", lambda n: layout_ok(s["layout"]) and n % unit(s["layout"], P))
     return tuple(names) or None
 
 
 def unshard_expect(s: dict, P: int):
     """Local validity of ``seqpar.unshard`` on one rank: None, or the names its error may give."""
-    names = []
-    if s["x_kind"] != "tensor":
-        names.append("local")
-    if not layout_ok(s["layout"]):
-        names.append("layout")
-    dim, shape = s["dim"], s["shape"]
-    if not is_int(dim):
-        names.append("dim")
-    elif s["x_kind"] == "tensor":
-        if len(shape) == 0:
-            names.append("local")
-        elif not -len(shape) <= dim < len(shape):
-            names.append("dim")
-        elif shape[dim] == 0 or (s["layout"] == "zigzag" and shape[dim] % 2):
-            names.append("local")
+    names = _shard_like_expect(s, "local", lambda n: s["layout"] == "zigzag" and n % 2)
     if s["x_kind"] == "tensor" and s["device"] == "meta":
         names.append("local")
     return tuple(names) or None

@@ -35,6 +35,7 @@ __all__ = [
     "make_ring",
     "all_gather_tensor",
     "gather_ints",
+    "control_device",
     "TAG_KV",
     "TAG_DKV",
     "call_tags",
@@ -170,9 +171,20 @@ def all_gather_tensor(x: torch.Tensor, group: dist.ProcessGroup | None) -> list[
     return out
 
 
-def gather_ints(values: list[int], group: dist.ProcessGroup | None, device: torch.device) -> list[list[int]]:
+def control_device(group) -> torch.device:
+    """Where small control collectives of ``group`` run, the same device on every rank: the current
+    CUDA device for NCCL, else the CPU."""
+    if group is None or isinstance(group, TransportGroup):
+        return torch.device("cpu")
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_ints(values: list[int], group: dist.ProcessGroup | TransportGroup | None) -> list[list[int]]:
     """All-gather a short list of ints (same length on every rank) -> one list per rank."""
     if isinstance(group, TransportGroup):
         return group.all_gather_ints(values)
-    t = torch.tensor(values, dtype=torch.int64, device=device)
+    t = torch.tensor(values, dtype=torch.int64, device=control_device(group))
     return [g.tolist() for g in all_gather_tensor(t, group)]

@@ -55,10 +55,11 @@ class RingMethod:
     call: int = 0
     name: str = "ring"
 
-    def _wait(self, handle, phase: str, step: int, what: str) -> torch.Tensor:
-        """``handle.wait()``; a transport failure becomes a :class:`CommError` that says where and why."""
+    def _comm(self, fn, phase: str, step: int, what: str):
+        """``fn()`` (posting or waiting for an exchange); a transport failure becomes a :class:`CommError`
+        that says where and why."""
         try:
-            return handle.wait()
+            return fn()
         except PeerAborted:
             raise
         except (RuntimeError, TimeoutError) as e:
@@ -68,9 +69,16 @@ class RingMethod:
                 f"#{self.call} on this group, {phase} ring step {step + 1} of {ring.size}, waiting to receive "
                 f"{what} from rank {ring.prev_rank} and send to rank {ring.next_rank}. Likely cause: the ranks did "
                 f"not make the same seqpar attention calls in the same order (a data-dependent branch, or an "
-                f"exception caught on some ranks only), or rank {ring.prev_rank} stopped or died. Every rank of the "
-                f"group must make the same attention calls in the same order. Transport: {type(e).__name__}: {e}"
+                f"exception caught on some ranks only), or rank {ring.prev_rank} or rank {ring.next_rank} stopped "
+                f"or died. Every rank of the group must make the same attention calls in the same order. "
+                f"Transport: {type(e).__name__}: {e}"
             ) from e
+
+    def _post(self, send, recv, tag: int, phase: str, step: int, what: str):
+        return self._comm(lambda: self.ring.exchange(send, recv, tag=tag), phase, step, what)
+
+    def _wait(self, handle, phase: str, step: int, what: str) -> torch.Tensor:
+        return self._comm(handle.wait, phase, step, what)
 
     def _tile(self, step: int, s_local: int):
         kv_rank = (self.ring.rank - step) % self.ring.size
@@ -90,7 +98,7 @@ class RingMethod:
         spare = torch.empty_like(kv) if ring.size > 2 else None
         out = lse = None
         for step in range(ring.size):
-            pending = ring.exchange(kv, spare, tag=tag_kv) if step + 1 < ring.size else None
+            pending = self._post(kv, spare, tag_kv, "forward", step, "K/V") if step + 1 < ring.size else None
             t = self._tile(step, q.shape[2])
             if t is not None:
                 qt, kt, vt = q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv]  # views (zigzag: half tiles)
@@ -123,7 +131,7 @@ class RingMethod:
         spare = torch.empty_like(kv) if ring.size > 2 else None
         dkv_pending = None
         for step in range(ring.size):
-            kv_pending = ring.exchange(kv, spare, tag=tag_kv) if step + 1 < ring.size else None
+            kv_pending = self._post(kv, spare, tag_kv, "backward", step, "K/V") if step + 1 < ring.size else None
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
             t = self._tile(step, q.shape[2])
             if t is not None:
@@ -137,7 +145,7 @@ class RingMethod:
                 dkv[1][:, :, t.kv] += gv
             if dkv_pending is not None:
                 dkv += self._wait(dkv_pending, "backward", step, "dK/dV")  # this KV block's buffer, from the rank before
-            dkv_pending = ring.exchange(dkv, tag=tag_dkv)
+            dkv_pending = self._post(dkv, None, tag_dkv, "backward", step, "dK/dV")
             if kv_pending is not None:
                 kv, spare = self._wait(kv_pending, "backward", step, "K/V"), kv
         dkv = self._wait(dkv_pending, "backward", ring.size - 1, "dK/dV")  # our own block's buffer, home after P hops
