@@ -115,6 +115,11 @@ def shard_batch(
 
     pos = batch.get("position_ids")
     pos = torch.arange(S, device=ids.device) if pos is None else pos.to(ids.device)
+    if S > 1 and bool((pos[..., 1:] < pos[..., :-1]).any()):
+        raise ValueError("batch['position_ids'] restart within a sequence (documents packed the way "
+                         "DataCollatorWithFlattening marks them): seqpar's attention does not yet keep packed "
+                         "documents apart, so tokens would attend across documents; pass one document per "
+                         "sequence (or position_ids that only increase)")
     out: dict[str, Any] = {"input_ids": local(ids), "position_ids": local(pos.expand(B, S))}
     labels = batch.get("labels")
     if labels is not None:

@@ -195,6 +195,24 @@ def bad_input(rank, size, *, case):
             b["attention_mask"] = torch.ones(1, 64, dtype=torch.long)
             b["attention_mask"][0, -5:] = 0
             seqpar.shard_batch(b, mesh)
+        elif case in ("gemma2_softcap", "gptoss_sinks"):
+            import transformers
+
+            common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+            if case == "gemma2_softcap":
+                cfg = transformers.Gemma2Config(**common, attn_logit_softcapping=0.05, sliding_window=4096)
+                model = transformers.Gemma2ForCausalLM(cfg)
+            else:
+                cfg = transformers.GptOssConfig(**common, num_local_experts=2, num_experts_per_tok=1,
+                                                sliding_window=4096)
+                model = transformers.GptOssForCausalLM(cfg)
+            model = seqpar.parallelize(model.float(), mesh, fsdp=False)
+            model(**seqpar.shard_batch(make_batch(0, 1, 8 * size), mesh))
+        elif case == "packed_position_ids":
+            b = make_batch(0, 1, 16 * size)
+            b["position_ids"] = torch.cat([torch.arange(8 * size), torch.arange(8 * size)])[None]
+            seqpar.shard_batch(b, mesh)
         elif case == "unsharded_hf_batch":
             model = seqpar.parallelize(make_model("llama"), mesh, fsdp=False)
             b = make_batch(0, 1, 8 * size)

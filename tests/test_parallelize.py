@@ -81,6 +81,10 @@ BAD = {
     "bad_layout": ("ValueError", "layout must be one of"),
     "padding_mask": ("ValueError", "attention_mask"),
     "unsharded_hf_batch": ("ValueError", "shard_batch"),
+    # attention arguments seqpar would otherwise ignore (a silently different loss): refused by name
+    "gemma2_softcap": ("ValueError", "softcap=0.05: logit soft-capping"),
+    "gptoss_sinks": ("ValueError", "s_aux=<tensor"),
+    "packed_position_ids": ("ValueError", "position_ids'] restart within a sequence"),
 }
 
 

@@ -23,7 +23,44 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["is_hf_model", "supports_attention_interface", "register_attention"]
+__all__ = ["is_hf_model", "supports_attention_interface", "register_attention", "check_attention_kwargs"]
+
+# What transformers passes to an attention function that seqpar may ignore: the positions (RoPE is
+# already applied to q and k), cache bookkeeping (no KV cache under parallelize), and flags that
+# change nothing here. Any other argument with a value is refused by name: a silently different
+# answer is worse than an error.
+_IGNORABLE = {"position_ids", "cache_position", "use_cache", "output_attentions", "layer_idx", "past_key_values",
+              "past_key_value", "head_mask", "return_dict"}
+# Arguments seqpar does not implement yet, and what they would change.
+_UNSUPPORTED = {
+    "softcap": "logit soft-capping (Gemma 2 attn_logit_softcapping)",
+    "s_aux": "attention sinks (gpt-oss)",
+    "cu_seq_lens_q": "packed documents (varlen attention)",
+    "cu_seq_lens_k": "packed documents (varlen attention)",
+    "max_length_q": "packed documents (varlen attention)",
+    "max_length_k": "packed documents (varlen attention)",
+}
+
+
+def check_attention_kwargs(kwargs: dict[str, Any], global_len: int) -> None:
+    """Refuse every attention argument seqpar would otherwise ignore (``ValueError`` naming it)."""
+    for name, value in kwargs.items():
+        if value is None or value is False or name in _IGNORABLE:
+            continue
+        if name == "sliding_window":
+            if value < global_len:
+                raise ValueError(f"seqpar attention does not implement sliding-window attention (sliding_window="
+                                 f"{value} < global length {global_len}); use a window >= the sequence length")
+            continue
+        if name == "softcap" and value == 0:
+            continue
+        what = _UNSUPPORTED.get(name, "an attention argument seqpar does not know")
+        raise ValueError(f"seqpar attention got {name}={_short(value)}: {what} is not supported, and ignoring it "
+                         f"would change the result; use a model configuration without it")
+
+
+def _short(value: Any) -> str:
+    return f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -68,10 +105,7 @@ def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor],
         if dropout:
             raise ValueError(f"seqpar attention does not implement attention dropout (got {dropout}); set the "
                              f"config's attention_dropout to 0")
-        window = kwargs.get("sliding_window")
-        if window is not None and window < query.shape[2] * world:
-            raise ValueError(f"seqpar attention does not implement sliding-window attention (window {window} < "
-                             f"global length {query.shape[2] * world})")
+        check_attention_kwargs(kwargs, query.shape[2] * world)
         causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
         out = attention(query, key, value, is_causal=causal, scale=scaling,
                         enable_gqa=query.shape[1] != key.shape[1])  # (B, Hq, S_local, D)
