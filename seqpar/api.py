@@ -122,6 +122,7 @@ def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend,
     check_choice("layout", layout, LAYOUTS)
     check_choice("method", method, METHODS)
     check_choice("backend", backend, BACKENDS)
+    _methods.check(method, hq=hq, hkv=hkv, s_local=sq, world=world, layout=layout)
     if sq < 1:
         raise ValueError(f"q, k, v have local sequence length S_local={sq} (dim -2): pass at least one token per rank")
     if layout == "zigzag" and sq % 2:

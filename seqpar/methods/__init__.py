@@ -1,18 +1,24 @@
 """The distributed attention methods: one module each, sharing the kernel and comm layers.
 
-``build(method, group, ...)`` returns the method object for one call; :class:`MethodFunction` runs any
-method under autograd (with replay of a kept forward, for checkpointing). Methods: ``ring``
-(:mod:`seqpar.methods.ring`).
+``build(method, group, ...)`` returns the method object for one call; ``check(method, ...)`` validates
+the shapes a method needs (before any communication); :class:`MethodFunction` runs any method under
+autograd (with replay of a kept forward, for checkpointing). Methods: ``ring``
+(:mod:`seqpar.methods.ring`). A new method is a module with a class that has ``from_group`` (a
+classmethod building the object of one call), ``check`` (a staticmethod) and the
+:class:`~seqpar.methods.base.Method` protocol, one entry in ``_METHODS`` and one name in
+``seqpar.vocab.METHODS``.
 """
 
 from __future__ import annotations
 
-from seqpar.comm import make_ring
 from seqpar.methods.base import Method, MethodFunction, Recorder, StepRecord
 from seqpar.methods.ring import RingMethod
 from seqpar.vocab import METHODS, check_choice
 
-__all__ = ["build", "Method", "MethodFunction", "Recorder", "StepRecord", "RingMethod"]
+__all__ = ["build", "check", "Method", "MethodFunction", "Recorder", "StepRecord", "RingMethod"]
+
+_METHODS: dict[str, type] = {"ring": RingMethod}
+assert tuple(_METHODS) == METHODS, "one class per name of seqpar.vocab.METHODS, in its order"
 
 
 def build(method: str, group, *, layout: str, causal: bool, scale: float, backend: str,
@@ -21,6 +27,12 @@ def build(method: str, group, *, layout: str, causal: bool, scale: float, backen
     group or ``None``); ``backend`` already resolved for the tensors' device; ``call`` the call's
     number on the group (the same on every rank: it tags the call's messages)."""
     check_choice("method", method, METHODS)
-    # one entry per name in seqpar.vocab.METHODS
-    return RingMethod(make_ring(group), layout=layout, causal=causal, scale=scale, backend=backend, record=record,
-                      call=call)
+    return _METHODS[method].from_group(group, layout=layout, causal=causal, scale=scale, backend=backend,
+                                       record=record, call=call)
+
+
+def check(method: str, *, hq: int, hkv: int, s_local: int, world: int, layout: str) -> None:
+    """What ``method`` needs of the shapes (e.g. heads divisible by the all-to-all degree): ``ValueError``
+    naming the argument; local, the same on every rank, before any communication."""
+    check_choice("method", method, METHODS)
+    _METHODS[method].check(hq=hq, hkv=hkv, s_local=s_local, world=world, layout=layout)

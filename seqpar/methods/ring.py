@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from seqpar import layout as _layout
-from seqpar.comm import CommError, PeerAborted, Ring, call_tags
+from seqpar.comm import CommError, PeerAborted, Ring, call_tags, make_ring
 from seqpar.kernels import acc_dtype, block_attention, block_attention_accumulate, block_attention_backward
 from seqpar.methods.base import Recorder, step_timer
 
@@ -79,6 +79,15 @@ class RingMethod:
 
     def _wait(self, handle, phase: str, step: int, what: str) -> torch.Tensor:
         return self._comm(handle.wait, phase, step, what)
+
+    @classmethod
+    def from_group(cls, group, **opts) -> "RingMethod":
+        """The ring over a resolved group (ProcessGroup, transport group or ``None``)."""
+        return cls(make_ring(group), **opts)
+
+    @staticmethod
+    def check(*, hq: int, hkv: int, s_local: int, world: int, layout: str) -> None:
+        """The ring takes any head counts and local lengths the layout allows."""
 
     def _tile(self, step: int, s_local: int):
         kv_rank = (self.ring.rank - step) % self.ring.size
