@@ -26,7 +26,7 @@ import torch
 
 from seqpar import methods as _methods
 from seqpar.methods import ops as _ops
-from seqpar.comm import gather_ints
+from seqpar.comm import CommError, gather_ints
 from seqpar.kernels import resolve_backend
 from seqpar.mesh import group_rank_size, resolve_group
 from seqpar.vocab import BACKENDS, LAYOUTS, METHODS, check_choice
@@ -145,7 +145,14 @@ def _agree(group, signature: tuple, error: Exception | None) -> None:
     key = (id(group), signature)
     if error is None and key in _AGREED:
         return
-    rows = gather_ints([0 if error is None else 1, *signature], group)
+    try:
+        rows = gather_ints([0 if error is None else 1, *signature], group)
+    except RuntimeError as e:  # the transport's timeout: the other ranks are not in this agreement
+        if error is not None:
+            raise error from e  # this rank's own error, naming its argument
+        raise CommError(f"seqpar.attention: the shape agreement of a new call signature on this group failed "
+                        f"(the other ranks did not join it: they skipped or repeated a call, or one of them "
+                        f"stopped). Transport: {type(e).__name__}: {e}") from e
     if error is not None:
         raise error
     bad = [r for r, row in enumerate(rows) if row[0]]

@@ -517,8 +517,9 @@ def test_attention_not_a_tensor_on_one_rank(worlds):
 
 # Known limit: a rank whose input is bad after its group agreed on the shapes joins the agreement to
 # report it, while the others (cached signature) are already in the ring. Every wait is bounded by the
-# process-group timeout (the others then raise seqpar's CommError, and a launcher ends the job when the
-# first rank exits), but no rank fails at once: failing at once would need an all-gather per call.
+# process-group timeout (then the bad rank raises its own error and the others seqpar's CommError, and a
+# launcher ends the job when the first rank exits), but no rank fails at once: failing at once would need
+# an all-gather per call.
 
 
 @pytest.mark.xfail(strict=True, reason="bounded by the process-group timeout (60 s here), not immediate",

@@ -43,6 +43,21 @@ def test_skipped_call_fails_every_rank_with_seqpar_error(world, skipper):
     assert "same attention calls in the same order" in text
 
 
+def test_bad_input_after_agreed_shapes_fails_every_rank_after_the_timeout():
+    """A rank passes an unknown layout to a call whose shapes the group already agreed on: the others are
+    in the ring, it is in the agreement. Bounded: after the timeout it raises its own ValueError (naming
+    ``layout``) and the other rank seqpar's CommError; the job ends non-zero."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "launch" / "skip_call.py"), "--skipper", "1", "--timeout", str(TIMEOUT), "--fault", "bad-layout"]
+    t0 = time.monotonic()
+    out = procs.run(cmd, env=env, timeout=TIMEOUT + 90)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and time.monotonic() - t0 < TIMEOUT + 30, text[-3000:]
+    assert "[rank1]: ValueError: layout must be one of" in text, text[-3000:]
+    assert "[rank0]: seqpar.comm.CommError" in text, text[-3000:]
+
+
 @pytest.mark.parametrize("case,etype,text", [
     ("nan_k_rank1", "ValueError", "non-finite values (NaN or Inf) in k on rank(s) [1]"),
     ("overflow", "FloatingPointError", "in the output on rank(s) [0, 1]"),
