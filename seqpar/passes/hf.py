@@ -30,7 +30,10 @@ __all__ = ["is_hf_model", "supports_attention_interface", "register_attention", 
 # change nothing here. Any other argument with a value is refused by name: a silently different
 # answer is worse than an error.
 _IGNORABLE = {"position_ids", "cache_position", "use_cache", "output_attentions", "layer_idx", "past_key_values",
-              "past_key_value", "head_mask", "return_dict"}
+              "past_key_value", "head_mask", "return_dict",
+              # loss bookkeeping transformers (5.x) forwards with the model's kwargs down to attention; the
+              # loss pass (passes/loss.py) uses them, attention has nothing to do with them
+              "shift_labels", "num_items_in_batch"}
 # Arguments seqpar does not implement yet, and what they would change.
 _UNSUPPORTED = {
     "softcap": "logit soft-capping (Gemma 2 attn_logit_softcapping)",
