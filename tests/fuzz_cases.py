@@ -241,6 +241,8 @@ def attention_expect(s: dict, P: int):
         names.append("backend")
     if s["layout"] == "zigzag" and s["S_local"] % 2:
         names += ["layout", "pad"]
+    if s["method"] == "ulysses" and (s["Hq"] % P or (s["Hkv"] % P and P % s["Hkv"])):
+        names += ["Hq", "Hkv", "method", "heads"]  # ulysses splits heads over the group: Hq % P, Hkv % P or P % Hkv
     return tuple(names) or None
 
 
@@ -449,7 +451,10 @@ def shard_batch(rank: int, size: int, *, spec: dict):
         batch["labels"] = lab.float() if s["labels"] == "float" else lab
     if s["position_ids"] != "none":
         kind = "BS" if s["position_ids"] == "float" else s["position_ids"]
-        pos = _batch_tensor(kind, B, S, seed + 3, high=1000)
+        # increasing along the sequence (positions that restart mark packed documents, refused by
+        # shard_batch: tested in test_parallelize's bad input)
+        pos = _batch_tensor(kind, B, S, seed + 3, high=1000).sort(dim=-1).values if S else \
+            _batch_tensor(kind, B, S, seed + 3, high=1000)
         batch["position_ids"] = pos.float() if s["position_ids"] == "float" else pos
     if s["attention_mask"] != "none":
         m = torch.ones(_batch_tensor(s["attention_mask"], B, S, 0).shape, dtype=torch.long)
