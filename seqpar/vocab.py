@@ -27,7 +27,7 @@ __all__ = [
 Layout = Literal["contiguous", "striped", "zigzag"]  # how the global sequence is dealt to the ranks
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 
-Method = Literal["ring"]  # the distributed algorithm (one module each in seqpar.methods)
+Method = Literal["ring", "ulysses", "allgather"]  # the distributed algorithm (one module each in seqpar.methods)
 METHODS: tuple[str, ...] = get_args(Method)
 
 MaskKind = Literal["full", "causal", "strict"]  # the structure of one tile (seqpar.kernels.TileMask)

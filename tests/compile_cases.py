@@ -43,7 +43,7 @@ def opcheck(rank, size):
     return checked
 
 
-def compiled_function(rank, size, *, backend, layout, causal, hkv, dtype=torch.float32):
+def compiled_function(rank, size, *, backend, layout, causal, hkv, dtype=torch.float32, method="ring"):
     """``torch.compile(f, fullgraph=True)`` of a function calling seqpar.attention vs the same function
     eagerly and vs fp64 SDPA on the whole sequence: {"eager_diff": max |compiled - eager| over out, dq,
     dk, dv, "errors": numerics.errors of the compiled result, "breaks": graph breaks}."""
@@ -54,7 +54,7 @@ def compiled_function(rank, size, *, backend, layout, causal, hkv, dtype=torch.f
     sh = lambda t: seqpar.shard(t, dim=2, layout=layout)  # noqa: E731
 
     def f(q, k, v):
-        return seqpar.attention(q, k, v, is_causal=causal, enable_gqa=hkv != H, layout=layout)
+        return seqpar.attention(q, k, v, is_causal=causal, enable_gqa=hkv != H, layout=layout, method=method)
 
     res = []
     for fn in (torch.compile(f, fullgraph=True, backend=backend), f):

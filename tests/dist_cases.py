@@ -25,7 +25,7 @@ def make_inputs(seed, B, Hq, Hkv, S, D, dtype, transposed):
 
 
 def equivalence(rank, size, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype, transposed=False,
-                backend="aten"):
+                backend="aten", method="ring"):
     """Max-abs errors vs an fp64 SDPA reference of: seqpar in ``dtype``, and SDPA in ``dtype``
     on the whole sequence, for out, dq, dk, dv on this rank's shard."""
     q, k, v, do, dtype = make_inputs(seed, B, Hq, Hkv, S, D, dtype, transposed)
@@ -34,7 +34,8 @@ def equivalence(rank, size, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype, tr
     low = numerics.sdpa_grads(*(t.to(dtype) for t in (q, k, v, do)), causal=causal)  # same dtype, one device
     sh = lambda t: seqpar.shard(t, dim=2, layout=layout)  # noqa: E731
     ql, kl, vl = (sh(t.to(dtype)).detach().requires_grad_() for t in (q, k, v))
-    out = seqpar.attention(ql, kl, vl, is_causal=causal, enable_gqa=gqa, layout=layout, backend=backend)
+    out = seqpar.attention(ql, kl, vl, is_causal=causal, enable_gqa=gqa, layout=layout, backend=backend,
+                           method=method)
     out.backward(sh(do.to(dtype)))
     mine = [out.detach(), ql.grad, kl.grad, vl.grad]
     assert all(m.dtype == dtype for m in mine), [m.dtype for m in mine]

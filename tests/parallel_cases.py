@@ -84,7 +84,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- cases
 
 
-def equivalence(rank, size, *, kind, dp, cp, layout, fsdp, checkpoint, B=2, S=64, steps=3, lr=0.5):
+def equivalence(rank, size, *, kind, dp, cp, layout, fsdp, checkpoint, B=2, S=64, steps=3, lr=0.5,
+                method="ring"):
     """Train ``steps`` SGD-momentum steps with seqpar and with the single-device reference; return
     the worst relative errors of the loss (every step), every gradient (step 1) and every parameter
     (after the last step). (Not Adam: its g / (|g| + eps) turns float noise in near-zero gradient
@@ -92,7 +93,8 @@ def equivalence(rank, size, *, kind, dp, cp, layout, fsdp, checkpoint, B=2, S=64
     mesh = mesh_for(dp, cp)
     replica = mesh.get_local_rank("dp")
     ref = make_model(kind)
-    model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout=layout, fsdp=fsdp, checkpoint=checkpoint)
+    model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout=layout, method=method, fsdp=fsdp,
+                               checkpoint=checkpoint)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     res = dict(loss=0.0, grad=0.0, param=0.0, ngrads=0)

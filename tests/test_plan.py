@@ -50,3 +50,6 @@ def test_bad_arguments():
         plan(SHAPE, 1000, 3, m)
     with pytest.raises(ValueError, match="method"):
         plan(SHAPE, 1024, 2, m, method="tree")
+    for method in ("ulysses", "allgather"):  # seqpar's methods whose cost is not modelled yet: refused
+        with pytest.raises(ValueError, match="models method='ring' only"):
+            plan(SHAPE, 1024, 2, m, method=method)

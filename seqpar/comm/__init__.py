@@ -42,6 +42,8 @@ __all__ = [
     "CommError",
     "PeerAborted",
     "TransportGroup",
+    "all_to_all",
+    "reduce_scatter_tensor",
 ]
 
 TAG_KV = 17
@@ -188,3 +190,77 @@ def gather_ints(values: list[int], group: dist.ProcessGroup | TransportGroup | N
         return group.all_gather_ints(values)
     t = torch.tensor(values, dtype=torch.int64, device=control_device(group))
     return [g.tolist() for g in all_gather_tensor(t, group)]
+
+
+def all_to_all(x: torch.Tensor, group: dist.ProcessGroup | None, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split ``x`` into P equal chunks along ``scatter_dim`` and send chunk j to rank j; the chunks received
+    (one from each rank) are concatenated along ``gather_dim`` in group rank order. E.g. (B, H, S/P, D) with
+    scatter_dim=1, gather_dim=2 -> (B, H/P, S, D). ``None`` or a 1-rank group: ``x`` itself, nothing moves.
+    torch.distributed groups only (``dist.all_to_all_single``; gloo runs it on CPU)."""
+    if isinstance(group, TransportGroup):
+        raise TypeError(f"group: {type(group).__name__} has no all-to-all; method='ulysses' needs a "
+                        f"torch.distributed group (or use method='ring', which runs on every transport)")
+    scatter_dim, gather_dim = scatter_dim % x.ndim, gather_dim % x.ndim
+    P = 1 if group is None else dist.get_world_size(group)
+    if P == 1:
+        return x
+    n = x.shape[scatter_dim]
+    if n % P:
+        raise ValueError(f"all_to_all: dim {scatter_dim} of size {n} does not split into {P} equal chunks")
+    send = x.unflatten(scatter_dim, (P, n // P)).movedim(scatter_dim, 0).contiguous()  # (P, *chunk)
+    recv = torch.empty_like(send)
+    if send.numel():
+        dist.all_to_all_single(recv, send, group=group)
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)  # chunk i (from rank i) at block i
+
+
+def reduce_scatter_tensor(x: torch.Tensor, group: dist.ProcessGroup | TransportGroup | None) -> torch.Tensor:
+    """``x`` (P, ...) on every rank -> this rank's ``sum over ranks of x[rank]`` (shape ``x.shape[1:]``).
+    ``None`` or a 1-rank group: ``x[0]``, nothing moves.
+
+    torch.distributed: ``dist.reduce_scatter_single`` (the name of ``reduce_scatter_tensor`` since torch 2.13)
+    on the flattened buffer: gloo (CPU) supports it, but only with "concatenated" shapes (input dim 0 = P x
+    output dim 0), so both sides travel as 1-D views of contiguous buffers. ``seqpar.MPIGroup``: mpi4py
+    ``Reduce_scatter_block`` with ``MPI.SUM`` on float32 / float64 buffers (others are refused). Other
+    transport groups need a ``reduce_scatter(x)`` method."""
+    if isinstance(group, TransportGroup):
+        if hasattr(group, "reduce_scatter"):
+            return group.reduce_scatter(x)
+        from seqpar.comm.mpi import MPIGroup  # mpi imports this module
+
+        if not isinstance(group, MPIGroup):
+            raise TypeError(f"group: {type(group).__name__} has no reduce-scatter (a transport group needs a "
+                            f"reduce_scatter(x) method); use method='ring', which runs on every transport")
+        return _mpi_reduce_scatter(x, group)
+    P = 1 if group is None else dist.get_world_size(group)
+    if x.shape[0] != P:
+        raise ValueError(f"reduce_scatter_tensor: dim 0 of x must be the group size {P}, got shape {tuple(x.shape)}")
+    if P == 1:
+        return x[0]
+    x = x.contiguous()
+    out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+    if out.numel():
+        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        rs(out.view(-1), x.view(-1), op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def _mpi_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    """:func:`reduce_scatter_tensor` over an ``seqpar.MPIGroup`` (mpi4py ``Reduce_scatter_block``, MPI.SUM)."""
+    if x.shape[0] != group.size:
+        raise ValueError(f"reduce_scatter_tensor: dim 0 of x must be the group size {group.size}, got shape "
+                         f"{tuple(x.shape)}")
+    if group.size == 1:
+        return x[0]
+    if x.device.type != "cpu":
+        raise ValueError(f"seqpar.MPIGroup moves CPU tensors only; the reduce-scatter buffer is on {x.device}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"seqpar.MPIGroup reduce-scatters float32 / float64 buffers only (MPI.SUM on numpy floats), "
+                        f"got {x.dtype}")
+    from mpi4py import MPI
+
+    x = x.detach().contiguous()
+    out = torch.empty(x.shape[1:], dtype=x.dtype)
+    if out.numel():
+        group.comm.Reduce_scatter_block(x.view(-1).numpy(), out.view(-1).numpy(), op=MPI.SUM)
+    return out

@@ -3,7 +3,8 @@
 ``build(method, group, ...)`` returns the method object for one call; ``check(method, ...)`` validates
 the shapes a method needs (before any communication); :class:`MethodFunction` runs any method under
 autograd (with replay of a kept forward, for checkpointing). Methods: ``ring``
-(:mod:`seqpar.methods.ring`). A new method is a module with a class that has ``from_group`` (a
+(:mod:`seqpar.methods.ring`), ``ulysses`` (:mod:`seqpar.methods.ulysses`), ``allgather``
+(:mod:`seqpar.methods.allgather`). A new method is a module with a class that has ``from_group`` (a
 classmethod building the object of one call), ``check`` (a staticmethod) and the
 :class:`~seqpar.methods.base.Method` protocol, one entry in ``_METHODS`` and one name in
 ``seqpar.vocab.METHODS``.
@@ -12,12 +13,15 @@ classmethod building the object of one call), ``check`` (a staticmethod) and the
 from __future__ import annotations
 
 from seqpar.methods.base import Method, MethodFunction, Recorder, StepRecord
+from seqpar.methods.allgather import AllGatherMethod
 from seqpar.methods.ring import RingMethod
+from seqpar.methods.ulysses import UlyssesMethod
 from seqpar.vocab import METHODS, check_choice
 
-__all__ = ["build", "check", "Method", "MethodFunction", "Recorder", "StepRecord", "RingMethod"]
+__all__ = ["build", "check", "Method", "MethodFunction", "Recorder", "StepRecord", "RingMethod", "UlyssesMethod",
+           "AllGatherMethod"]
 
-_METHODS: dict[str, type] = {"ring": RingMethod}
+_METHODS: dict[str, type] = {"ring": RingMethod, "ulysses": UlyssesMethod, "allgather": AllGatherMethod}
 assert tuple(_METHODS) == METHODS, "one class per name of seqpar.vocab.METHODS, in its order"
 
 

@@ -34,8 +34,9 @@ import torch
 
 from seqpar import layout as _layout
 from seqpar.comm import CommError, PeerAborted, Ring, call_tags, make_ring
-from seqpar.kernels import acc_dtype, block_attention, block_attention_accumulate, block_attention_backward
-from seqpar.methods.base import Recorder, step_timer
+from seqpar.kernels import acc_dtype
+from seqpar.methods.base import Recorder
+from seqpar.methods.tiles import backward_tile, forward_tile
 
 __all__ = ["RingMethod"]
 
@@ -110,15 +111,8 @@ class RingMethod:
             pending = self._post(kv, spare, tag_kv, "forward", step, "K/V") if step + 1 < ring.size else None
             t = self._tile(step, q.shape[2])
             if t is not None:
-                qt, kt, vt = q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv]  # views (zigzag: half tiles)
-                with step_timer(self.record, "forward", step):
-                    if out is None:
-                        assert step == 0 and t.whole, "the diagonal tile must come first and cover every row"
-                        o, l = block_attention(qt, kt, vt, mask=t.mask, **opts)
-                        out, lse = o.to(acc), l.to(acc)
-                    else:
-                        # merged into strided views of the running (out, lse): in-kernel where the backend can
-                        block_attention_accumulate(qt, kt, vt, out[:, :, t.q], lse[:, :, t.q], mask=t.mask, **opts)
+                assert out is not None or step == 0, "the diagonal tile must come first"
+                out, lse = forward_tile(q, kv, t, out, lse, acc=acc, record=self.record, step=step, **opts)
             if pending is not None:
                 kv, spare = self._wait(pending, "forward", step, "K/V"), kv
         return out, lse
@@ -144,14 +138,7 @@ class RingMethod:
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
             t = self._tile(step, q.shape[2])
             if t is not None:
-                with step_timer(self.record, "backward", step):
-                    gq, gk, gv = block_attention_backward(
-                        dout[:, :, t.q], q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv], out[:, :, t.q],
-                        lse[:, :, t.q], mask=t.mask, **opts,
-                    )
-                dq[:, :, t.q] += gq
-                dkv[0][:, :, t.kv] += gk
-                dkv[1][:, :, t.kv] += gv
+                backward_tile(dout, q, kv, out, lse, t, dq, dkv, record=self.record, step=step, **opts)
             if dkv_pending is not None:
                 dkv += self._wait(dkv_pending, "backward", step, "dK/dV")  # this KV block's buffer, from the rank before
             dkv_pending = self._post(dkv, None, tag_dkv, "backward", step, "dK/dV")

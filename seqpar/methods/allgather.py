@@ -1,0 +1,133 @@
+"""All-gather attention (Llama 3's context parallelism): K/V all-gathered, local queries against all of it.
+
+Note
+----
+P ranks each hold a query block Q_r and a key/value block KV_r (one fused buffer, K and V stacked,
+never repeated for GQA). The forward all-gathers the fused blocks once, then computes this rank's
+queries against every block with the tiles the ring computes (``seqpar.layout.tile``: the same masks
+and half tiles, skipped tiles skipped), in the ring's order of arrival: the diagonal first, then
+KV_{r-1}, KV_{r-2}, ... so the running (out, lse) merges exactly as in the ring::
+
+    all-gather       KV0 KV1 KV2 KV3 -> every rank             one collective, O(S) K/V per rank
+    r1 tiles:        Q1.KV1  Q1.KV0  Q1.KV3  Q1.KV2             diagonal first, then ring order
+
+Backward: K/V are all-gathered again (not kept between forward and backward: what Llama 3 does),
+each tile is recomputed against the *global* (out, lse) (:func:`seqpar.methods.tiles.backward_tile`);
+dq accumulates at home in fp32, and the dK/dV of every block accumulate in one fp32 buffer
+(P, 2, B, Hkv, S_local, D) that is reduce-scattered (SUM), so each rank receives its own block's
+dK/dV summed over every rank's queries::
+
+    all-gather K/V | P tiles -> dq, dKV[0..P-1] | reduce-scatter dKV -> dKV[r]
+
+Memory per rank: the gathered K/V, 2 B Hkv S D elements in the input dtype (O(S), where the ring
+holds two blocks, O(S/P)); in the backward also the fp32 dK/dV buffer of the whole sequence,
+2 B Hkv S D fp32 elements. Communication: one all-gather (forward); one all-gather and one
+reduce-scatter (backward); no overlap with compute (the collectives are blocking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from seqpar import layout as _layout
+from seqpar.comm import CommError, PeerAborted, all_gather_tensor, reduce_scatter_tensor
+from seqpar.kernels import acc_dtype
+from seqpar.mesh import group_rank_size
+from seqpar.methods.base import Recorder
+from seqpar.methods.tiles import backward_tile, forward_tile
+
+__all__ = ["AllGatherMethod"]
+
+
+@dataclass(frozen=True)
+class AllGatherMethod:
+    """All-gather attention over ``group`` (a resolved group: ProcessGroup, transport group or ``None``)
+    with one call's options; a :class:`seqpar.methods.Method`. ``backend`` is resolved (not "auto");
+    ``call`` is the call's number on the group (named in errors; collectives carry no tags).
+    ``record`` gets one :class:`~seqpar.methods.StepRecord` per computed tile, ``step`` = the kv rank."""
+
+    group: Any
+    rank: int
+    size: int
+    layout: str
+    causal: bool
+    scale: float
+    backend: str
+    record: Recorder | None = None
+    call: int = 0
+    name: str = "allgather"
+
+    @classmethod
+    def from_group(cls, group, **opts) -> "AllGatherMethod":
+        rank, size = group_rank_size(group)
+        return cls(group, rank, size, **opts)
+
+    @staticmethod
+    def check(*, hq: int, hkv: int, s_local: int, world: int, layout: str) -> None:
+        """All-gather takes any head counts and local lengths the layout allows."""
+
+    def _comm(self, fn, phase: str, what: str):
+        """``fn()`` (a collective); a transport failure becomes a :class:`CommError` that says where and why."""
+        try:
+            return fn()
+        except PeerAborted:
+            raise
+        except (RuntimeError, TimeoutError) as e:
+            raise CommError(
+                f"seqpar.attention (method={self.name!r}): group rank {self.rank} of {self.size} failed in call "
+                f"#{self.call} on this group, {phase}, in the {what}. Likely cause: the ranks did not make the same "
+                f"seqpar attention calls in the same order (a data-dependent branch, or an exception caught on "
+                f"some ranks only), or a rank of the group stopped or died. Every rank of the group must make "
+                f"the same attention calls in the same order. Transport: {type(e).__name__}: {e}"
+            ) from e
+
+    def _gather(self, k: torch.Tensor, v: torch.Tensor, phase: str) -> list[torch.Tensor]:
+        kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one fused buffer, GQA heads not repeated
+        return self._comm(lambda: all_gather_tensor(kv, self.group), phase, "K/V all-gather")
+
+    def _tiles(self, s_local: int):
+        """(kv rank, tile) of every tile with work, in the ring's order: the diagonal first."""
+        for step in range(self.size):
+            j = (self.rank - step) % self.size
+            t = _layout.tile(self.layout, self.causal, self.rank, j, self.size, s_local)
+            if t is not None:
+                yield j, t
+
+    def forward(
+        self,
+        q: torch.Tensor,  # (B, Hq, S_local, D)
+        k: torch.Tensor,  # (B, Hkv, S_local, D)
+        v: torch.Tensor,  # (B, Hkv, S_local, D)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""
+        opts = dict(scale=self.scale, backend=self.backend)
+        acc = acc_dtype(q.dtype)
+        blocks = self._gather(k, v, "forward")  # P x (2, B, Hkv, S_local, D), rank order
+        out = lse = None
+        for j, t in self._tiles(q.shape[2]):
+            out, lse = forward_tile(q, blocks[j], t, out, lse, acc=acc, record=self.record, step=j, **opts)
+        return out, lse
+
+    def backward(
+        self,
+        dout: torch.Tensor,  # (B, Hq, S_local, D)
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,  # (B, Hq, S_local, D) global output
+        lse: torch.Tensor,  # (B, Hq, S_local) global lse
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        opts = dict(scale=self.scale, backend=self.backend)
+        acc = acc_dtype(q.dtype)
+        blocks = self._gather(k, v, "backward")
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        # every block's dK/dV; P leads so that rank j's block is one contiguous chunk of the reduce-scatter
+        dkv = torch.zeros((self.size, 2, *k.shape), dtype=acc, device=k.device)  # (P, 2, B, Hkv, S_local, D)
+        for j, t in self._tiles(q.shape[2]):
+            backward_tile(dout, q, blocks[j], out, lse, t, dq, dkv[j], record=self.record, step=j, **opts)
+        del blocks
+        mine = self._comm(lambda: reduce_scatter_tensor(dkv, self.group), "backward", "dK/dV reduce-scatter")
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)

@@ -1,0 +1,205 @@
+"""Ulysses attention (DeepSpeed-Ulysses): an all-to-all over heads, then single-device attention.
+
+Note
+----
+Each of P ranks holds all H heads of S/P tokens. One all-to-all scatters the heads and gathers the
+sequence, so each rank holds H/P heads of all S tokens and runs ordinary (unsharded) attention on
+them; a second all-to-all turns the output back::
+
+    rank r holds (B, H, S/P, D)            all-to-all              rank r holds (B, H/P, S, D)
+         heads ->  h0 h1 h2 h3                                       heads h_r of every token
+    r0  [s0   ]    a  b  c  d        chunk j (heads j) -> rank j     r0: h0 [s0 s1 s2 s3]
+    r1  [s1   ]    e  f  g  h        ------------------------->      r1: h1 [s0 s1 s2 s3]
+    r2  [s2   ]    ...                                               r2: h2 [...]
+    r3  [s3   ]                                                      r3: h3 [...]
+
+The gathered sequence is in *layout order* (rank 0's shard, rank 1's, ...); for striped and zigzag
+that is a permutation of the global order, so it is permuted to global order (the inverse of
+``cat(global_indices(S, r, P, layout) for r)``) before the kernel, and back after (contiguous: the
+identity, skipped). The causal mask then is the plain causal mask of the whole sequence.
+
+GQA / MQA: K/V heads are scattered like q heads when ``Hkv % P == 0``: rank r gets q heads
+[r Hq/P, (r+1) Hq/P) and kv heads [r Hkv/P, (r+1) Hkv/P), and q head h still reads kv head
+h // (Hq/Hkv). When ``Hkv < P`` (``P % Hkv == 0``) each kv head is copied P/Hkv times (not Hq times)
+so that every rank receives the one kv head its q heads read; the backward sums the copies' gradients.
+
+Messages: forward 2 all-to-alls (q, k, v fused in one; out and lse fused back in one); backward 3
+(q, k, v, dout, out fused; lse; dq, dk, dv fused back). ``Hq`` must divide by P (see :meth:`check`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from seqpar import layout as _layout
+from seqpar.comm import CommError, TransportGroup, all_to_all
+from seqpar.kernels import acc_dtype, block_attention, block_attention_backward
+from seqpar.methods.base import Recorder, step_timer
+
+__all__ = ["UlyssesMethod"]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _or(items: list[int]) -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+@dataclass(frozen=True)
+class UlyssesMethod:
+    """All-to-all over heads with one call's options; a :class:`seqpar.methods.Method`. ``group`` is a
+    resolved torch.distributed group or ``None`` (one process); ``backend`` is resolved; ``call`` is the
+    call's number on the group (unused: collectives match by order, not by tag)."""
+
+    group: object
+    rank: int
+    size: int
+    layout: str
+    causal: bool
+    scale: float
+    backend: str
+    record: Recorder | None = None
+    call: int = 0
+    name: str = "ulysses"
+    # the permutation index tensors of this call, per (global length S, device): (to_global, to_layout)
+    _perms: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_group(cls, group, **opts) -> "UlyssesMethod":
+        """Ulysses over a resolved group (ProcessGroup or ``None``); transport groups have no all-to-all."""
+        if isinstance(group, TransportGroup):
+            raise TypeError(f"group: method='ulysses' needs a torch.distributed group (or None); "
+                            f"{type(group).__name__} has no all-to-all: use method='ring' with it")
+        if group is None:
+            rank, size = 0, 1
+        else:
+            rank, size = dist.get_rank(group), dist.get_world_size(group)
+        return cls(group, rank, size, **opts)
+
+    @staticmethod
+    def check(*, hq: int, hkv: int, s_local: int, world: int, layout: str) -> None:
+        """Heads must split over the group: ``Hq % P == 0``, and ``Hkv % P == 0`` or ``P % Hkv == 0``."""
+        P = world
+        ok = [d for d in _divisors(hq) if hkv % d == 0 or d % hkv == 0]  # the group sizes that would work
+        if hq % P:
+            raise ValueError(
+                f"ulysses needs the number of query heads (Hq) divisible by the group size P: Hq={hq}, P={P}; "
+                f"use a group of size {_or(ok)}, or method='ring'")
+        if hkv % P and P % hkv:
+            raise ValueError(
+                f"ulysses needs the number of kv heads (Hkv) divisible by the group size P, or P divisible by "
+                f"Hkv (each kv head is then sent P/Hkv times): Hkv={hkv}, P={P}; use a group of size {_or(ok)}, "
+                f"or method='ring'")
+
+    # ------------------------------------------------------------------ layout permutation
+
+    def _perm(self, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(to_global, to_layout) index tensors for the gathered sequence of length S (None: identity).
+        ``gathered[:, :, to_global]`` is in global order; ``full[:, :, to_layout]`` is in layout order."""
+        if self.layout == "contiguous" or self.size == 1:
+            return None
+        key = (S, device)
+        if key not in self._perms:
+            to_layout = torch.cat([_layout.global_indices(S, r, self.size, self.layout) for r in range(self.size)])
+            self._perms[key] = (torch.argsort(to_layout).to(device), to_layout.to(device))
+        return self._perms[key]
+
+    def _to_global(self, t: torch.Tensor, S: int) -> torch.Tensor:
+        p = self._perm(S, t.device)
+        return t if p is None else t.index_select(2, p[0])
+
+    def _to_layout(self, t: torch.Tensor, S: int) -> torch.Tensor:
+        p = self._perm(S, t.device)
+        return t if p is None else t.index_select(2, p[1])
+
+    # ------------------------------------------------------------------ heads <-> sequence
+
+    def _scatter_heads(self, ts: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """Tensors (B, H_i, S/P, *rest) of one dtype -> (B, H_i/P, S, *rest) in global order, one all-to-all."""
+        P = self.size
+        if P == 1:
+            return list(ts)
+        x = torch.cat([t.unflatten(1, (P, t.shape[1] // P)) for t in ts], dim=2)  # (B, P, sum H_i/P, s, ...)
+        y = self._all_to_all(x, 1, 3, what).squeeze(1)  # (B, sum H_i/P, S, ...)
+        S = y.shape[2]
+        return [self._to_global(part, S) for part in y.split([t.shape[1] // P for t in ts], dim=1)]
+
+    def _gather_heads(self, ts: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """Inverse of :meth:`_scatter_heads`: (B, H_i/P, S, *rest) in global order -> (B, H_i, S/P, *rest)."""
+        P = self.size
+        if P == 1:
+            return list(ts)
+        S = ts[0].shape[2]
+        x = torch.cat([self._to_layout(t, S) for t in ts], dim=1)  # (B, sum H_i/P, S, ...)
+        y = self._all_to_all(x, 2, 1, what)  # (B, P * sum H_i/P, S/P, ...)
+        y = y.unflatten(1, (P, x.shape[1]))
+        return [part.flatten(1, 2) for part in y.split([t.shape[1] for t in ts], dim=2)]
+
+    def _all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int, what: str) -> torch.Tensor:
+        """:func:`seqpar.comm.all_to_all`; a transport failure becomes a :class:`CommError` saying where."""
+        try:
+            return all_to_all(x, self.group, scatter_dim, gather_dim)
+        except (RuntimeError, TimeoutError) as e:
+            raise CommError(
+                f"seqpar.attention (method={self.name!r}): group rank {self.rank} of {self.size} failed in call "
+                f"#{self.call} on this group, in the all-to-all of {what}. Likely cause: the ranks did not make "
+                f"the same seqpar attention calls in the same order, or a rank stopped or died. Every rank of the "
+                f"group must make the same attention calls in the same order. Transport: {type(e).__name__}: {e}"
+            ) from e
+
+    def _kv_copies(self, hkv: int) -> int:
+        """How often each kv head is sent: 1 if Hkv % P == 0, else P / Hkv."""
+        return 1 if hkv % self.size == 0 else self.size // hkv
+
+    # ------------------------------------------------------------------ the method
+
+    def forward(
+        self,
+        q: torch.Tensor,  # (B, Hq, S_local, D)
+        k: torch.Tensor,  # (B, Hkv, S_local, D)
+        v: torch.Tensor,  # (B, Hkv, S_local, D)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""
+        acc = acc_dtype(q.dtype)
+        rep = self._kv_copies(k.shape[1])
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, P, s, D)
+        qg, kg, vg = self._scatter_heads([q, k, v], "forward q/k/v")  # (B, Hq/P, S, D), (B, Hkv/P or 1, S, D)
+        with step_timer(self.record, "forward", 0):
+            o, l = block_attention(qg, kg, vg, mask="causal" if self.causal else "full", scale=self.scale,
+                                   backend=self.backend)
+        ol = torch.cat([o.to(acc), l.to(acc).unsqueeze(-1)], dim=-1)  # (B, Hq/P, S, D + 1): one message
+        ol = self._gather_heads([ol], "forward out/lse")[0]
+        return ol[..., :-1].contiguous(), ol[..., -1].contiguous()
+
+    def backward(
+        self,
+        dout: torch.Tensor,  # (B, Hq, S_local, D)
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,  # (B, Hq, S_local, D) global output
+        lse: torch.Tensor,  # (B, Hq, S_local) global lse
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        acc = acc_dtype(q.dtype)
+        hkv = k.shape[1]
+        rep = self._kv_copies(hkv)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        dt = q.dtype
+        qg, kg, vg, dog, og = self._scatter_heads([q, k.to(dt), v.to(dt), dout.to(dt), out.to(dt)],
+                                                        "backward q/k/v/dout/out")
+        (lg,) = self._scatter_heads([lse.to(acc)], "backward lse")
+        with step_timer(self.record, "backward", 0):
+            gq, gk, gv = block_attention_backward(dog, qg, kg, vg, og, lg, mask="causal" if self.causal else "full",
+                                                  scale=self.scale, backend=self.backend)
+        dq, dk, dv = self._gather_heads([gq.to(acc), gk.to(acc), gv.to(acc)], "backward dq/dk/dv")
+        if rep > 1:  # the copies' gradients, summed in the accumulation dtype
+            dk, dv = (g.unflatten(1, (hkv, rep)).sum(2) for g in (dk, dv))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
