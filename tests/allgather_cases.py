@@ -137,18 +137,3 @@ def mpi_main() -> None:
     print(f"OK {g.rank}", flush=True)
 
 
-def opcheck(rank, size):
-    """torch.library.opcheck of the forward and backward ops with method="allgather" on this group."""
-    from seqpar.methods import ops
-
-    g = torch.Generator().manual_seed(0)
-    B, H, Hkv, S, D = 1, 4, 2, 8 * size, 16
-    q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (H, Hkv, Hkv))
-    ql, kl, vl = (seqpar.shard(t, dim=2, layout="zigzag").contiguous().requires_grad_() for t in (q, k, v))
-    call = ("allgather", ops.group_name(dist.group.WORLD), "zigzag", True, D ** -0.5, "aten")
-    out, lse = (t.detach() for t in ops.attention_fwd(ql, kl, vl, *call))
-    dout = torch.randn(out.shape, generator=g)
-    torch.library.opcheck(torch.ops.seqpar.attention_fwd.default, (ql, kl, vl, *call))
-    torch.library.opcheck(torch.ops.seqpar.attention_bwd.default,
-                          (dout, ql.detach(), kl.detach(), vl.detach(), out, lse, *call))
-    return 2

@@ -15,12 +15,13 @@ import torch
 
 import compile_cases
 from seqpar.testing import numerics
-from seqpar.vocab import LAYOUTS
+from seqpar.vocab import LAYOUTS, METHODS
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("P", [1, 2])
-def test_opcheck_every_op(worlds, P):
-    for checked in worlds(P).run(compile_cases.opcheck, timeout=240):
+def test_opcheck_every_op(worlds, P, method):
+    for checked in worlds(P).run(compile_cases.opcheck, method=method, timeout=240):
         assert len(checked) == 3, checked
 
 

@@ -169,27 +169,6 @@ def transport_refused(rank, size):
     return None
 
 
-def opcheck(rank, size, *, hkv):
-    """torch.library.opcheck of the three seqpar ops with method="ulysses" on this group."""
-    from seqpar.methods import ops
-
-    g = torch.Generator().manual_seed(0)
-    B, H, S, D = 1, 4, 8 * size, 16
-    q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (H, hkv, hkv))
-    ql, kl, vl = (seqpar.shard(t, dim=2, layout="zigzag").contiguous().requires_grad_() for t in (q, k, v))
-    call = ("ulysses", ops.group_name(dist.group.WORLD), "zigzag", True, D ** -0.5, "aten")
-    out, lse = (t.detach() for t in ops.attention_fwd(ql, kl, vl, *call))
-    dout = torch.randn(out.shape, generator=g)
-    checked = []
-    for op, args in ((torch.ops.seqpar.attention_fwd.default, (ql, kl, vl, *call)),
-                     (torch.ops.seqpar.attention_replay.default, (ql, kl, vl, out, lse, *call)),
-                     (torch.ops.seqpar.attention_bwd.default, (dout, ql.detach(), kl.detach(), vl.detach(),
-                                                                out, lse, *call))):
-        torch.library.opcheck(op, args)
-        checked.append(str(op))
-    return checked
-
-
 def records(rank, size):
     """The ``record`` hook: the (phase, step) of every StepRecord of one forward + backward."""
     from seqpar.api import AttentionCall, attend

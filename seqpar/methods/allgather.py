@@ -28,73 +28,37 @@ reduce-scatter (backward); no overlap with compute (the collectives are blocking
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from seqpar import layout as _layout
-from seqpar.comm import CommError, PeerAborted, all_gather_tensor, reduce_scatter_tensor
+from seqpar.comm import all_gather_tensor, reduce_scatter_tensor
 from seqpar.kernels import acc_dtype
-from seqpar.mesh import group_rank_size
-from seqpar.methods.base import Recorder
-from seqpar.methods.tiles import backward_tile, forward_tile
+from seqpar.methods.base import CollectiveMethod
+from seqpar.methods.tiles import backward_tile, forward_tile, ring_order
 
 __all__ = ["AllGatherMethod"]
 
 
 @dataclass(frozen=True)
-class AllGatherMethod:
+class AllGatherMethod(CollectiveMethod):
     """All-gather attention over ``group`` (a resolved group: ProcessGroup, transport group or ``None``)
     with one call's options; a :class:`seqpar.methods.Method`. ``backend`` is resolved (not "auto");
     ``call`` is the call's number on the group (named in errors; collectives carry no tags).
     ``record`` gets one :class:`~seqpar.methods.StepRecord` per computed tile, ``step`` = the kv rank."""
 
-    group: Any
-    rank: int
-    size: int
-    layout: str
-    causal: bool
-    scale: float
-    backend: str
-    record: Recorder | None = None
-    call: int = 0
     name: str = "allgather"
-
-    @classmethod
-    def from_group(cls, group, **opts) -> "AllGatherMethod":
-        rank, size = group_rank_size(group)
-        return cls(group, rank, size, **opts)
 
     @staticmethod
     def check(*, hq: int, hkv: int, s_local: int, world: int, layout: str) -> None:
         """All-gather takes any head counts and local lengths the layout allows."""
 
-    def _comm(self, fn, phase: str, what: str):
-        """``fn()`` (a collective); a transport failure becomes a :class:`CommError` that says where and why."""
-        try:
-            return fn()
-        except PeerAborted:
-            raise
-        except (RuntimeError, TimeoutError) as e:
-            raise CommError(
-                f"seqpar.attention (method={self.name!r}): group rank {self.rank} of {self.size} failed in call "
-                f"#{self.call} on this group, {phase}, in the {what}. Likely cause: the ranks did not make the same "
-                f"seqpar attention calls in the same order (a data-dependent branch, or an exception caught on "
-                f"some ranks only), or a rank of the group stopped or died. Every rank of the group must make "
-                f"the same attention calls in the same order. Transport: {type(e).__name__}: {e}"
-            ) from e
-
     def _gather(self, k: torch.Tensor, v: torch.Tensor, phase: str) -> list[torch.Tensor]:
         kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one fused buffer, GQA heads not repeated
-        return self._comm(lambda: all_gather_tensor(kv, self.group), phase, "K/V all-gather")
+        return self._collective(lambda: all_gather_tensor(kv, self.group), f"{phase}, in the K/V all-gather")
 
     def _tiles(self, s_local: int):
         """(kv rank, tile) of every tile with work, in the ring's order: the diagonal first."""
-        for step in range(self.size):
-            j = (self.rank - step) % self.size
-            t = _layout.tile(self.layout, self.causal, self.rank, j, self.size, s_local)
-            if t is not None:
-                yield j, t
+        return [(j, t) for _, j, t in ring_order(self.layout, self.causal, self.rank, self.size, s_local) if t]
 
     def forward(
         self,
@@ -129,5 +93,5 @@ class AllGatherMethod:
         for j, t in self._tiles(q.shape[2]):
             backward_tile(dout, q, blocks[j], out, lse, t, dq, dkv[j], record=self.record, step=j, **opts)
         del blocks
-        mine = self._comm(lambda: reduce_scatter_tensor(dkv, self.group), "backward", "dK/dV reduce-scatter")
+        mine = self._collective(lambda: reduce_scatter_tensor(dkv, self.group), "backward, in the dK/dV reduce-scatter")
         return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)

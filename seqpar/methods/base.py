@@ -25,11 +25,15 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 
-__all__ = ["Method", "MethodFunction", "StepRecord", "Recorder", "step_timer"]
+from seqpar.comm import CommError, PeerAborted
+from seqpar.mesh import group_rank_size
+
+__all__ = ["Method", "MethodFunction", "StepRecord", "Recorder", "step_timer", "CallOptions", "CollectiveMethod",
+           "guarded"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,54 @@ class _StepTimer:
 def step_timer(record: Recorder | None, phase: str, step: int):
     """Context for one step's kernels: reports to ``record`` if given, else does nothing."""
     return nullcontext() if record is None else _StepTimer(record, phase, step)
+
+
+def guarded(fn: Callable[[], Any], *, method: str, rank: int, size: int, call: int, where: str, suspects: str):
+    """``fn()`` (posting or waiting for a transfer, or a collective); a transport failure becomes a
+    :class:`~seqpar.comm.CommError` naming the method, this rank, the call, ``where`` and the likely cause.
+    An in-process transport's :class:`~seqpar.comm.PeerAborted` (another rank failed first) passes as is."""
+    try:
+        return fn()
+    except PeerAborted:
+        raise
+    except (RuntimeError, TimeoutError) as e:
+        raise CommError(
+            f"seqpar.attention (method={method!r}): group rank {rank} of {size} failed in call #{call} on this "
+            f"group, {where}. Likely cause: the ranks did not make the same seqpar attention calls in the same "
+            f"order (a data-dependent branch, or an exception caught on some ranks only), or {suspects} stopped "
+            f"or died. Every rank of the group must make the same attention calls in the same order. "
+            f"Transport: {type(e).__name__}: {e}"
+        ) from e
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallOptions:
+    """The options of one call, the same for every method (keyword-only fields of each method class)."""
+
+    layout: str
+    causal: bool
+    scale: float
+    backend: str  # resolved (not "auto")
+    record: Recorder | None = None
+    call: int = 0  # the call's number on the group (the ring tags its messages with it)
+
+
+@dataclass(frozen=True)
+class CollectiveMethod(CallOptions):
+    """A method whose transfers are collectives over ``group`` (this rank ``rank`` of ``size``)."""
+
+    group: Any
+    rank: int
+    size: int
+
+    @classmethod
+    def from_group(cls, group, **opts):
+        """The method of one call over a resolved group (ProcessGroup, transport group or ``None``)."""
+        return cls(group, *group_rank_size(group), **opts)
+
+    def _collective(self, fn: Callable[[], Any], where: str):
+        return guarded(fn, method=self.name, rank=self.rank, size=self.size, call=self.call, where=where,
+                       suspects="a rank of the group")
 
 
 class Method(Protocol):

@@ -32,48 +32,28 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar import layout as _layout
-from seqpar.comm import CommError, PeerAborted, Ring, call_tags, make_ring
+from seqpar.comm import Ring, call_tags, make_ring
 from seqpar.kernels import acc_dtype
-from seqpar.methods.base import Recorder
-from seqpar.methods.tiles import backward_tile, forward_tile
+from seqpar.methods.base import CallOptions, guarded
+from seqpar.methods.tiles import backward_tile, forward_tile, ring_order
 
 __all__ = ["RingMethod"]
 
 
 @dataclass(frozen=True)
-class RingMethod:
+class RingMethod(CallOptions):
     """The ring over ``ring`` (a :class:`seqpar.comm.Ring`) with one call's options; a
-    :class:`seqpar.methods.Method`. ``backend`` is resolved (not "auto"); ``call`` is the call's
-    number on the group (its messages' tags, see :func:`seqpar.comm.call_tags`)."""
+    :class:`seqpar.methods.Method`. ``call`` also tags the messages (see :func:`seqpar.comm.call_tags`)."""
 
     ring: Ring
-    layout: str
-    causal: bool
-    scale: float
-    backend: str
-    record: Recorder | None = None
-    call: int = 0
     name: str = "ring"
 
     def _comm(self, fn, phase: str, step: int, what: str):
-        """``fn()`` (posting or waiting for an exchange); a transport failure becomes a :class:`CommError`
-        that says where and why."""
-        try:
-            return fn()
-        except PeerAborted:
-            raise
-        except (RuntimeError, TimeoutError) as e:
-            ring = self.ring
-            raise CommError(
-                f"seqpar.attention (method={self.name!r}): group rank {ring.rank} of {ring.size} failed in call "
-                f"#{self.call} on this group, {phase} ring step {step + 1} of {ring.size}, waiting to receive "
-                f"{what} from rank {ring.prev_rank} and send to rank {ring.next_rank}. Likely cause: the ranks did "
-                f"not make the same seqpar attention calls in the same order (a data-dependent branch, or an "
-                f"exception caught on some ranks only), or rank {ring.prev_rank} or rank {ring.next_rank} stopped "
-                f"or died. Every rank of the group must make the same attention calls in the same order. "
-                f"Transport: {type(e).__name__}: {e}"
-            ) from e
+        ring = self.ring
+        return guarded(fn, method=self.name, rank=ring.rank, size=ring.size, call=self.call,
+                       where=f"{phase} ring step {step + 1} of {ring.size}, waiting to receive {what} from rank "
+                             f"{ring.prev_rank} and send to rank {ring.next_rank}",
+                       suspects=f"rank {ring.prev_rank} or rank {ring.next_rank}")
 
     def _post(self, send, recv, tag: int, phase: str, step: int, what: str):
         return self._comm(lambda: self.ring.exchange(send, recv, tag=tag), phase, step, what)
@@ -90,9 +70,8 @@ class RingMethod:
     def check(*, hq: int, hkv: int, s_local: int, world: int, layout: str) -> None:
         """The ring takes any head counts and local lengths the layout allows."""
 
-    def _tile(self, step: int, s_local: int):
-        kv_rank = (self.ring.rank - step) % self.ring.size
-        return _layout.tile(self.layout, self.causal, self.ring.rank, kv_rank, self.ring.size, s_local)
+    def _tiles(self, s_local: int) -> list:
+        return ring_order(self.layout, self.causal, self.ring.rank, self.ring.size, s_local)
 
     def forward(
         self,
@@ -107,9 +86,8 @@ class RingMethod:
         kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one message per step
         spare = torch.empty_like(kv) if ring.size > 2 else None
         out = lse = None
-        for step in range(ring.size):
+        for step, _, t in self._tiles(q.shape[2]):
             pending = self._post(kv, spare, tag_kv, "forward", step, "K/V") if step + 1 < ring.size else None
-            t = self._tile(step, q.shape[2])
             if t is not None:
                 assert out is not None or step == 0, "the diagonal tile must come first"
                 out, lse = forward_tile(q, kv, t, out, lse, acc=acc, record=self.record, step=step, **opts)
@@ -133,10 +111,9 @@ class RingMethod:
         kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D)
         spare = torch.empty_like(kv) if ring.size > 2 else None
         dkv_pending = None
-        for step in range(ring.size):
+        for step, _, t in self._tiles(q.shape[2]):
             kv_pending = self._post(kv, spare, tag_kv, "backward", step, "K/V") if step + 1 < ring.size else None
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
-            t = self._tile(step, q.shape[2])
             if t is not None:
                 backward_tile(dout, q, kv, out, lse, t, dq, dkv, record=self.record, step=step, **opts)
             if dkv_pending is not None:

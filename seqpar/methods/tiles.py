@@ -17,10 +17,20 @@ from __future__ import annotations
 import torch
 
 from seqpar.kernels import block_attention, block_attention_accumulate, block_attention_backward
-from seqpar.layout import Tile
+from seqpar.layout import Tile, tile
 from seqpar.methods.base import Recorder, step_timer
 
-__all__ = ["forward_tile", "backward_tile"]
+__all__ = ["forward_tile", "backward_tile", "ring_order"]
+
+
+def ring_order(layout: str, causal: bool, rank: int, size: int, s_local: int) -> list[tuple[int, int, Tile | None]]:
+    """(step, kv rank, tile or None = no work) of this rank's queries against every K/V block, in the
+    ring's order: step s meets the block of rank ``rank - s``, so step 0 is the (whole) diagonal tile."""
+    out = []
+    for step in range(size):
+        j = (rank - step) % size
+        out.append((step, j, tile(layout, causal, rank, j, size, s_local)))
+    return out
 
 
 def forward_tile(

@@ -32,12 +32,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from seqpar import layout as _layout
-from seqpar.comm import CommError, TransportGroup, all_to_all
+from seqpar.comm import TransportGroup, all_to_all
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward
-from seqpar.methods.base import Recorder, step_timer
+from seqpar.methods.base import CollectiveMethod, step_timer
 
 __all__ = ["UlyssesMethod"]
 
@@ -52,20 +51,11 @@ def _or(items: list[int]) -> str:
 
 
 @dataclass(frozen=True)
-class UlyssesMethod:
+class UlyssesMethod(CollectiveMethod):
     """All-to-all over heads with one call's options; a :class:`seqpar.methods.Method`. ``group`` is a
     resolved torch.distributed group or ``None`` (one process); ``backend`` is resolved; ``call`` is the
     call's number on the group (unused: collectives match by order, not by tag)."""
 
-    group: object
-    rank: int
-    size: int
-    layout: str
-    causal: bool
-    scale: float
-    backend: str
-    record: Recorder | None = None
-    call: int = 0
     name: str = "ulysses"
     # the permutation index tensors of this call, per (global length S, device): (to_global, to_layout)
     _perms: dict = field(default_factory=dict, compare=False, repr=False)
@@ -76,11 +66,7 @@ class UlyssesMethod:
         if isinstance(group, TransportGroup):
             raise TypeError(f"group: method='ulysses' needs a torch.distributed group (or None); "
                             f"{type(group).__name__} has no all-to-all: use method='ring' with it")
-        if group is None:
-            rank, size = 0, 1
-        else:
-            rank, size = dist.get_rank(group), dist.get_world_size(group)
-        return cls(group, rank, size, **opts)
+        return super().from_group(group, **opts)
 
     @staticmethod
     def check(*, hq: int, hkv: int, s_local: int, world: int, layout: str) -> None:
@@ -143,15 +129,8 @@ class UlyssesMethod:
 
     def _all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int, what: str) -> torch.Tensor:
         """:func:`seqpar.comm.all_to_all`; a transport failure becomes a :class:`CommError` saying where."""
-        try:
-            return all_to_all(x, self.group, scatter_dim, gather_dim)
-        except (RuntimeError, TimeoutError) as e:
-            raise CommError(
-                f"seqpar.attention (method={self.name!r}): group rank {self.rank} of {self.size} failed in call "
-                f"#{self.call} on this group, in the all-to-all of {what}. Likely cause: the ranks did not make "
-                f"the same seqpar attention calls in the same order, or a rank stopped or died. Every rank of the "
-                f"group must make the same attention calls in the same order. Transport: {type(e).__name__}: {e}"
-            ) from e
+        return self._collective(lambda: all_to_all(x, self.group, scatter_dim, gather_dim),
+                                f"in the all-to-all of {what}")
 
     def _kv_copies(self, hkv: int) -> int:
         """How often each kv head is sent: 1 if Hkv % P == 0, else P / Hkv."""
