@@ -60,12 +60,7 @@ class AllGatherMethod(CollectiveMethod):
         """(kv rank, tile) of every tile with work, in the ring's order: the diagonal first."""
         return [(j, t) for _, j, t in ring_order(self.layout, self.causal, self.rank, self.size, s_local) if t]
 
-    def forward(
-        self,
-        q: torch.Tensor,  # (B, Hq, S_local, D)
-        k: torch.Tensor,  # (B, Hkv, S_local, D)
-        v: torch.Tensor,  # (B, Hkv, S_local, D)
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""
         opts = dict(scale=self.scale, backend=self.backend)
         acc = acc_dtype(q.dtype)
@@ -75,15 +70,8 @@ class AllGatherMethod(CollectiveMethod):
             out, lse = forward_tile(q, blocks[j], t, out, lse, acc=acc, record=self.record, step=j, **opts)
         return out, lse
 
-    def backward(
-        self,
-        dout: torch.Tensor,  # (B, Hq, S_local, D)
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,  # (B, Hq, S_local, D) global output
-        lse: torch.Tensor,  # (B, Hq, S_local) global lse
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, dout, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shapes as in :class:`seqpar.methods.base.Method` (``out``/``lse``: the global ones)."""
         opts = dict(scale=self.scale, backend=self.backend)
         acc = acc_dtype(q.dtype)
         blocks = self._gather(k, v, "backward")

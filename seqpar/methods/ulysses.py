@@ -138,12 +138,7 @@ class UlyssesMethod(CollectiveMethod):
 
     # ------------------------------------------------------------------ the method
 
-    def forward(
-        self,
-        q: torch.Tensor,  # (B, Hq, S_local, D)
-        k: torch.Tensor,  # (B, Hkv, S_local, D)
-        v: torch.Tensor,  # (B, Hkv, S_local, D)
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""
         acc = acc_dtype(q.dtype)
         rep = self._kv_copies(k.shape[1])
@@ -157,15 +152,8 @@ class UlyssesMethod(CollectiveMethod):
         ol = self._gather_heads([ol], "forward out/lse")[0]
         return ol[..., :-1].contiguous(), ol[..., -1].contiguous()
 
-    def backward(
-        self,
-        dout: torch.Tensor,  # (B, Hq, S_local, D)
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,  # (B, Hq, S_local, D) global output
-        lse: torch.Tensor,  # (B, Hq, S_local) global lse
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, dout, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shapes as in :class:`seqpar.methods.base.Method` (``out``/``lse``: the global ones)."""
         acc = acc_dtype(q.dtype)
         hkv = k.shape[1]
         rep = self._kv_copies(hkv)
