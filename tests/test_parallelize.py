@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import parallel_cases as pc
-from seqpar.vocab import LAYOUTS
+from seqpar.vocab import LAYOUTS, METHODS
 
 pytest.importorskip("transformers")
 
@@ -40,6 +40,18 @@ def test_equivalence(worlds, kind):
         what = f"{model} dp={dp} cp={cp} fsdp={fsdp} layout={layout} checkpoint={ckpt}"
         for res in w.run(pc.equivalence, kind=model, dp=dp, cp=cp, layout=layout, fsdp=fsdp, checkpoint=ckpt):
             _check(res, what)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "ring"])  # the ring: test_equivalence above
+@pytest.mark.parametrize("kind", ["llama", "gpt"])
+def test_every_method(worlds, kind, method):
+    """Each method of seqpar.vocab.METHODS under parallelize, equal to the single process: cp=4 without
+    FSDP and dp=2 x cp=2 with FSDP2 (and checkpointing)."""
+    w = worlds(P)
+    for dp, cp, fsdp, layout, ckpt in [(1, 4, False, "zigzag", False), (2, 2, True, "striped", True)]:
+        for res in w.run(pc.equivalence, kind=kind, dp=dp, cp=cp, layout=layout, fsdp=fsdp, checkpoint=ckpt,
+                         method=method):
+            _check(res, f"{kind} {method} dp={dp} cp={cp} fsdp={fsdp} layout={layout} checkpoint={ckpt}")
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
