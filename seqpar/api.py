@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from seqpar import methods as _methods
-from seqpar.methods import ops as _ops
-from seqpar.comm import CommError, gather_ints
+from seqpar.comm import agree, gather_ints
 from seqpar.kernels import resolve_backend
 from seqpar.mesh import group_rank_size, resolve_group
+from seqpar.methods import ops as _ops
 from seqpar.vocab import BACKENDS, LAYOUTS, METHODS, check_choice
 
 __all__ = ["attention", "attend", "AttentionCall"]
@@ -41,6 +41,10 @@ _AGREED: set[tuple] = set()
 # Attention calls made so far on each group by this rank: id(group) -> count. Bookkeeping, not
 # configuration: it numbers the calls (and their message tags) identically on ranks that make the same calls.
 _CALLS: dict[int, int] = {}
+
+
+def _finite_check_on() -> bool:
+    return os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0")
 
 
 def _next_call(group) -> int:
@@ -56,7 +60,7 @@ def _check_compilable(group, record) -> None:
                         f"torch.compile; run this transport eagerly (outside the compiled region)")
     if record is not None:
         raise ValueError("record: the per-step timing hook works eagerly only, not under torch.compile")
-    if os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0"):
+    if _finite_check_on():
         raise ValueError("SEQPAR_CHECK_FINITE=1 checks eagerly only (it all-gathers flags); unset it under "
                          "torch.compile, or run the model eagerly to find the non-finite values")
 
@@ -145,25 +149,9 @@ def _agree(group, signature: tuple, error: Exception | None) -> None:
     key = (id(group), signature)
     if error is None and key in _AGREED:
         return
-    try:
-        rows = gather_ints([0 if error is None else 1, *signature], group)
-    except RuntimeError as e:  # the transport's timeout: the other ranks are not in this agreement
-        if error is not None:
-            raise error from e  # this rank's own error, naming its argument
-        raise CommError(f"seqpar.attention: the shape agreement of a new call signature on this group failed "
-                        f"(the other ranks did not join it: they skipped or repeated a call, or one of them "
-                        f"stopped). Transport: {type(e).__name__}: {e}") from e
-    if error is not None:
-        raise error
-    bad = [r for r, row in enumerate(rows) if row[0]]
-    if bad:
-        raise ValueError(f"seqpar.attention: rank(s) {bad} rejected their inputs (see their error); no rank runs")
-    if any(row[1:] != list(signature) for row in rows):
-        sigs = {r: row[1:] for r, row in enumerate(rows)}
-        raise ValueError(
-            "seqpar.attention: ranks disagree on (B, Hq, S_local, D, Hkv, dtype, causal, layout, method): "
-            f"{sigs}. Every rank of the group must pass tensors of the same shape (the sequence split evenly)"
-        )
+    agree(group, list(signature), error, what="seqpar.attention", disagreement=lambda rows: (
+        f"ranks disagree on (B, Hq, S_local, D, Hkv, dtype, causal, layout, method): {dict(enumerate(rows))}. "
+        f"Every rank of the group must pass tensors of the same shape (the sequence split evenly)"))
     _AGREED.add(key)
 
 
@@ -253,7 +241,7 @@ def attend(
             out, lse = _ops.attention_replay(q4, k4, v4, *kept, *args), kept[1]
     else:
         number = _next_call(g)
-        check_finite = os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0")
+        check_finite = _finite_check_on()
         if check_finite:
             _check_finite([("q", q), ("k", k), ("v", v)], g, world, number, ValueError)
         impl = _methods.build(call.method, g, layout=call.layout, causal=call.is_causal, scale=scale,

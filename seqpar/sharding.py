@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from seqpar import layout as _layout
-from seqpar.comm import all_gather_tensor, gather_ints
+from seqpar.comm import agree, all_gather_tensor
 from seqpar.mesh import group_rank_size, resolve_group
 
 __all__ = ["shard", "unshard", "positions"]
@@ -108,19 +108,15 @@ def _unshard_signature(local: torch.Tensor, d: int, layout: str) -> list[int]:
 def _agree_unshard(group, signature: list[int] | None, error: Exception | None) -> None:
     """Every rank learns whether any rank rejected its input, or whether the ranks' shards differ."""
     code = 0 if error is None else 1 + _ARGS.index(getattr(error, "seqpar_argument", "local"))
-    width = 5 + _SHAPE_SLOTS
-    rows = gather_ints([code, *(signature or [0] * width)], group)
-    if error is not None:
-        raise error
-    bad = {r: _ARGS[row[0] - 1] for r, row in enumerate(rows) if row[0]}
-    if bad:
-        raise ValueError(f"seqpar.unshard: rank(s) {sorted(bad)} rejected their input (argument(s) "
-                         f"{sorted(set(bad.values()))}; see the error there); no rank gathers")
-    if any(row[1:] != rows[0][1:] for row in rows):
-        seen = {r: f"ndim={row[1]} dim={row[2]} layout={_layout.LAYOUTS[row[3]]!r} dtype={_DTYPES[row[4]]} "
-                   f"shape={tuple(s for s in row[5:5 + min(row[1], _SHAPE_SLOTS)])}" for r, row in enumerate(rows)}
-        raise ValueError(f"seqpar.unshard: ranks disagree on the local shard (local, dim, layout): {seen}. Every rank "
-                         f"must pass its shard of one tensor (seqpar.shard with the same dim and layout)")
+
+    def disagreement(rows):
+        seen = {r: f"ndim={row[0]} dim={row[1]} layout={_layout.LAYOUTS[row[2]]!r} dtype={_DTYPES[row[3]]} "
+                   f"shape={tuple(row[4:4 + min(row[0], _SHAPE_SLOTS)])}" for r, row in enumerate(rows)}
+        return (f"ranks disagree on the local shard (local, dim, layout): {seen}. Every rank must pass its shard "
+                f"of one tensor (seqpar.shard with the same dim and layout)")
+
+    agree(group, signature or [0] * (5 + _SHAPE_SLOTS), error, what="seqpar.unshard", disagreement=disagreement,
+          code=code, names=_ARGS)
 
 
 def unshard(local: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag") -> torch.Tensor:

@@ -22,7 +22,7 @@ Backends: :class:`TorchRing` (torch.distributed: NCCL, gloo) and :class:`LocalRi
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ __all__ = [
     "make_ring",
     "all_gather_tensor",
     "gather_ints",
+    "agree",
     "control_device",
     "TAG_KV",
     "TAG_DKV",
@@ -190,6 +191,38 @@ def gather_ints(values: list[int], group: dist.ProcessGroup | TransportGroup | N
         return group.all_gather_ints(values)
     t = torch.tensor(values, dtype=torch.int64, device=control_device(group))
     return [g.tolist() for g in all_gather_tensor(t, group)]
+
+
+def agree(group, signature: list[int], error: Exception | None, *, what: str, disagreement: Callable,
+          code: int = 1, names: tuple[str, ...] = ()) -> None:
+    """Every rank of ``group`` learns, in one small all-gather, whether any rank rejected its input and
+    whether the ranks' ``signature``s (ints, the same count everywhere; zeros on a rank with an error)
+    differ, and raises the same way on every rank, so no rank is left waiting:
+
+    - this rank's own ``error`` (a rank that rejected its input);
+    - else ``ValueError`` naming the ranks that rejected theirs (and, with ``names``, the argument each
+      named: its ``code`` is 1 + the argument's index in ``names``);
+    - else ``ValueError(what + ": " + disagreement(rows))`` when the signatures differ (``rows``: every
+      rank's signature, in rank order).
+
+    If the all-gather itself fails (the other ranks are not in it: they skipped or repeated a call, or
+    one stopped), this rank raises its own ``error`` if it has one, else :class:`CommError`."""
+    try:
+        rows = gather_ints([0 if error is None else code, *signature], group)
+    except RuntimeError as e:
+        if error is not None:
+            raise error from e
+        raise CommError(f"{what}: the cross-rank agreement failed (the other ranks did not join it: they skipped or "
+                        f"repeated a call, or one of them stopped). Transport: {type(e).__name__}: {e}") from e
+    if error is not None:
+        raise error
+    bad = {r: row[0] for r, row in enumerate(rows) if row[0]}
+    if bad:
+        args = f" (argument(s) {sorted({names[c - 1] for c in bad.values()})}; see the error there)" if names else \
+            " (see their error)"
+        raise ValueError(f"{what}: rank(s) {sorted(bad)} rejected their input{args}; no rank runs")
+    if any(row[1:] != rows[0][1:] for row in rows):
+        raise ValueError(f"{what}: {disagreement([row[1:] for row in rows])}")
 
 
 def all_to_all(x: torch.Tensor, group: dist.ProcessGroup | None, scatter_dim: int, gather_dim: int) -> torch.Tensor:
