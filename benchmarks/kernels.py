@@ -4,11 +4,17 @@
     python benchmarks/kernels.py --device cuda           # GPU: triton vs SDPA-flash, S 4k..128k, D 64/128, bf16
     python benchmarks/kernels.py --device cuda --quick   # GPU subset: D=128, S 4k/16k/64k (gpu_check.sh)
     python benchmarks/kernels.py --device cuda --million # 1M-token causal fwd+bwd, 8 q heads / 1 kv head, D=128
+    python benchmarks/kernels.py --masked                # CPU masked tiles: aten band / documents vs dense causal
 
 Every row runs in the same invocation (these machines are shared; compare ratios side by side).
 FLOPs: forward 4 * B * H * Sq * Sk * D (halved when causal), backward 2.5x forward, both 3.5x.
 Also: the accumulating forward (merge inside the kernel) vs forward + a separate merge pass.
 Writes a table to stdout, JSON and a PNG to benchmarks/results/kernels_<device>.{json,png}.
+
+``--masked`` ("CPU masked tiles"): GFLOP/s on the *visible* area (4 B H D x visible pairs forward, 2.5x
+backward) of aten tiles with a TileMask (a causal sliding window of S/8, causal packed documents, packed
+documents without causality) next to a dense causal tile of the same size, in one run; the target is
+>= 0.8x the dense causal tile. Writes benchmarks/results/kernels_masked.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import RESULTS, inputs, pyplot, save_figure, time_median, write_json  # noqa: E402
 
 from seqpar.kernels import (  # noqa: E402
+    TileMask,
     block_attention,
     block_attention_accumulate,
     block_attention_backward,
@@ -52,8 +59,9 @@ def _timer(device: str) -> Callable[[Callable[[], object]], float]:
 
 
 def bench_kernel_backend(backend, q, k, v, do, causal, timer) -> dict[str, float]:
-    """seqpar's block_attention (+ backward against its own out/lse): seconds per mode."""
-    mask = "causal" if causal else "full"
+    """seqpar's block_attention (+ backward against its own out/lse): seconds per mode. ``causal``: a bool
+    (causal or full) or a TileMask."""
+    mask = causal if isinstance(causal, TileMask) else "causal" if causal else "full"
     scale = q.shape[-1] ** -0.5
     fwd = lambda: block_attention(q, k, v, mask=mask, scale=scale, backend=backend)  # noqa: E731
     out, lse = fwd()
@@ -197,6 +205,108 @@ def run_million(S: int = 1 << 20, Hq: int = 8, Hkv: int = 1, D: int = 128) -> di
     return dict(runs=list(res.values()), bytes_per_token_ratio=ratio)
 
 
+def masked_tiles(S: int) -> dict[str, TileMask]:
+    """The masked tiles of the CPU benchmark at size S x S (documents: 4 of lengths 4:3:2:1)."""
+    cuts = [0, 4 * S // 10, 7 * S // 10, 9 * S // 10, S]
+    segs = tuple((a, b, d) for d, (a, b) in enumerate(zip(cuts, cuts[1:])))
+    return {"dense causal": TileMask("causal"),
+            "band causal (window S/8)": TileMask("causal", lo=-(S // 8 - 1)),
+            "docs causal (4 docs)": TileMask("causal", docs=(segs, segs)),
+            "docs full (4 docs)": TileMask("full", docs=(segs, segs))}
+
+
+def run_masked(seqs=(2048, 4096), B: int = 1, H: int = 4, D: int = 64, reps: int = 5) -> dict:
+    """aten on masked tiles vs the dense causal tile, GFLOP/s on the visible pairs (fp32, CPU). The tiles
+    of one S are timed interleaved (rep 1 of every tile, then rep 2, ...) and the minimum is kept: the
+    machine is shared, and interleaving spreads its load over every tile alike."""
+    from seqpar.kernels.backend import split_mask, visible_rows
+
+    rows = []
+    for S in seqs:
+        q, k, v, do = inputs(B, H, H, S, D)
+        scale = D ** -0.5
+        tiles = masked_tiles(S)
+        calls, seconds = {}, {}
+        for name, mask in tiles.items():
+            out, lse = block_attention(q, k, v, mask=mask, scale=scale, backend="aten")
+            out = out.to(q.dtype)
+            args = (q, k, v)
+            calls[name] = {
+                "fwd": lambda m=mask, a=args: block_attention(*a, mask=m, scale=scale, backend="aten"),
+                "bwd": lambda m=mask, a=args, g=do, o=out, l=lse: block_attention_backward(g, *a, o, l, mask=m,
+                                                                                         scale=scale, backend="aten")}
+            seconds[name] = {"fwd": [], "bwd": []}
+        for _ in range(reps):
+            for name in tiles:
+                for m in ("fwd", "bwd"):
+                    t0 = time.perf_counter()
+                    calls[name][m]()
+                    seconds[name][m].append(time.perf_counter() - t0)
+        base = None
+        for name, mask in tiles.items():
+            vis = visible_rows(mask, 0, S, S, "cpu")
+            visible = S * S if vis is None else int(vis.sum())
+            t = {m: min(seconds[name][m]) for m in ("fwd", "bwd")}
+            t["both"] = t["fwd"] + t["bwd"]
+            pieces = 1 if mask.plain else len(split_mask(mask, S, S, *_aten_split(mask)))
+            row = dict(tile=name, S=S, B=B, H=H, D=D, visible=visible, pieces=pieces,
+                       **{f"{m}_s": t[m] for m in MODES},
+                       **{f"{m}_gflops": 4.0 * B * H * D * visible * {"fwd": 1.0, "bwd": 2.5, "both": 3.5}[m]
+                          / t[m] / 1e9 for m in MODES})
+            if base is None:
+                base = row
+            for m in MODES:
+                row[f"{m}_vs_dense"] = row[f"{m}_gflops"] / base[f"{m}_gflops"]
+            rows.append(row)
+            print(_fmt_masked(row), flush=True)
+        del q, k, v, do
+    return dict(kind="cpu", device=_device_name("cpu"), dtype="torch.float32", backend="aten", reps=reps, rows=rows)
+
+
+def _aten_split(mask):
+    from seqpar.kernels.aten import split_params
+
+    return split_params(mask, torch.device("cpu"))
+
+
+def _fmt_masked(r: dict) -> str:
+    return (f"{r['tile']:>26} S={r['S']:<5} visible={r['visible']:>9} pieces={r['pieces']:<4} "
+            + "  ".join(f"{m} {r[m + '_s'] * 1e3:8.1f} ms {r[m + '_gflops']:6.1f} GF/s ({r[m + '_vs_dense']:.2f}x)"
+                        for m in MODES))
+
+
+def masked_table(res: dict) -> str:
+    head = ("| tile | S | visible pairs | pieces | " + " | ".join(f"{m} GFLOP/s" for m in MODES) + " | "
+            + " | ".join(f"{m} vs dense causal" for m in MODES) + " |")
+    lines = [head, "|" + "---|" * (4 + 2 * len(MODES))]
+    for r in res["rows"]:
+        lines.append(f"| {r['tile']} | {r['S']} | {r['visible']} | {r['pieces']} | "
+                     + " | ".join(f"{r[m + '_gflops']:.1f}" for m in MODES) + " | "
+                     + " | ".join(f"{r[m + '_vs_dense']:.2f}x" for m in MODES) + " |")
+    lines.append(f"\nGFLOP/s on the visible pairs; aten backend, B=1, H=4, D=64, {res['device']}, {res['dtype']}.")
+    return "\n".join(lines)
+
+
+def plot_masked(res: dict, path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    rows = res["rows"]
+    fig, axes = plt.subplots(1, len(MODES), figsize=(4.5 * len(MODES), 3.2), squeeze=False)
+    for i, m in enumerate(MODES):
+        ax = axes[0][i]
+        for tile in dict.fromkeys(r["tile"] for r in rows):
+            pts = [(r["S"], r[f"{m}_gflops"]) for r in rows if r["tile"] == tile]
+            ax.plot(*zip(*pts), marker="o", label=tile)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{m}: GFLOP/s on visible pairs", fontsize=9)
+        ax.set_xlabel("S")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"aten masked tiles, {res['device']}, {res['dtype']}", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -276,11 +386,21 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer sequence lengths")
     ap.add_argument("--million", action="store_true", help="only the 1M-token causal fwd+bwd memory check (CUDA)")
+    ap.add_argument("--masked", action="store_true", help="only the CPU masked tiles (aten) vs dense causal")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.masked:
+        res = run_masked()
+        print()
+        print(masked_table(res))
+        write_json(args.out / "kernels_masked.json", res)
+        (args.out / "kernels_masked.md").write_text(masked_table(res) + "\n")
+        plot_masked(res, args.out / "kernels_masked.png")
+        print(f"\nwrote {args.out / 'kernels_masked.json'}, .md and .png")
+        return
     if args.million:
         if args.device != "cuda":
             raise SystemExit("--million needs --device cuda")

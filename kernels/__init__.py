@@ -11,8 +11,13 @@ Shapes::
     lse  (B, Hq,  Sq)         fp32 (fp64 for fp64 inputs), natural log; -inf for a row with no key
 
 The mask is a :class:`TileMask` description (``backend.py``; a kind name such as ``"causal"`` is
-shorthand). ``strict`` (causal minus the diagonal: the off-diagonal tiles of the striped layout)
-reaches a backend without it natively as a causal tile on ``q[1:] x k[:-1]``.
+shorthand). A *plain* mask (a kind only) goes by ``native_masks``: ``strict`` (causal minus the
+diagonal: the off-diagonal tiles of the striped layout) reaches a backend without it natively as a
+causal tile on ``q[1:] x k[:-1]``. A mask with a band, documents or a soft-cap goes by
+``native_features``: to the backend when it has them all, else (``band`` / ``docs`` missing) split into
+full / causal pieces the backend runs (:func:`seqpar.kernels.aten.forward_pieces`), else (``softcap``
+missing) to ``reference``, which has every feature. Nothing is dropped: routing is by data, and a
+mask whose documents do not cover the tile raises ``ValueError``.
 
 Backends (each a :class:`KernelBackend`: entry points plus capabilities as data):
 
@@ -38,7 +43,7 @@ import os
 
 import torch
 
-from seqpar.kernels.backend import KernelBackend, TileMask, acc_dtype, as_mask
+from seqpar.kernels.backend import KernelBackend, TileMask, acc_dtype, as_mask, check_tile
 from seqpar.vocab import BACKENDS, Backend, MaskKind, check_choice
 
 __all__ = [
@@ -110,6 +115,18 @@ def _for(backend: str, dtype: torch.dtype, scale: float) -> KernelBackend:
     return impl
 
 
+def _masked(impl: KernelBackend, mask: TileMask, Sq: int, Sk: int) -> tuple[KernelBackend, bool]:
+    """For a non-plain mask: ``(backend, split)``: the backend that computes it and whether the
+    dispatcher must split it into plain pieces for that backend (band / documents it lacks)."""
+    check_tile(mask, Sq, Sk)
+    missing = mask.features - impl.native_features
+    if not missing:
+        return impl, False
+    if "softcap" in missing:
+        return get_backend("reference"), False
+    return impl, True  # band / docs: pieces of full and causal tiles, which every backend has
+
+
 def block_attention(
     q: torch.Tensor,  # (B, Hq, Sq, D)
     k: torch.Tensor,  # (B, Hkv, Sk, D)
@@ -121,6 +138,13 @@ def block_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One tile's attention: ``(out (B,Hq,Sq,D), lse (B,Hq,Sq) fp32)``."""
     mask, impl = as_mask(mask), _for(backend, q.dtype, scale)
+    if not mask.plain:
+        impl, split = _masked(impl, mask, q.shape[2], k.shape[2])
+        if split:
+            from seqpar.kernels.aten import forward_pieces
+
+            return forward_pieces(impl.forward, q, k, v, mask=mask, scale=scale)
+        return impl.forward(q, k, v, mask=mask, scale=scale)
     if mask.kind in impl.native_masks:
         return impl.forward(q, k, v, mask=mask, scale=scale)
     assert mask.kind == "strict", mask  # every backend has full and causal
@@ -148,6 +172,13 @@ def block_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one tile given the global ``out``/``lse``: ``(dq, dk, dv)`` shaped like q, k, v."""
     mask, impl = as_mask(mask), _for(backend, q.dtype, scale)
+    if not mask.plain:
+        impl, split = _masked(impl, mask, q.shape[2], k.shape[2])
+        if split:
+            from seqpar.kernels.aten import backward_pieces
+
+            return backward_pieces(impl.backward, dout, q, k, v, out, lse, mask=mask, scale=scale)
+        return impl.backward(dout, q, k, v, out, lse, mask=mask, scale=scale)
     if mask.kind in impl.native_masks:
         return impl.backward(dout, q, k, v, out, lse, mask=mask, scale=scale)
     assert mask.kind == "strict", mask
@@ -196,7 +227,12 @@ def block_attention_accumulate(
     """Merge one tile's attention into the running ``(out, lse)`` in place (rows with no visible key
     of this tile are left untouched). Equals ``block_attention`` then :func:`merge_partial`."""
     mask, impl = as_mask(mask), _for(backend, q.dtype, scale)
-    if impl.forward_accumulate is not None and out.dtype == torch.float32 and mask.kind in impl.native_masks:
+    if mask.plain:
+        native = mask.kind in impl.native_masks
+    else:
+        check_tile(mask, q.shape[2], k.shape[2])
+        native = mask.features <= impl.native_features
+    if impl.forward_accumulate is not None and out.dtype == torch.float32 and native:
         impl.forward_accumulate(q, k, v, out, lse, mask=mask, scale=scale)
         return
     o, l = block_attention(q, k, v, mask=mask, scale=scale, backend=impl.name)

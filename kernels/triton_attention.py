@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqpar.kernels.backend import KernelBackend, TileMask
+from seqpar.kernels.backend import UNBOUNDED, KernelBackend, TileMask, check_tile, doc_ids
 
 __all__ = [
     "forward",
@@ -144,7 +144,7 @@ def _prune_cols(configs, named_args, **kwargs):
     return _prune("cols", configs, named_args, kwargs)
 
 
-_KEY = ["SQ_KEY", "SK_KEY", "HEAD_D", "MASK"]
+_KEY = ["SQ_KEY", "SK_KEY", "HEAD_D", "MASK", "GENERIC", "BAND", "DOCS", "SOFTCAP"]
 
 
 def _bucket(n: int) -> int:
@@ -156,6 +156,26 @@ def _bucket(n: int) -> int:
 # The interpreter's tl.dot mishandles bf16 operands (numpy has no bf16): there, operands are widened to
 # fp32 first, after any rounding to the input dtype, so the interpreter computes what the GPU computes.
 _DOT_UPCAST = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) = 1 - 2 / (e^{2x} + 1): exact limits +-1 for large |x| (e^{2x} = inf or 0)."""
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _scores2(q, kt, qk_scale, cap_a, cap_b, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+    """(BM, BN) scores in the log2 domain; soft-capped: cap_b * tanh(q.k * cap_a) with cap_a = scale / softcap,
+    cap_b = softcap * log2(e). Also returns the tanh (for the backward; the scores when not soft-capped)."""
+    s = _dot(q, kt, None, PREC)
+    if SOFTCAP:
+        t = _tanh(s * cap_a)
+        s = t * cap_b
+    else:
+        s = s * qk_scale
+        t = s
+    return s, t
 
 
 @triton.jit
@@ -173,8 +193,10 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk, skn, skd, svn, svd, qk_scale,
               MASKED: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
-              BLOCK_D: tl.constexpr):
-    """One key block into the running (acc (BM, BD), m_i (BM,), l_i (BM,)); exp2 domain."""
+              BLOCK_D: tl.constexpr, qd, kd, lo, hi, cap_a, cap_b, BAND: tl.constexpr, DOCS: tl.constexpr,
+              SOFTCAP: tl.constexpr):
+    """One key block into the running (acc (BM, BD), m_i (BM,), l_i (BM,)); exp2 domain. Masked blocks apply
+    the kind (plain masks) or the band ``lo <= j - i <= hi`` and the documents ``qd (BM,) == kd (BN,)``."""
     cols = start_n + offs_n  # (BN,)
     kt_ptrs = k_base + cols[None, :] * skn + offs_d[:, None] * skd  # (BD, BN)
     v_ptrs = v_base + cols[:, None] * svn + offs_d[None, :] * svd  # (BN, BD)
@@ -187,13 +209,18 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     else:
         kt = tl.load(kt_ptrs)
         v = tl.load(v_ptrs)
-    s = _dot(q, kt, None, PREC) * qk_scale  # (BM, BN), log2 domain
+    s, _ = _scores2(q, kt, qk_scale, cap_a, cap_b, PREC, SOFTCAP)  # (BM, BN), log2 domain
     if MASKED:
         visible = cols[None, :] < Sk
         if MASK == 1:
             visible = visible & (cols[None, :] <= offs_m[:, None])
         if MASK == 2:
             visible = visible & (cols[None, :] < offs_m[:, None])
+        if BAND:
+            dd = cols[None, :] - offs_m[:, None]
+            visible = visible & (dd >= lo) & (dd <= hi)
+        if DOCS:
+            visible = visible & (qd[:, None] == kd[None, :])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet: p = 0, alpha = 0
@@ -210,7 +237,7 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
 
 # Sizes and head counts are not specialised on (divisibility by 16, == 1): fewer compiled variants;
 # strides still are (alignment of the loads).
-_SIZES = ["H", "HKV", "GROUP", "Sq", "Sk", "SQ_KEY", "SK_KEY"]
+_SIZES = ["H", "HKV", "GROUP", "Sq", "Sk", "SQ_KEY", "SK_KEY", "lo", "hi"]
 
 
 @triton.jit(do_not_specialize=[a for a in _SIZES if a != "HKV"])
@@ -223,8 +250,10 @@ def _fwd_kernel(
     slb, slh, slm,
     H, GROUP, Sq, Sk, qk_scale,
     SQ_KEY, SK_KEY,
+    QDOC, KDOC, lo, hi, cap_a, cap_b,
     MASK: tl.constexpr, ACCUMULATE: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GENERIC: tl.constexpr, BAND: tl.constexpr, DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # grid: (cdiv(Sq, BLOCK_M), B * H)
     pid_m = tl.program_id(0)
@@ -251,19 +280,53 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # keys [0, clean) need no mask at all; [clean, hi) are the diagonal / the ragged end
-    if MASK == 0:
-        hi = Sk
-        clean = (Sk // BLOCK_N) * BLOCK_N
+    if GENERIC:  # band / documents / soft-cap: walk the key blocks the band reaches, classify each one
+        qd = offs_m
+        qmin = 0
+        qmax = 0
+        if DOCS:
+            qd = tl.load(QDOC + offs_m, mask=row_ok, other=-1)
+            qmin = tl.min(tl.where(row_ok, qd, 2147483647), 0)
+            qmax = tl.max(qd, 0)
+        r_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
+        n_start = (tl.maximum(m0 + lo, 0) // BLOCK_N) * BLOCK_N
+        n_stop = tl.minimum(Sk, r_last + hi + 1)
+        for start_n in range(n_start, n_stop, BLOCK_N):
+            cols = start_n + offs_n
+            kd = cols
+            full = (start_n + BLOCK_N <= Sk) & (start_n - r_last >= lo) & (start_n + BLOCK_N - 1 - m0 <= hi)
+            some = start_n < Sk
+            if DOCS:
+                kd = tl.load(KDOC + cols, mask=cols < Sk, other=-2)
+                kmin = tl.min(tl.where(cols < Sk, kd, 2147483647), 0)
+                kmax = tl.max(kd, 0)
+                some = some & (kmin <= qmax) & (kmax >= qmin)  # else: no shared document (skipped)
+                full = full & (qmin == qmax) & (kmin == kmax) & (kmin == qmin)
+            if some:
+                if full:
+                    acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk,
+                                              skn, skd, svn, svd, qk_scale, False, 0, PREC, HEAD_D, BLOCK_D,
+                                              qd, kd, lo, hi, cap_a, cap_b, BAND, DOCS, SOFTCAP)
+                else:
+                    acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk,
+                                              skn, skd, svn, svd, qk_scale, True, 0, PREC, HEAD_D, BLOCK_D,
+                                              qd, kd, lo, hi, cap_a, cap_b, BAND, DOCS, SOFTCAP)
     else:
-        hi = tl.minimum(Sk, m0 + BLOCK_M)
-        clean = tl.minimum(m0, (Sk // BLOCK_N) * BLOCK_N)  # m0 is a multiple of BLOCK_N (pruned configs)
-    for start_n in range(0, clean, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk,
-                                  skn, skd, svn, svd, qk_scale, False, MASK, PREC, HEAD_D, BLOCK_D)
-    for start_n in range(clean, hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk,
-                                  skn, skd, svn, svd, qk_scale, True, MASK, PREC, HEAD_D, BLOCK_D)
+        # keys [0, clean) need no mask at all; [clean, hi) are the diagonal / the ragged end
+        if MASK == 0:
+            k_stop = Sk
+            clean = (Sk // BLOCK_N) * BLOCK_N
+        else:
+            k_stop = tl.minimum(Sk, m0 + BLOCK_M)
+            clean = tl.minimum(m0, (Sk // BLOCK_N) * BLOCK_N)  # m0 is a multiple of BLOCK_N (pruned configs)
+        for start_n in range(0, clean, BLOCK_N):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk,
+                                      skn, skd, svn, svd, qk_scale, False, MASK, PREC, HEAD_D, BLOCK_D,
+                                      offs_m, offs_n, lo, hi, cap_a, cap_b, False, False, False)
+        for start_n in range(clean, k_stop, BLOCK_N):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk,
+                                      skn, skd, svn, svd, qk_scale, True, MASK, PREC, HEAD_D, BLOCK_D,
+                                      offs_m, offs_n, lo, hi, cap_a, cap_b, False, False, False)
 
     o_ptrs = Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
     l_ptrs = Lse + b * slb + h * slh + offs_m * slm
@@ -323,7 +386,8 @@ def _load_lse2(lse_ptrs, rows, Sq):
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d, cols, Sq,
                sqm, sqd, sdm, sdd, slm, qk_scale,
-               MASKED: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr):
+               MASKED: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
+               qd, kd, lo, hi, cap_a, cap_b, BAND: tl.constexpr, DOCS: tl.constexpr, SOFTCAP: tl.constexpr):
     """One row block of one q head into dk, dv (BN, BD) fp32; computed transposed (keys x rows)."""
     rows = start_m + offs_m  # (BM,)
     row_ok = rows < Sq
@@ -334,16 +398,23 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, 
                  other=0.0)  # (BM, BD)
     lse2 = _load_lse2(l_base + rows * slm, rows, Sq)  # (BM,)
     delta = tl.load(dl_base + rows, mask=row_ok, other=0.0)  # (BM,)
-    st = _dot(k, qt, None, PREC) * qk_scale  # (BN, BM)
+    st, tt = _scores2(k, qt, qk_scale, cap_a, cap_b, PREC, SOFTCAP)  # (BN, BM)
     pt = tl.exp2(st - lse2[None, :])
     if MASKED:
         if MASK == 1:
             pt = tl.where(cols[:, None] <= rows[None, :], pt, 0.0)
         if MASK == 2:
             pt = tl.where(cols[:, None] < rows[None, :], pt, 0.0)
+        if BAND:
+            dd = cols[:, None] - rows[None, :]
+            pt = tl.where((dd >= lo) & (dd <= hi), pt, 0.0)
+        if DOCS:
+            pt = tl.where(kd[:, None] == qd[None, :], pt, 0.0)
     dv = _dot(pt.to(do.dtype), do, dv, PREC)
     dpt = _dot(v, tl.trans(do), None, PREC)  # (BN, BM)
     dst = pt * (dpt - delta[None, :])
+    if SOFTCAP:
+        dst = dst * (1.0 - tt * tt)
     dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, PREC)
     return dk, dv
 
@@ -358,8 +429,10 @@ def _bwd_dkdv_kernel(
     slb, slh, slm,
     HKV, GROUP, Sq, Sk, sm_scale, qk_scale,
     SQ_KEY, SK_KEY,
+    QDOC, KDOC, lo, hi, cap_a, cap_b,
     MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GENERIC: tl.constexpr, BAND: tl.constexpr, DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # grid: (cdiv(Sk, BLOCK_N), B * HKV); DK, DV (B, HKV, Sk, HEAD_D) fp32 contiguous
     pid_n = tl.program_id(0)
@@ -379,23 +452,59 @@ def _bwd_dkdv_kernel(
     # rows [n0, diag_end) hold the diagonal of this key block (causal / strict); rows below see every key,
     # rows above see none of them (skipped)
     diag_end = n0 + ((BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if GENERIC:  # the row blocks the band reaches from these keys; documents: per-block min / max ids
+        kd = cols
+        kmin = 0
+        kmax = 0
+        if DOCS:
+            kd = tl.load(KDOC + cols, mask=cols < Sk, other=-2)
+            kmin = tl.min(tl.where(cols < Sk, kd, 2147483647), 0)
+            kmax = tl.max(kd, 0)
+        c_last = tl.minimum(n0 + BLOCK_N, Sk) - 1
+        m_start = (tl.maximum(n0 - hi, 0) // BLOCK_M) * BLOCK_M
+        m_stop = tl.minimum(Sq, c_last - lo + 1)
     for g in range(GROUP):  # every q head of this kv head's group, summed in fp32 here
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         l_base = Lse + b * slb + h * slh
         dl_base = Delta + (b * HKV * GROUP + h) * Sq
-        if MASK == 0:
+        if GENERIC:
+            for start_m in range(m_start, m_stop, BLOCK_M):
+                rows = start_m + offs_m
+                qd = rows
+                r_last = tl.minimum(start_m + BLOCK_M, Sq) - 1
+                full = (n0 - r_last >= lo) & (c_last - start_m <= hi)
+                some = start_m < Sq
+                if DOCS:
+                    qd = tl.load(QDOC + rows, mask=rows < Sq, other=-1)
+                    qmin = tl.min(tl.where(rows < Sq, qd, 2147483647), 0)
+                    qmax = tl.max(qd, 0)
+                    some = some & (kmin <= qmax) & (kmax >= qmin)
+                    full = full & (qmin == qmax) & (kmin == kmax) & (kmin == qmin)
+                if some:
+                    if full:
+                        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d,
+                                            cols, Sq, sqm, sqd, sdm, sdd, slm, qk_scale, False, 0, PREC, HEAD_D,
+                                            qd, kd, lo, hi, cap_a, cap_b, BAND, DOCS, SOFTCAP)
+                    else:
+                        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d,
+                                            cols, Sq, sqm, sqd, sdm, sdd, slm, qk_scale, True, 0, PREC, HEAD_D,
+                                            qd, kd, lo, hi, cap_a, cap_b, BAND, DOCS, SOFTCAP)
+        elif MASK == 0:
             for start_m in range(0, Sq, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d, cols,
-                                    Sq, sqm, sqd, sdm, sdd, slm, qk_scale, False, MASK, PREC, HEAD_D)
+                                    Sq, sqm, sqd, sdm, sdd, slm, qk_scale, False, MASK, PREC, HEAD_D,
+                                    offs_m, cols, lo, hi, cap_a, cap_b, False, False, False)
         else:
             for start_m in range(n0, tl.minimum(diag_end, Sq), BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d, cols,
-                                    Sq, sqm, sqd, sdm, sdd, slm, qk_scale, True, MASK, PREC, HEAD_D)
+                                    Sq, sqm, sqd, sdm, sdd, slm, qk_scale, True, MASK, PREC, HEAD_D,
+                                    offs_m, cols, lo, hi, cap_a, cap_b, False, False, False)
             for start_m in range(diag_end, Sq, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, l_base, dl_base, start_m, offs_m, offs_d, cols,
-                                    Sq, sqm, sqd, sdm, sdd, slm, qk_scale, False, MASK, PREC, HEAD_D)
+                                    Sq, sqm, sqd, sdm, sdd, slm, qk_scale, False, MASK, PREC, HEAD_D,
+                                    offs_m, cols, lo, hi, cap_a, cap_b, False, False, False)
     out_off = (b * HKV + hk) * Sk * HEAD_D + cols[:, None] * HEAD_D + offs_d[None, :]
     tl.store(DK + out_off, dk * sm_scale, mask=kv_msk)
     tl.store(DV + out_off, dv, mask=kv_msk)
@@ -404,7 +513,8 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd, svn, svd, qk_scale,
              MASKED: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
-             BLOCK_D: tl.constexpr):
+             BLOCK_D: tl.constexpr, qd, kd, lo, hi, cap_a, cap_b, BAND: tl.constexpr, DOCS: tl.constexpr,
+             SOFTCAP: tl.constexpr):
     """One key block into dq (BM, BD) fp32."""
     cols = start_n + offs_n  # (BN,)
     kt_ptrs = k_base + cols[None, :] * skn + offs_d[:, None] * skd  # (BD, BN)
@@ -419,7 +529,7 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs
     else:
         kt = tl.load(kt_ptrs)
         vt = tl.load(vt_ptrs)
-    s = _dot(q, kt, None, PREC) * qk_scale  # (BM, BN)
+    s, t = _scores2(q, kt, qk_scale, cap_a, cap_b, PREC, SOFTCAP)  # (BM, BN)
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
         visible = cols[None, :] < Sk
@@ -427,9 +537,16 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs
             visible = visible & (cols[None, :] <= rows[:, None])
         if MASK == 2:
             visible = visible & (cols[None, :] < rows[:, None])
+        if BAND:
+            dd = cols[None, :] - rows[:, None]
+            visible = visible & (dd >= lo) & (dd <= hi)
+        if DOCS:
+            visible = visible & (qd[:, None] == kd[None, :])
         p = tl.where(visible, p, 0.0)
     dp = _dot(do, vt, None, PREC)  # (BM, BN)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, PREC)
     return dq
 
@@ -444,8 +561,10 @@ def _bwd_dq_kernel(
     slb, slh, slm,
     H, GROUP, Sq, Sk, sm_scale, qk_scale,
     SQ_KEY, SK_KEY,
+    QDOC, KDOC, lo, hi, cap_a, cap_b,
     MASK: tl.constexpr, PREC: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GENERIC: tl.constexpr, BAND: tl.constexpr, DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # grid: (cdiv(Sq, BLOCK_M), B * H); DQ (B, H, Sq, HEAD_D) fp32 contiguous
     pid_m = tl.program_id(0)
@@ -468,18 +587,52 @@ def _bwd_dq_kernel(
     lse2 = _load_lse2(Lse + b * slb + h * slh + rows * slm, rows, Sq)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if MASK == 0:
-        hi = Sk
-        clean = (Sk // BLOCK_N) * BLOCK_N
+    if GENERIC:  # as in the forward: the key blocks the band reaches, classified per block
+        qd = rows
+        qmin = 0
+        qmax = 0
+        if DOCS:
+            qd = tl.load(QDOC + rows, mask=row_ok, other=-1)
+            qmin = tl.min(tl.where(row_ok, qd, 2147483647), 0)
+            qmax = tl.max(qd, 0)
+        r_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
+        n_start = (tl.maximum(m0 + lo, 0) // BLOCK_N) * BLOCK_N
+        n_stop = tl.minimum(Sk, r_last + hi + 1)
+        for start_n in range(n_start, n_stop, BLOCK_N):
+            cols = start_n + offs_n
+            kd = cols
+            full = (start_n + BLOCK_N <= Sk) & (start_n - r_last >= lo) & (start_n + BLOCK_N - 1 - m0 <= hi)
+            some = start_n < Sk
+            if DOCS:
+                kd = tl.load(KDOC + cols, mask=cols < Sk, other=-2)
+                kmin = tl.min(tl.where(cols < Sk, kd, 2147483647), 0)
+                kmax = tl.max(kd, 0)
+                some = some & (kmin <= qmax) & (kmax >= qmin)
+                full = full & (qmin == qmax) & (kmin == kmax) & (kmin == qmin)
+            if some:
+                if full:
+                    dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd,
+                                  svn, svd, qk_scale, False, 0, PREC, HEAD_D, BLOCK_D,
+                                  qd, kd, lo, hi, cap_a, cap_b, BAND, DOCS, SOFTCAP)
+                else:
+                    dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd,
+                                  svn, svd, qk_scale, True, 0, PREC, HEAD_D, BLOCK_D,
+                                  qd, kd, lo, hi, cap_a, cap_b, BAND, DOCS, SOFTCAP)
     else:
-        hi = tl.minimum(Sk, m0 + BLOCK_M)
-        clean = tl.minimum(m0, (Sk // BLOCK_N) * BLOCK_N)
-    for start_n in range(0, clean, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd, svn, svd,
-                      qk_scale, False, MASK, PREC, HEAD_D, BLOCK_D)
-    for start_n in range(clean, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd, svn, svd,
-                      qk_scale, True, MASK, PREC, HEAD_D, BLOCK_D)
+        if MASK == 0:
+            k_stop = Sk
+            clean = (Sk // BLOCK_N) * BLOCK_N
+        else:
+            k_stop = tl.minimum(Sk, m0 + BLOCK_M)
+            clean = tl.minimum(m0, (Sk // BLOCK_N) * BLOCK_N)
+        for start_n in range(0, clean, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd, svn,
+                          svd, qk_scale, False, MASK, PREC, HEAD_D, BLOCK_D,
+                          rows, offs_n, lo, hi, cap_a, cap_b, False, False, False)
+        for start_n in range(clean, k_stop, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd, svn,
+                          svd, qk_scale, True, MASK, PREC, HEAD_D, BLOCK_D,
+                          rows, offs_n, lo, hi, cap_a, cap_b, False, False, False)
     out_off = (b * H + h) * Sq * HEAD_D + rows[:, None] * HEAD_D + offs_d[None, :]
     tl.store(DQ + out_off, dq * sm_scale, mask=msk)
 
@@ -504,6 +657,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: TileMask) ->
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"triton backend: Hq={q.shape[1]} must be a multiple of Hkv={k.shape[1]}")
+    check_tile(mask, q.shape[2], k.shape[2])
     if q.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"triton backend: head dim {q.shape[3]} > {MAX_HEAD_DIM}; use backend='aten'")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOATS:
@@ -522,18 +676,37 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _mask_args(mask: TileMask, scale: float, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """-> (QDOC, KDOC, lo, hi, cap_a, cap_b), the constexprs. A plain mask: the kind's code path of old
+    (GENERIC off; the extra arguments unused). Otherwise the kind is folded into the band (MASK 0) and the
+    kernels walk only the blocks the band and the documents reach."""
+    if mask.plain:
+        return (dummy, dummy, 0, 0, 1.0, 1.0), dict(MASK=_MASK_CODE[mask.kind], GENERIC=False, BAND=False,
+                                                    DOCS=False, SOFTCAP=False)
+    lo, hi = mask.band()
+    band = lo is not None or hi is not None
+    lo = -UNBOUNDED if lo is None else max(-UNBOUNDED, min(UNBOUNDED, lo))
+    hi = UNBOUNDED if hi is None else max(-UNBOUNDED, min(UNBOUNDED, hi))
+    qd, kd = doc_ids(mask, dummy.device) if mask.docs is not None else (dummy, dummy)
+    cap = float(mask.softcap)
+    cap_a, cap_b = (float(scale) / cap, cap * _LOG2E) if cap else (1.0, 1.0)
+    return (qd, kd, lo, hi, cap_a, cap_b), dict(MASK=0, GENERIC=True, BAND=band, DOCS=mask.docs is not None,
+                                                SOFTCAP=bool(cap))
+
+
 def _launch_forward(q, k, v, out, lse, mask: TileMask, scale: float, accumulate: bool) -> None:
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     kernel = _fwd_acc if accumulate else _fwd
     grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    margs, consts = _mask_args(mask, scale, lse)
     with _LAUNCH:
         kernel[grid](
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
             Hq, Hq // Hkv, Sq, Sk, float(scale) * _LOG2E,
-            _bucket(Sq), _bucket(Sk),
-            MASK=_MASK_CODE[mask.kind], ACCUMULATE=accumulate, PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=_block_d(D),
+            _bucket(Sq), _bucket(Sk), *margs,
+            ACCUMULATE=accumulate, PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=_block_d(D), **consts,
         )
 
 
@@ -608,17 +781,19 @@ def backward(
         _bwd_delta_kernel[(triton.cdiv(Sq, bm_delta), B * Hq)](
             out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm_delta)
         common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
-        consts = dict(MASK=_MASK_CODE[mask.kind], PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=bd)
+        margs, mconsts = _mask_args(mask, scale, delta)
+        consts = dict(PREC=_prec(q.dtype), HEAD_D=D, BLOCK_D=bd, **mconsts)
         _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, *common,
-            Hkv, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
+            Hkv, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), *margs, **consts)
         _bwd_dq[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
             q, k, v, dout, lse, delta, dq, *common,
-            Hq, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), **consts)
+            Hq, Hq // Hkv, Sq, Sk, float(scale), float(scale) * _LOG2E, _bucket(Sq), _bucket(Sk), *margs, **consts)
     return dq, dk, dv
 
 
 BACKEND = KernelBackend(
     name="triton", forward=forward, backward=backward, forward_accumulate=forward_accumulate,
     native_masks=frozenset(_MASK_CODE), dtypes=frozenset(_FLOATS),
+    native_features=frozenset({"band", "docs", "softcap"}),
 )
