@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["RESULTS", "time_reps", "time_median", "inputs", "on_ranks", "write_json", "pyplot", "save_figure"]
+__all__ = ["RESULTS", "time_reps", "time_median", "inputs", "on_ranks", "write_json", "load_json", "pyplot",
+           "save_figure"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -69,6 +70,14 @@ def write_json(path: Path, data: Any, *, indent: int | None = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=indent))
     return path
+
+
+def load_json(path: Path, default: Any = None) -> Any:
+    """The JSON at ``path``, or ``default`` (an empty dict unless given) when there is no such file."""
+    path = Path(path)
+    if not path.exists():
+        return {} if default is None else default
+    return json.loads(path.read_text())
 
 
 def pyplot():

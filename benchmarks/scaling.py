@@ -11,7 +11,9 @@ and predicts seqpar.attention's forward and forward+backward time; the error vs 
 reported and must stay within 25%.
 
 Projection: a Llama-3-8B-shaped model (32 heads, 8 KV heads, head dim 128, 32 layers), 1,048,576 tokens,
-8..1024 H100s (NVLink 450 GB/s within a node of 8, 50 GB/s across), bf16, causal zigzag ring.
+8..1024 H100s (NVLink 450 GB/s within a node of 8, 50 GB/s across), bf16, causal zigzag, every method of
+seqpar.plan.MODELLED (hybrid with the Ulysses degree 8 = one node); a method that cannot run a row's
+shapes (ulysses beyond 32 GPUs: Hq=32) gets a row saying why.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from pathlib import Path
 
 from common import RESULTS, pyplot, save_figure, write_json
 
-from seqpar.plan import H100, LLAMA3_8B, Machine, ModelShape, plan
+from seqpar.plan import H100, LLAMA3_8B, MODELLED, Machine, ModelShape, plan
 
 TOLERANCE = 0.25
 VALIDATED = ("compute", "mixed")
 SEQ_1M = 1 << 20
+GPUS = (8, 16, 32, 64, 128, 256, 512, 1024)
+NODE = 8  # hybrid's Ulysses degree: one node
 
 
 def validate(transport: dict, overlap: str = "none") -> list[dict]:
@@ -56,12 +60,20 @@ def validate(transport: dict, overlap: str = "none") -> list[dict]:
     return rows
 
 
-def project() -> list[dict]:
-    return [plan(LLAMA3_8B, SEQ_1M, P, H100, dtype_bytes=2, causal=True).row() for P in (8, 16, 32, 64, 128, 256, 512,
-                                                                                       1024)]
+def project(method: str = "ring") -> list[dict]:
+    """The 1M-token projection of ``method`` at every GPU count; a row that cannot run says why."""
+    rows = []
+    for P in GPUS:
+        try:
+            r = plan(LLAMA3_8B, SEQ_1M, P, H100, dtype_bytes=2, causal=True, method=method, ulysses=NODE).row()
+            r.update(applicable=True, fits=r["memory_gb"] * 1e9 <= H100.memory)
+        except ValueError as e:
+            r = dict(method=method, ranks=P, applicable=False, reason=str(e))
+        rows.append(r)
+    return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, others: dict | None = None) -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -79,12 +91,15 @@ def plot(rows: list[dict], path: Path) -> None:
     a1.legend(fontsize=8)
     a1.set_xscale("log", base=2)
     ideal = [rows[0]["step_time_s"] * P[0] / p for p in P]
-    a2.loglog(P, [r["step_time_s"] for r in rows], "o-", label="predicted step time (fwd+bwd)")
+    a2.loglog(P, [r["step_time_s"] for r in rows], "o-", label="ring (fwd+bwd)")
+    for i, (name, mrows) in enumerate(sorted((others or {}).items())):
+        ok = [r for r in mrows if r["applicable"]]
+        a2.loglog([r["ranks"] for r in ok], [r["step_time_s"] for r in ok], ("^-", "s-", "x-")[i % 3], label=name)
     a2.loglog(P, ideal, ":", color="grey", label="linear scaling from 8")
     a2.set_xscale("log", base=2)
     a2.set_xlabel("H100s")
     a2.set_ylabel("seconds per 1M-token training step")
-    a2.set_title("step time (comm hidden where the markers are filled)")
+    a2.set_title("step time per method (ring: comm exposed where hollow)")
     for r in rows:
         if not r["hidden"]:
             a2.plot(r["ranks"], r["step_time_s"], "o", mfc="white", mec="C0")
@@ -118,6 +133,7 @@ def main() -> None:
           f"outside the model's domain (per-step latency of oversubscribed ranks dominates)")
 
     proj = project()
+    by_method = {m: proj if m == "ring" else project(m) for m in MODELLED}
     print("\nprojection: Llama-3-8B shape, 1,048,576 tokens, bf16, causal zigzag ring, H100 "
           "(NVLink 450 GB/s in a node of 8, 50 GB/s across)")
     print(f"{'GPUs':>5} {'S/P':>7} {'cmp f ms':>9} {'comm f ms':>9} {'cmp b ms':>9} {'comm b ms':>9} {'hidden':>6} "
@@ -126,10 +142,27 @@ def main() -> None:
         print(f"{r['ranks']:>5} {r['s_local']:>7} {r['step_compute_fwd_ms']:>9.3f} {r['step_comm_fwd_ms']:>9.3f} "
               f"{r['step_compute_bwd_ms']:>9.3f} {r['step_comm_bwd_ms']:>9.3f} {str(r['hidden']):>6} "
               f"{r['step_time_s']:>8.3f} {r['tokens_per_s'] / 1e3:>7.1f} {r['memory_gb']:>7.1f}")
+    print(f"\nevery method: step time s (attention fwd+bwd per layer ms), hybrid U={NODE}; * = over "
+          f"{H100.memory / 1e9:.0f} GB per GPU")
+    print(f"{'GPUs':>5} " + " ".join(f"{m:>21}" for m in MODELLED) + f" {'fastest':>9} {'ring/hybrid':>11}")
+    for i, P in enumerate(GPUS):
+        cells, ok = [], {}
+        for m in MODELLED:
+            r = by_method[m][i]
+            if not r["applicable"]:
+                cells.append(f"{'n/a':>21}")
+                continue
+            ok[m] = r["step_time_s"]
+            star = "" if r["fits"] else "*"
+            cells.append(f"{r['step_time_s']:>8.1f}{star:1} ({r['attn_fwd_ms'] + r['attn_bwd_ms']:>8.1f})")
+        best = min(ok, key=ok.get)
+        ratio = ok["ring"] / ok["hybrid"] if "hybrid" in ok else float("nan")
+        print(f"{P:>5} " + " ".join(cells) + f" {best:>9} {ratio:>10.2f}x")
     png = args.out / "scaling.png"
-    plot(proj, png)
+    plot(proj, png, {m: rows for m, rows in by_method.items() if m != "ring"})
     out = dict(tolerance=TOLERANCE, worst_abs_error=worst, validation=val, transport_meta=transport["meta"],
-               projection=dict(model=LLAMA3_8B.__dict__, machine=H100.__dict__, seq_len=SEQ_1M, rows=proj))
+               projection=dict(model=LLAMA3_8B.__dict__, machine=H100.__dict__, seq_len=SEQ_1M, rows=proj,
+                               hybrid_ulysses=NODE, methods=by_method))
     write_json(args.out / "scaling.json", out)
     print(f"\nwrote {args.out / 'scaling.json'} and {png}")
 

@@ -28,13 +28,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import seqpar  # noqa: E402
+from seqpar import methods  # noqa: E402
 from seqpar.comm import make_ring  # noqa: E402
 from seqpar.mesh import group_rank_size, resolve_group  # noqa: E402
 from seqpar.testing import numerics  # noqa: E402
 from seqpar.vocab import CP_DIM, LAYOUTS  # noqa: E402
 
 
-def equivalence(group, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype) -> float:
+def equivalence(group, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype, method="ring") -> float:
     """max over out/dq/dk/dv of err(seqpar) / bound; <= 1 passes."""
     g = torch.Generator().manual_seed(seed)
     q, k, v, do = (torch.randn(B, h, S, D, generator=g, dtype=torch.float64) for h in (Hq, Hkv, Hkv, Hq))
@@ -43,7 +44,7 @@ def equivalence(group, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype) -> floa
     low = numerics.sdpa_grads(*(t.to(dtype) for t in (q, k, v, do)), causal=causal)
     sh = lambda t: seqpar.shard(t, dim=2, group=group, layout=layout)  # noqa: E731
     ql, kl, vl = (sh(t.to(dtype)).detach().requires_grad_() for t in (q, k, v))
-    out = seqpar.attention(ql, kl, vl, group=group, is_causal=causal, enable_gqa=gqa, layout=layout)
+    out = seqpar.attention(ql, kl, vl, group=group, is_causal=causal, enable_gqa=gqa, layout=layout, method=method)
     out.backward(sh(do.to(dtype)))
     res = numerics.errors([out.detach(), ql.grad, kl.grad, vl.grad], [sh(r) for r in ref], [sh(lo) for lo in low])
     worst = max(e["seqpar"] / numerics.bound(e["sdpa"], e["scale"], dtype) for e in res.values())
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, help="torch.distributed backend (default: nccl on CUDA, else gloo)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds for rendezvous and each collective")
     ap.add_argument("--json", default=None, help="rank 0 writes the results here")
+    ap.add_argument("--methods", default="ring", help="comma-separated methods to check (default ring); e.g. "
+                                                      "ring,ulysses,allgather")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -87,14 +90,22 @@ def main(argv=None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     source = env.source if env is not None else "none"
     t_init = time.perf_counter() - t0
-    results, rings = {}, {}
+    results, rings, counts = {}, {}, {}
     for transport in args.transport.split(","):
         group = make_group(transport, world)
         size = group_rank_size(resolve_group(group))[1]
-        worst = 0.0
-        for i, c in enumerate(cases(size)):
-            worst = max(worst, equivalence(group, seed=100 + i, **c))
+        worst, n_cases = 0.0, 0
+        for method in args.methods.split(","):
+            for i, c in enumerate(cases(size)):
+                try:  # the shapes a method cannot take (e.g. Ulysses heads) are not its cases
+                    methods.check(method, hq=c["Hq"], hkv=c["Hkv"], s_local=c["S"] // size, world=size,
+                                  layout=c["layout"])
+                except ValueError:
+                    continue
+                worst = max(worst, equivalence(group, seed=100 + i, method=method, **c))
+                n_cases += 1
         results[transport] = worst
+        counts[transport] = n_cases
         rings[transport] = f"{type(make_ring(resolve_group(group))).__name__}/{size}"
     # every rank's verdict reaches rank 0 over torch.distributed
     verdicts = [None] * world
@@ -103,7 +114,7 @@ def main(argv=None) -> int:
     if rank == 0:
         for transport in results:
             worst = max(v["worst"][transport] for v in verdicts)
-            print(f"seqpar-check transport={transport} world={world} cases={len(list(cases(world)))} "
+            print(f"seqpar-check transport={transport} world={world} cases={counts[transport]} "
                   f"ring={rings[transport]} worst_err_over_bound={worst:.3f}", flush=True)
         hosts = sorted({v["host"] for v in verdicts})
         print(f"SEQPAR-CHECK {'OK' if ok else 'FAIL'} source={source} world={world} hosts={','.join(hosts)} "

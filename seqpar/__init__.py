@@ -1,6 +1,6 @@
 """seqpar: exact softmax attention over sequences sharded across devices (Ring / Striped / Zigzag)."""
 
-from seqpar.api import attention
+from seqpar.api import attention, auto_method, set_machine
 from seqpar.batch import shard_batch
 from seqpar.comm.mpi import MPIGroup, mpi_group
 from seqpar.launcher import init_distributed
@@ -13,6 +13,8 @@ LayoutKind = Layout  # the name of earlier releases
 
 __all__ = [
     "attention",
+    "auto_method",
+    "set_machine",
     "init_distributed",
     "init_mesh",
     "MPIGroup",

@@ -10,6 +10,12 @@ make the same calls agree on it, and the method tags its messages with it, so a 
 call can never pair its blocks with another call's: the ranks' waits time out with a
 :class:`seqpar.comm.CommError` naming the call number, the step and the peers.
 
+``method="auto"`` resolves to a method of :data:`seqpar.vocab.METHODS` once per shape signature and
+group, the same on every rank: :func:`seqpar.plan.compare` on the agreed shapes and the group's
+:class:`seqpar.plan.Machine` (given with :func:`set_machine`, or measured once per group by
+:func:`seqpar.plan.probe_machine`, a collective at the first auto call), then one small agreement on
+the choice. The probe neither numbers calls nor uses their message tags.
+
 ``SEQPAR_CHECK_FINITE=1`` (read at each call; off by default, then it costs one dict lookup) checks
 q, k, v and the output for NaN / Inf on every rank and raises on every rank, naming the call, the
 tensor and the ranks that hold it (one small all-gather per check).
@@ -19,19 +25,21 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
+import seqpar.plan as _plan
+from seqpar import masks as _masks
 from seqpar import methods as _methods
-from seqpar.comm import agree, gather_ints
+from seqpar.comm import TransportGroup, agree, gather_ints
 from seqpar.kernels import resolve_backend
 from seqpar.mesh import group_rank_size, resolve_group
 from seqpar.methods import ops as _ops
-from seqpar.vocab import BACKENDS, LAYOUTS, METHODS, check_choice
+from seqpar.vocab import AUTO, BACKENDS, LAYOUT_CHOICES, METHOD_CHOICES, METHODS, check_choice
 
-__all__ = ["attention", "attend", "AttentionCall"]
+__all__ = ["attention", "attend", "AttentionCall", "set_machine", "auto_method"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -41,6 +49,10 @@ _AGREED: set[tuple] = set()
 # Attention calls made so far on each group by this rank: id(group) -> count. Bookkeeping, not
 # configuration: it numbers the calls (and their message tags) identically on ranks that make the same calls.
 _CALLS: dict[int, int] = {}
+# method="auto": the method each (group key, signature) resolved to, and each group's Machine (given
+# by set_machine, or probed at the group's first auto call). Caches per group, not options.
+_AUTO: dict[tuple, str] = {}
+_MACHINES: dict[Any, "_plan.Machine"] = {}
 
 
 def _finite_check_on() -> bool:
@@ -53,8 +65,11 @@ def _next_call(group) -> int:
     return n
 
 
-def _check_compilable(group, record) -> None:
+def _check_compilable(group, record, method: str = "ring") -> None:
     """What a compiled graph cannot carry, refused by name (raised while tracing)."""
+    if method == "hybrid":
+        raise ValueError("method='hybrid' runs eagerly only, not under torch.compile (its ops would need the mesh's "
+                         "two sub-groups); use method='ring' or 'ulysses' in the compiled region, or run it eagerly")
     if group is not None and not isinstance(group, torch.distributed.ProcessGroup):
         raise TypeError(f"group: {type(group).__name__} is not a torch.distributed group, so it cannot run under "
                         f"torch.compile; run this transport eagerly (outside the compiled region)")
@@ -123,10 +138,11 @@ def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend,
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    check_choice("layout", layout, LAYOUTS)
-    check_choice("method", method, METHODS)
+    check_choice("layout", layout, LAYOUT_CHOICES)
+    check_choice("method", method, METHOD_CHOICES)
     check_choice("backend", backend, BACKENDS)
-    _methods.check(method, hq=hq, hkv=hkv, s_local=sq, world=world, layout=layout)
+    if method != AUTO:  # auto only ever resolves to a method that takes the shapes
+        _methods.check(method, hq=hq, hkv=hkv, s_local=sq, world=world, layout=layout)
     if sq < 1:
         raise ValueError(f"q, k, v have local sequence length S_local={sq} (dim -2): pass at least one token per rank")
     if layout == "zigzag" and sq % 2:
@@ -141,17 +157,23 @@ def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend,
 def _signature(q, k, is_causal, layout, method) -> tuple:
     """9 ints every rank must agree on: (B, Hq, S_local, D, Hkv, dtype, causal, layout, method)."""
     return (int(math.prod(q.shape[:-3])), *(int(x) for x in q.shape[-3:]), int(k.shape[-3]),
-            _DTYPE_CODE[q.dtype], int(is_causal), LAYOUTS.index(layout), METHODS.index(method))
+            _DTYPE_CODE[q.dtype], int(is_causal), LAYOUT_CHOICES.index(layout), METHOD_CHOICES.index(method))
+
+
+_SIGNATURE = "(B, Hq, S_local, D, Hkv, dtype, causal, layout, method)"
+_MASK_SIGNATURE = "(window left, window right, softcap, len(cu_seqlens), crc32(cu_seqlens))"
 
 
 def _agree(group, signature: tuple, error: Exception | None) -> None:
-    """Once per new shape signature: all ranks compare signatures; any rank's error fails them all."""
+    """Once per new shape signature: all ranks compare signatures; any rank's error fails them all.
+    ``signature``: :func:`_signature`'s 9 ints, optionally followed by the mask's 5 (seqpar.masks)."""
     key = (id(group), signature)
     if error is None and key in _AGREED:
         return
+    names = _SIGNATURE if len(signature) == 9 else f"{_SIGNATURE} + {_MASK_SIGNATURE}"
     agree(group, list(signature), error, what="seqpar.attention", disagreement=lambda rows: (
-        f"ranks disagree on (B, Hq, S_local, D, Hkv, dtype, causal, layout, method): {dict(enumerate(rows))}. "
-        f"Every rank of the group must pass tensors of the same shape (the sequence split evenly)"))
+        f"ranks disagree on {names}: {dict(enumerate(rows))}. Every rank of the group must pass tensors of the "
+        f"same shape (the sequence split evenly) and the same mask arguments (cu_seqlens: the global offsets)"))
     _AGREED.add(key)
 
 
@@ -166,6 +188,31 @@ class AttentionCall:
     layout: str = "zigzag"
     method: str = "ring"
     backend: str = "auto"
+    window_size: tuple[int, int] = (-1, -1)
+    cu_seqlens: Any = None  # 1-D int tensor or list of global document offsets
+    softcap: float = 0.0
+    sinks: Any = None  # (Hq,) attention sinks (gpt-oss), or None
+
+
+_MASK_FIELDS = ("window_size", "cu_seqlens", "softcap", "sinks")  # checked by masks.mask_spec / _check_sinks
+
+
+def _check_sinks(sinks, q: torch.Tensor) -> None:
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating-point tensor (Hq,) of per-head sink logits, got "
+                        f"{type(sinks).__name__ if not isinstance(sinks, torch.Tensor) else sinks.dtype}")
+    if sinks.shape != (q.shape[-3],):
+        raise ValueError(f"sinks must have shape (Hq,) = ({q.shape[-3]},), one logit per query head, got "
+                         f"{tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+
+
+def _options(call: AttentionCall) -> dict[str, Any]:
+    """The options _validate checks: every field but the group and the mask (shallow: not the group)."""
+    return {f.name: getattr(call, f.name) for f in fields(call) if f.name not in ("group", *_MASK_FIELDS)}
 
 
 def attention(
@@ -180,6 +227,10 @@ def attention(
     layout: str = "zigzag",
     method: str = "ring",
     backend: str = "auto",
+    window_size: tuple[int, int] = (-1, -1),
+    cu_seqlens: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention over a sequence sharded across ``group``; drop-in for SDPA.
@@ -191,8 +242,18 @@ def attention(
     "reference", "triton". Bad input raises before any communication. ``return_lse=True`` also
     returns the log-sum-exp of each query row, (B, Hq, S_local) fp32, not differentiable (what
     ``seqpar.parallelize`` keeps so activation checkpointing need not re-run the ring).
+
+    Masks, in *global* positions, combining with each other, ``is_causal``, every layout and GQA:
+    ``window_size=(left, right)``: query i sees key j iff ``i - left <= j <= i + right`` (-1 =
+    unbounded; flash-attn's convention); ``cu_seqlens``: packed documents, 1-D int offsets
+    ``[0, s1, s1+s2, ..., S]`` (the same on every rank; attention stays inside a document);
+    ``softcap``: logits -> ``softcap * tanh(logits / softcap)`` (0 = off). Tiles with nothing
+    visible are skipped, and the ring stops early when no rank has work left. ``sinks`` (Hq,):
+    attention sinks (gpt-oss's ``s_aux``): one extra logit per head, with value 0, in every row's
+    softmax; differentiable.
     """
-    call = AttentionCall(group, is_causal, scale, enable_gqa, layout, method, backend)
+    call = AttentionCall(group, is_causal, scale, enable_gqa, layout, method, backend, window_size, cu_seqlens,
+                         softcap, sinks)
     return attend(q, k, v, call, return_lse=return_lse)
 
 
@@ -211,30 +272,46 @@ def attend(
     backward as usual; and ``record``: a per-step kernel-time hook (:class:`seqpar.methods.StepRecord`)."""
     g = resolve_group(call.group)
     _, world = group_rank_size(g)
-    opts = {f.name: getattr(call, f.name) for f in fields(call) if f.name != "group"}  # shallow: not the group
+    opts = _options(call)
     compiling = torch.compiler.is_compiling()
-    error = None
+    error = sub = None  # sub: method="hybrid"'s (ulysses, ring) sub-groups of the mesh passed as group
     try:
         backend = _validate(q, k, v, world=world, **opts)
+        if compiling and call.cu_seqlens is not None:
+            raise ValueError("cu_seqlens under torch.compile: the document offsets are data the compiled graph "
+                             "cannot plan tiles from; run the packed-document attention eagerly")
+        spec = _masks.mask_spec(is_causal=call.is_causal, window_size=call.window_size, cu_seqlens=call.cu_seqlens,
+                                softcap=call.softcap, seq_len=q.shape[-2] * world)
+        _check_sinks(call.sinks, q)
+        if compiling and call.sinks is not None:
+            raise ValueError("sinks under torch.compile: not an op argument yet; run attention sinks eagerly")
+        if call.method == "hybrid":
+            sub = _methods.HybridMethod.groups(call.group, hq=q.shape[-3], hkv=k.shape[-3])
         if kept is not None and (kept[0].shape != q.shape or kept[1].shape != q.shape[:-1]):
             raise ValueError(f"kept (out, lse) of shapes {tuple(kept[0].shape)}, {tuple(kept[1].shape)} does not "
                              f"match q {tuple(q.shape)}: replay only the forward call that produced it")
         if compiling:
-            _check_compilable(g, record)
+            _check_compilable(g, record, call.method)
     except (TypeError, ValueError) as e:
         if world == 1 or compiling:
             raise
         error = e
     if world > 1 and not compiling:
-        sig = _signature(q, k, call.is_causal, call.layout, call.method) if error is None else (0,) * 9
+        sig = (_signature(q, k, call.is_causal, call.layout, call.method) + _masks.mask_signature(spec)
+               if error is None else (0,) * 14)
         _agree(g, sig, error)
+    if call.method == AUTO:
+        call = replace(call, method=_resolve_auto(call.group, g, world, q, k, call, backend, compiling))
+        if call.method == "hybrid":  # chosen only for a mesh with a ulysses degree that splits the heads
+            sub = _methods.HybridMethod.groups(call.group, hq=q.shape[-3], hkv=k.shape[-3])
     lead = q.shape[:-3]
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     if kept is not None:
         kept = (kept[0].reshape(q4.shape), kept[1].reshape(q4.shape[:-1]))
     scale = 1.0 / math.sqrt(q.shape[-1]) if call.scale is None else float(call.scale)
     if compiling:  # registered ops: no host-side bookkeeping in the graph (see seqpar.methods.ops)
-        args = (call.method, _ops.group_name(g), call.layout, call.is_causal, scale, backend)
+        args = (call.method, _ops.group_name(g), call.layout, spec.causal, list(spec.window), spec.softcap, scale,
+                backend)
         if kept is None:
             out, lse = _ops.attention_fwd(q4, k4, v4, *args)
         else:
@@ -244,12 +321,133 @@ def attend(
         check_finite = _finite_check_on()
         if check_finite:
             _check_finite([("q", q), ("k", k), ("v", v)], g, world, number, ValueError)
-        impl = _methods.build(call.method, g, layout=call.layout, causal=call.is_causal, scale=scale,
-                              backend=backend, record=record, call=number)
-        out, lse = _methods.MethodFunction.apply(q4, k4, v4, impl, kept)
+        impl = _methods.build(call.method, g if sub is None else sub, layout=call.layout, mask=spec,
+                              scale=scale, backend=backend, record=record, call=number)
+        out, lse = _methods.MethodFunction.apply(q4, k4, v4, impl, kept, call.sinks)
         if check_finite:
             _check_finite([("the output", out)], g, world, number, FloatingPointError)
     out = out.reshape(*lead, *out.shape[-3:])
     if return_lse:
         return out, lse.reshape(*lead, *lse.shape[-2:])
     return out
+
+
+# ---------------------------------------------------------------------------------------------- method="auto"
+
+_DTYPE_BYTES = {1: 2, 2: 2, 3: 4, 4: 8}  # _DTYPE_CODE -> bytes per element
+
+
+def _group_key(g) -> Any:
+    """A group's key in the auto caches: its registered name (a ProcessGroup: also while compiling)."""
+    if g is None:
+        return ""
+    return g.group_name if isinstance(g, torch.distributed.ProcessGroup) else id(g)
+
+
+def set_machine(machine: "_plan.Machine | None", group=None) -> None:
+    """The :class:`seqpar.plan.Machine` that ``method="auto"`` plans with on ``group`` (any ``group=``
+    argument of :func:`attention`), instead of probing it; ``None``: probe again at the next auto call.
+    Call it on every rank of the group with the same machine (the choice is then agreed once per shape);
+    it forgets the group's earlier auto choices. With a machine given, auto also resolves under torch.compile."""
+    if machine is not None and not isinstance(machine, _plan.Machine):
+        raise TypeError(f"machine must be a seqpar.plan.Machine or None, got {type(machine).__name__}")
+    key = _group_key(resolve_group(group))
+    if machine is None:
+        _MACHINES.pop(key, None)
+    else:
+        _MACHINES[key] = machine
+    for k in [k for k in _AUTO if k[0] == key]:
+        del _AUTO[k]
+
+
+def _hybrid_sub_group(group_arg, g):
+    """(U, the ulysses sub-group) when ``group_arg`` is a mesh of ``init_mesh(cp, ulysses=U)``, else (None, None)."""
+    import seqpar.mesh as _mesh
+
+    if "hybrid" not in METHODS or g is None or isinstance(g, TransportGroup) or not hasattr(_mesh, "hybrid_groups"):
+        return None, None
+    try:
+        ug, _ = _mesh.hybrid_groups(group_arg)
+    except (TypeError, ValueError):
+        return None, None
+    return (None, None) if ug is None else (torch.distributed.get_world_size(ug), ug)
+
+
+def _choose(sig: tuple, world: int, machine: "_plan.Machine", ulysses: int | None, transport: bool) -> str:
+    """The fastest applicable method for the agreed signature on ``world`` ranks (deterministic)."""
+    B, Hq, s, D, Hkv, dtype_code, causal, layout, _ = sig
+    names = tuple(m for m in _plan.MODELLED if m in METHODS and not (transport and m in ("ulysses", "hybrid")))
+    c = _plan.compare(_plan.ModelShape(heads=Hq, kv_heads=Hkv, head_dim=D), s * world, world, machine, methods=names,
+                      batch=B, dtype_bytes=_DTYPE_BYTES[dtype_code], causal=bool(causal), layout=LAYOUT_CHOICES[layout],
+                      ulysses=ulysses, checkpoint="none")
+    return c.best
+
+
+@torch.compiler.assume_constant_result
+def _compiled_choice(key: tuple, world: int) -> str:
+    """Under torch.compile: the eager choice of this signature, or one from a machine given with
+    :func:`set_machine` (no collective; never hybrid, which runs eagerly only), or "" (refused). Run once
+    while tracing, a constant in the graph."""
+    if _AUTO.get(key, "hybrid") != "hybrid":
+        return _AUTO[key]
+    machine = _MACHINES.get(key[0])
+    return "" if machine is None else _choose(key[1], world, machine, None, False)
+
+
+def _resolve_auto(group_arg, g, world: int, q, k, call: AttentionCall, backend: str, compiling: bool) -> str:
+    """method="auto" -> a method of METHODS, the same on every rank (a collective the first time per signature)."""
+    if world == 1:
+        return "ring"  # one process: no communication, every method is the same single-device attention
+    sig = _signature(q, k, call.is_causal, call.layout, AUTO)
+    key = (_group_key(g), sig)
+    if compiling:
+        choice = _compiled_choice(key, world)
+        if not choice:
+            raise ValueError("method='auto' under torch.compile: the choice needs a probe of the group (a collective), "
+                             "which cannot run while tracing. Give the machine with seqpar.set_machine(machine, group) "
+                             "on every rank, or make one eager call with these shapes first (or seqpar.auto_method), "
+                             "or pass a concrete method")
+        return choice
+    if key in _AUTO:
+        return _AUTO[key]
+    ulysses, ulysses_group = _hybrid_sub_group(group_arg, g)
+    machine = _MACHINES.get(key[0])
+    if machine is None:
+        machine = _MACHINES[key[0]] = _plan.probe_machine(g, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
+                                                          backend=backend, ulysses_group=ulysses_group)
+    choice = _choose(sig, world, machine, ulysses, isinstance(g, TransportGroup))
+    agree(g, [METHODS.index(choice)], None, what="seqpar.attention(method='auto')", disagreement=lambda rows: (
+        f"ranks resolved method='auto' to different methods {[METHODS[r[0]] for r in rows]}: give every rank the "
+        f"same machine (seqpar.set_machine), or pass a concrete method"))
+    _AUTO[key] = choice
+    return choice
+
+
+def auto_method(
+    q: torch.Tensor,  # (B, Hq, S_local, D)
+    k: torch.Tensor,  # (B, Hkv, S_local, D)
+    v: torch.Tensor,  # (B, Hkv, S_local, D)
+    *,
+    group=None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+    layout: str = "zigzag",
+    backend: str = "auto",
+) -> str:
+    """The method ``attention(q, k, v, method="auto", ...)`` runs with these shapes on ``group`` (a
+    collective the first time per shape and group: validation, agreement, probe). Computes no attention;
+    an eager call here lets a later compiled call with the same shapes use the choice."""
+    call = AttentionCall(group, is_causal, None, enable_gqa, layout, AUTO, backend)
+    g = resolve_group(group)
+    _, world = group_rank_size(g)
+    opts = _options(call)
+    error = None
+    try:
+        resolved_backend = _validate(q, k, v, world=world, **opts)
+    except (TypeError, ValueError) as e:
+        if world == 1:
+            raise
+        error, resolved_backend = e, backend
+    if world > 1:
+        _agree(g, _signature(q, k, is_causal, layout, AUTO) if error is None else (0,) * 9, error)
+    return _resolve_auto(group, g, world, q, k, call, resolved_backend, False)

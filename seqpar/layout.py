@@ -32,19 +32,22 @@ then P-1 half tiles of exactly S_local^2/2).
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 
 import torch
 
 from seqpar.kernels.backend import TileMask, as_mask
-from seqpar.vocab import LAYOUTS, Layout, check_choice
+from seqpar.vocab import LAYOUT_CHOICES, LAYOUTS, Layout, check_choice
 
 __all__ = [
     "Layout",
     "LAYOUTS",
     "Tile",
     "check_layout",
+    "check_offsets",
+    "packed_chunks",
     "check_dim",
     "check_seq_len",
     "unit",
@@ -76,7 +79,60 @@ class Tile:
 
 
 def check_layout(layout: str) -> None:
-    check_choice("layout", layout, LAYOUTS)
+    check_choice("layout", layout, LAYOUT_CHOICES)
+
+
+def check_offsets(cu_seqlens: object, seq_len: int, name: str = "cu_seqlens") -> tuple[int, ...]:
+    """Global document offsets ``[0, s1, s1+s2, ..., S]`` (a 1-D int tensor or a list of ints) -> a tuple;
+    ``TypeError``/``ValueError`` naming ``name`` unless they start at 0, increase strictly and end at ``seq_len``."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.ndim != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex() \
+                or cu_seqlens.dtype == torch.bool:
+            raise TypeError(f"{name} must be a 1-D integer tensor [0, s1, s1+s2, ..., S], got a "
+                            f"{cu_seqlens.ndim}-D {cu_seqlens.dtype} tensor")
+        values = [int(x) for x in cu_seqlens.tolist()]
+    elif isinstance(cu_seqlens, (list, tuple)) and all(_as_int(x) is not None for x in cu_seqlens):
+        values = [_as_int(x) for x in cu_seqlens]
+    else:
+        raise TypeError(f"{name} must be a 1-D integer tensor (or a list of ints) [0, s1, s1+s2, ..., S], got "
+                        f"{type(cu_seqlens).__name__}")
+    short = str(values) if len(values) <= 12 else f"[{', '.join(map(str, values[:6]))}, ..., {values[-1]}] " \
+                                                   f"({len(values)} entries)"
+    if len(values) < 2 or values[0] != 0 or values[-1] != seq_len:
+        raise ValueError(f"{name} must start at 0 and end at the global sequence length S={seq_len} (global "
+                         f"document offsets [0, s1, s1+s2, ..., S], the same on every rank), got {short}")
+    bad = next((i for i in range(1, len(values)) if values[i] <= values[i - 1]), None)
+    if bad is not None:
+        raise ValueError(f"{name} must be strictly increasing (every document at least one token), got "
+                         f"{values[bad - 1]} then {values[bad]} at index {bad}: {short}")
+    return tuple(values)
+
+
+@functools.lru_cache(maxsize=256)
+def packed_chunks(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The ``packed`` layout: per rank, its (global start, length) runs in local order.
+
+    Every document is cut into 2P chunks, rank r taking chunks r and 2P-1-r (zigzag inside each
+    document, so the causal work of every document is balanced over the ranks). A document of length
+    L = 2P q + m gives each chunk q tokens plus one of its m extra tokens, dealt round-robin over the
+    ranks by one counter that runs on across documents (a rank takes an extra in its first chunk, then
+    in its second), so every rank holds exactly S/P tokens and no document is padded."""
+    P = world
+    runs: list[list[tuple[int, int]]] = [[] for _ in range(P)]
+    counter = 0
+    for a, b in zip(cu, cu[1:]):
+        q, m = divmod(b - a, 2 * P)
+        sizes = [q] * (2 * P)
+        for e in range(m):
+            r = (counter + e) % P
+            sizes[r if sizes[r] == q else 2 * P - 1 - r] += 1
+        counter += m
+        starts = [a + sum(sizes[:c]) for c in range(2 * P)]
+        for r in range(P):
+            for c in (r, 2 * P - 1 - r):
+                if sizes[c]:
+                    runs[r].append((starts[c], sizes[c]))
+    return tuple(tuple(r) for r in runs)
 
 
 def _as_int(value: object) -> int | None:
@@ -121,6 +177,11 @@ def unit(layout: str, world: int) -> int:
     return 2 * world if layout == "zigzag" else world
 
 
+def _packed_cu(cu_seqlens, seq_len: int) -> tuple[int, ...]:
+    """The documents of the ``packed`` layout (one document when ``cu_seqlens`` is None)."""
+    return (0, seq_len) if cu_seqlens is None else check_offsets(cu_seqlens, seq_len)
+
+
 def padding_needed(seq_len: int, layout: str, world: int) -> int:
     """How many tokens to append so ``seq_len`` divides evenly under ``layout``."""
     return (-seq_len) % unit(layout, world)
@@ -139,14 +200,18 @@ def _check_len(seq_len: int, layout: str, world: int, what: str = "seq_len") -> 
         )
 
 
-def global_indices(seq_len: int, rank: int, world: int, layout: str) -> torch.Tensor:
-    """LongTensor (seq_len // world,): the global positions of ``rank``'s tokens, in local order."""
+def global_indices(seq_len: int, rank: int, world: int, layout: str, cu_seqlens=None) -> torch.Tensor:
+    """LongTensor (seq_len // world,): the global positions of ``rank``'s tokens, in local order
+    (``cu_seqlens``: the documents of the ``packed`` layout; ignored by the others)."""
     seq_len = check_seq_len(seq_len)
     check_layout(layout)
     _check_len(seq_len, layout, world)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
     n = seq_len // world
+    if layout == "packed":
+        runs = packed_chunks(_packed_cu(cu_seqlens, seq_len), world)[rank]
+        return torch.cat([torch.arange(g, g + k) for g, k in runs])
     if layout == "contiguous":
         return torch.arange(rank * n, (rank + 1) * n)
     if layout == "striped":
@@ -157,13 +222,16 @@ def global_indices(seq_len: int, rank: int, world: int, layout: str) -> torch.Te
     return torch.cat([first, second])
 
 
-def shard_tensor(x: torch.Tensor, dim: int, rank: int, world: int, layout: str) -> torch.Tensor:
+def shard_tensor(x: torch.Tensor, dim: int, rank: int, world: int, layout: str, cu_seqlens=None) -> torch.Tensor:
     """``x`` (..., S, ...) -> this rank's (..., S/P, ...) along ``dim`` (a view where possible)."""
     check_layout(layout)
     dim = check_dim(dim, x.ndim)
     S = x.shape[dim]
     _check_len(S, layout, world, what=f"x.shape[{dim}]")
     n = S // world
+    if layout == "packed":
+        runs = packed_chunks(_packed_cu(cu_seqlens, S), world)[rank]
+        return torch.cat([x.narrow(dim, g, k) for g, k in runs], dim=dim)
     if layout == "contiguous":
         return x.narrow(dim, rank * n, n)
     if layout == "striped":
@@ -174,13 +242,17 @@ def shard_tensor(x: torch.Tensor, dim: int, rank: int, world: int, layout: str) 
     )
 
 
-def unshard_tensor(shards: list[torch.Tensor], dim: int, layout: str) -> torch.Tensor:
+def unshard_tensor(shards: list[torch.Tensor], dim: int, layout: str, cu_seqlens=None) -> torch.Tensor:
     """Inverse of :func:`shard_tensor`: the P shards in rank order -> the global tensor."""
     check_layout(layout)
     dim = check_dim(dim, shards[0].ndim, tensor="the shards")
     L = shards[0].shape[dim]
     if any(s.shape != shards[0].shape for s in shards):
         raise ValueError(f"the shards must have one shape, got {[tuple(s.shape) for s in shards]}")
+    if layout == "packed":
+        world = len(shards)
+        order = torch.cat([global_indices(L * world, r, world, layout, cu_seqlens) for r in range(world)])
+        return torch.cat(shards, dim=dim).index_select(dim, torch.argsort(order).to(shards[0].device))
     if layout == "zigzag" and L % 2:
         raise ValueError(f"layout='zigzag' shards hold two halves of equal length, got shards of odd length {L} "
                          f"along dim {dim}")

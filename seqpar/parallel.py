@@ -38,7 +38,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from seqpar.mesh import cp_mesh, flat_mesh
+from seqpar.mesh import cp_mesh, flat_mesh, is_hybrid_mesh
 from seqpar.passes.attention import attention_pass
 from seqpar.passes.check import check
 from seqpar.passes.checkpoint import checkpoint_pass
@@ -72,7 +72,9 @@ def parallelize(
     """
     dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
                              compile=compile, backend=backend)
-    rt = Runtime(cp_mesh(mesh).get_group(), layout, method, backend)
+    rt = Runtime(cp_mesh(mesh).get_group(), layout, method, backend,
+                 # hybrid (and auto, which may pick it) find their sub-groups in the mesh itself
+                 attention_group=mesh if method in ("hybrid", "auto") and is_hybrid_mesh(mesh) else None)
     sync_params(model, flat_mesh(mesh).get_group())
     attention_pass(model, kind, rt)
     loss_pass(model, kind, rt)

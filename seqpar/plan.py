@@ -1,34 +1,60 @@
-"""``seqpar.plan``: a cost model of sequence-parallel attention, per ring step and per training step.
+"""``seqpar.plan``: a cost model of sequence-parallel attention, per method, per step and per training step.
 
-Given a model shape, a global sequence length, P ranks and the machine (per-link bandwidth, kernel
-throughput), it predicts what one ring step costs in compute and communication, whether the
-communication hides behind the compute, the step time and the memory per rank. Validated against
-measured CPU runs in benchmarks/scaling.py; docs/scaling.md has the 1M-token projection.
+Given a model shape, a global sequence length, P ranks and the machine (per-link bandwidth inside and
+across nodes, kernel throughput), it predicts for each method what one layer's attention costs in
+compute and communication, whether the communication hides behind the compute, the training-step
+time and the memory per rank; :func:`compare` (or ``plan(..., method="auto")``) ranks the methods for
+one shape on one mesh and says why a method cannot run. Validated against measured CPU runs in
+benchmarks/scaling.py; docs/scaling.md has the 1M-token projection.
 
 Note
 ----
-Per layer, each of the P ranks holds S/P tokens. One ring step = one (query block, KV block) tile
-plus one neighbour exchange, both in flight together::
+Per layer, each of the P ranks holds s = S/P tokens (e bytes per element, f = 1/2 causal, 1 full).
+
+ring: one ring step = one (query block, KV block) tile plus one neighbour exchange, in flight together::
 
     step:   |-- tile compute: c = flops_tile / F --|
             |-- send KV -> r+1, recv <- r-1: m = latency + bytes / BW --|
     time    = max(c, m)     (hidden iff m <= c; GPUs: copy engines / NIC move the bytes)
     time    = c + m         (overlap="none": CPU ranks whose own core does the copies)
 
-    flops_tile (fwd) = 4 B Hq s^2 D * f      s = S/P, f = 1/2 causal zigzag/striped (balanced), 1 full
+    flops_tile (fwd) = 4 B Hq s^2 D * f      zigzag/striped balance the causal half tiles
     flops_tile (bwd) = 10 B Hq s^2 D * f     (5 matmuls of the 2 forward ones' size, with recompute)
-    bytes (fwd)      = 2 B Hkv s D * e       K and V, e bytes each, GQA heads un-repeated
+    bytes (fwd)      = 2 B Hkv s D * e       K and V, GQA heads un-repeated
     bytes (bwd)      = 2 B Hkv s D * (e + 4) K/V again, plus dK/dV travelling in fp32
 
     forward  = (P-1) max(c_f, m_f) + d_f                  (d: the causal diagonal tile, its own rate)
     backward = (P-1) max(c_b, m_b) + d_b + m_dkv          (dK/dV's last hop home is not overlapped)
 
-So the compute per step falls like 1/P^2 and the bytes like 1/P: the ring hides its communication
-while ``s = S/P >= (4 + ...) F e Hkv / (f 2 Hq BW)`` roughly, i.e. for long enough local blocks.
-Across nodes every step moves at the slowest link in the ring (the inter-node one).
+  Compute per step falls like 1/P^2 and bytes like 1/P: the ring hides its communication only for
+  long enough local blocks. Across nodes every step moves at the slowest link (the inter-node one).
 
-``method``: the cost model covers ``"ring"``; the other methods of :data:`seqpar.vocab.METHODS`
-(``ulysses``, ``allgather``) are refused until their costs are added here.
+ulysses (Hq % P == 0): all-to-alls over heads, then the whole S x S attention on Hq/P heads; nothing
+overlaps. (P-1)/P of each all-to-all's bytes leave a rank (:meth:`Machine.all_to_all`); Hkv' = Hkv if
+Hkv % P == 0, else P (each kv head sent P/Hkv times)::
+
+    forward  = a2a(B (Hq + 2 Hkv') s D e) + 4 B (Hq/P) S^2 D f / F + a2a(B Hq s (D+1) 4)        out+lse fp32
+    backward = a2a(B (3 Hq + 2 Hkv') s D e) + a2a(B Hq s 4) + 10 B (Hq/P) S^2 D f / F_b
+               + a2a(B (Hq + 2 Hkv') s D 4)                                                      dq/dk/dv fp32
+
+allgather: K/V all-gathered (one latency, (P-1) blocks through each rank at the ring's bandwidth), the
+ring's tiles against every block, dK/dV reduce-scattered in fp32; the collectives are blocking, so
+nothing overlaps. Memory O(S): the gathered K/V and (backward) the fp32 dK/dV of every block::
+
+    forward  = allgather(2 B Hkv s D e) + (P-1) c_f + d_f
+    backward = allgather(2 B Hkv s D e) + (P-1) c_b + d_b + reduce_scatter(2 B Hkv s D 4)
+
+hybrid (cp = U x R, U = the Ulysses degree on adjacent ranks of one node, R = P/U across nodes): the
+Ulysses all-to-all over U ranks (intra-node links), then a ring of R steps over super-blocks of U s
+tokens with Hq/U heads: per step U times the ring's compute for the same K/V bytes
+(2 B Hkv'' s D e, Hkv'' = Hkv if Hkv % U == 0 else U), on the ring's (inter-node) link::
+
+    forward  = a2a_U(q, k, v) + (R-1) max(U c_f, m_f'') + d_f'' + a2a_U(out, lse)
+    backward = a2a_U(q, k, v, dout, out) + a2a_U(lse) + (R-1) max(U c_b, m_b'') + d_b'' + m_dkv''
+               + a2a_U(dq, dk, dv)
+
+So hybrid moves the ring's bytes in R steps instead of P: it hides them where the ring cannot
+(short local blocks on slow inter-node links) for the price of the intra-node all-to-alls.
 """
 
 from __future__ import annotations
@@ -36,11 +62,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from seqpar.vocab import METHODS, Method, check_choice
+from seqpar.vocab import AUTO, METHODS, check_choice
 
-__all__ = ["ModelShape", "Machine", "StepPlan", "Plan", "plan", "LLAMA3_8B", "H100"]
+__all__ = ["ModelShape", "Machine", "StepPlan", "Plan", "Comparison", "plan", "compare", "applicable", "probe_machine",
+           "MODELLED", "PROBE_TAG", "LLAMA3_8B", "H100"]
 Checkpoint = Literal["none", "full"]
 Overlap = Literal["full", "none"]
+# the methods with a cost model here: seqpar.vocab.METHODS and the hybrid (modelled even before it lands there)
+MODELLED: tuple[str, ...] = tuple(dict.fromkeys((*METHODS, "hybrid")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,24 +86,53 @@ class ModelShape:
 
 @dataclasses.dataclass(frozen=True)
 class Machine:
-    """Per-rank throughput and per-link bandwidth (bytes/s, one direction, neighbour to neighbour)."""
+    """Per-rank throughput and per-link bandwidth (bytes/s, one direction, neighbour to neighbour).
+
+    ``link_bw`` is the intra-node link, ``inter_node_bw`` the per-GPU link across nodes of
+    ``ranks_per_node`` ranks (adjacent ranks share a node). ``all_to_all_bw``: a measured all-to-all
+    bandwidth over the whole group (bytes leaving a rank per second), used for ulysses instead of the links."""
 
     attn_flops: float  # attention kernel, forward FLOP/s on an unmasked tile of the local block's size
     attn_bwd_flops: float | None = None  # backward FLOP/s (default: attn_flops)
-    diag_flops: float | None = None  # forward FLOP/s on the causal diagonal tile (default: attn_flops)
-    diag_bwd_flops: float | None = None  # backward on the diagonal tile (default: attn_bwd_flops)
+    diag_flops: float | None = None  # forward FLOP/s on a causal (diagonal) tile (default: attn_flops)
+    diag_bwd_flops: float | None = None  # backward on a causal tile (default: attn_bwd_flops)
     link_bw: float = 50e9  # within a node (or the only link)
     inter_node_bw: float | None = None  # across nodes (default: link_bw)
     ranks_per_node: int = 0  # 0 = one node holds every rank
-    latency: float = 0.0  # seconds per exchange
+    latency: float = 0.0  # seconds per exchange / collective step
     overlap: Overlap = "full"  # "none": transfers take the cores that compute (CPU ranks, 1 thread each)
     linear_flops: float = 0.0  # dense matmul FLOP/s for the non-attention layers (0 = ignore)
     memory: float = 0.0  # bytes per rank (0 = unknown)
+    all_to_all_bw: float | None = None  # measured all-to-all bandwidth over the whole group (default: the links)
+
+    def spans_nodes(self, ranks: int) -> bool:
+        return bool(self.ranks_per_node and ranks > self.ranks_per_node and self.inter_node_bw)
 
     def ring_bw(self, ranks: int) -> float:
-        if self.ranks_per_node and ranks > self.ranks_per_node and self.inter_node_bw:
+        """The bandwidth of a ring over ``ranks`` adjacent ranks: its slowest link."""
+        if self.spans_nodes(ranks):
             return min(self.link_bw, self.inter_node_bw)
         return self.link_bw
+
+    def all_to_all(self, nbytes: float, ranks: int, *, whole_group: bool = True) -> float:
+        """Seconds for an all-to-all of ``nbytes`` per rank over ``ranks`` adjacent ranks ((P-1)/P leave
+        each rank; across nodes the on-node and off-node shares move at once on their own links)."""
+        P = ranks
+        if P == 1 or nbytes == 0:
+            return 0.0
+        if whole_group and self.all_to_all_bw:
+            return self.latency + nbytes * (P - 1) / P / self.all_to_all_bw
+        if not self.spans_nodes(P):
+            return self.latency + nbytes * (P - 1) / P / self.link_bw
+        n = self.ranks_per_node
+        on, off = nbytes * (n - 1) / P / self.link_bw, nbytes * (P - n) / P / self.inter_node_bw
+        return self.latency + (max(on, off) if self.overlap == "full" else on + off)
+
+    def ring_collective(self, block_bytes: float, ranks: int) -> float:
+        """Seconds for an all-gather (or reduce-scatter) of one ``block_bytes`` block per rank: one launch
+        (``latency``), (P-1) blocks through each rank at the ring's (slowest) link."""
+        P = ranks
+        return 0.0 if P == 1 else self.latency + (P - 1) * block_bytes / self.ring_bw(P)
 
 
 LLAMA3_8B = ModelShape(heads=32, kv_heads=8, head_dim=128, layers=32, hidden=4096, params=6.98e9)
@@ -86,7 +144,9 @@ H100 = Machine(attn_flops=450e12, attn_bwd_flops=350e12, link_bw=450e9, inter_no
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """One ring step of one layer: seconds of compute and communication, and whether it is hidden."""
+    """One step of one layer: seconds of compute and communication, and whether it is hidden. A ring
+    step for ring and hybrid (a super-step); the whole layer for ulysses and allgather (``overlap="none"``:
+    their collectives do not overlap compute)."""
 
     compute: float
     comm: float
@@ -110,13 +170,15 @@ class Plan:
     seq_len: int
     ranks: int
     s_local: int
-    fwd: StepPlan  # one ring step, one layer
+    fwd: StepPlan  # one ring step, one layer (ulysses / allgather: the layer's totals, not overlapped)
     bwd: StepPlan
-    attn_fwd: float  # seconds, one layer, whole ring
+    attn_fwd: float  # seconds, one layer, whole method
     attn_bwd: float
     linear: float  # seconds per training step for the non-attention layers (fwd + bwd)
     step_time: float  # seconds per training step: layers x (attn_fwd + attn_bwd) + linear
     memory: dict  # bytes per rank, by part
+    ulysses: int = 1  # the all-to-all degree U (ulysses: P; hybrid: U; ring, allgather: 1)
+    choice: "Comparison | None" = None  # plan(method="auto"): every method's prediction, and why
 
     @property
     def comm_hidden(self) -> bool:
@@ -126,13 +188,75 @@ class Plan:
     def tokens_per_s(self) -> float:
         return self.seq_len / self.step_time
 
+    @property
+    def attn_time(self) -> float:
+        """Seconds of one layer's attention, forward + backward (what :func:`compare` ranks by)."""
+        return self.attn_fwd + self.attn_bwd
+
+    def explain(self) -> str:
+        """plan(method="auto"): the table of every method's prediction and the choice; else one line."""
+        if self.choice is not None:
+            return self.choice.table()
+        return f"{self.method}: attention fwd+bwd {self.attn_time * 1e3:.3f} ms per layer"
+
     def row(self) -> dict:
         return dict(method=self.method, seq_len=self.seq_len, ranks=self.ranks, s_local=self.s_local,
+                    ulysses=self.ulysses,
                     step_compute_fwd_ms=self.fwd.compute * 1e3, step_comm_fwd_ms=self.fwd.comm * 1e3,
                     step_compute_bwd_ms=self.bwd.compute * 1e3, step_comm_bwd_ms=self.bwd.comm * 1e3,
                     hidden=self.comm_hidden, attn_fwd_ms=self.attn_fwd * 1e3, attn_bwd_ms=self.attn_bwd * 1e3,
                     step_time_s=self.step_time, tokens_per_s=self.tokens_per_s,
                     memory_gb=self.memory["total"] / 1e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Every modelled method for one shape on one mesh: ``plans`` (the applicable ones), ``not_applicable``
+    (method -> why), ``best`` (the fastest attention fwd+bwd; ties go to the earlier of :data:`MODELLED`)."""
+
+    plans: dict  # method -> Plan
+    not_applicable: dict  # method -> reason
+    best: str
+
+    def table(self) -> str:
+        lines = [f"{'method':<10} {'U':>4} {'fwd ms':>10} {'bwd ms':>10} {'fwd+bwd ms':>11} {'hidden':>6} "
+                 f"{'mem GB':>7}"]
+        for name, p in sorted(self.plans.items(), key=lambda kv: kv[1].attn_time):
+            mark = "  <- fastest" if name == self.best else ""
+            lines.append(f"{name:<10} {p.ulysses:>4} {p.attn_fwd * 1e3:>10.3f} {p.attn_bwd * 1e3:>10.3f} "
+                         f"{p.attn_time * 1e3:>11.3f} {str(p.comm_hidden):>6} {p.memory['total'] / 1e9:>7.2f}{mark}")
+        for name, why in self.not_applicable.items():
+            lines.append(f"{name:<10} not applicable: {why}")
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def applicable(method: str, *, heads: int, kv_heads: int, s_local: int, ranks: int, layout: str = "zigzag",
+               ulysses: int | None = None) -> str | None:
+    """``None`` if ``method`` runs these shapes on P = ``ranks`` (``ulysses``: the mesh's Ulysses degree,
+    for hybrid), else the reason (the text of ``seqpar.methods.check``'s error)."""
+    from seqpar import methods  # the methods' own rules; imported here so that the cost model stays light
+
+    check_choice("method", method, MODELLED)
+    kw = dict(hq=heads, hkv=kv_heads, s_local=s_local, layout=layout)
+    try:
+        if method == "hybrid":
+            if ulysses is None or ulysses < 2 or ranks % ulysses:
+                return (f"hybrid needs a mesh with a Ulysses degree U > 1 dividing P={ranks} (got ulysses={ulysses}); "
+                        f"build it with seqpar.init_mesh(cp, ulysses=U)")
+            cls = getattr(methods, "_METHODS", {}).get("hybrid")
+            if cls is not None and hasattr(cls, "check_heads"):  # the heads split over the U sub-group
+                cls.check_heads(hq=heads, hkv=kv_heads, ulysses=ulysses, cp=ranks)
+            else:
+                methods.check("ulysses", world=ulysses, **kw)
+            if method in METHODS:
+                methods.check(method, world=ranks, **kw)
+        else:
+            methods.check(method, world=ranks, **kw)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def plan(
@@ -144,49 +268,145 @@ def plan(
     batch: int = 1,
     dtype_bytes: int = 2,
     causal: bool = True,
-    method: Method = "ring",
+    method: str = "ring",
     checkpoint: Checkpoint = "full",
+    ulysses: int | None = None,
+    layout: str = "zigzag",
 ) -> Plan:
     """Predicted per-step costs of ``seqpar.attention`` (``method``) and of a training step.
 
+    ``method``: one of :data:`MODELLED`, or ``"auto"``: the fastest applicable one (:func:`compare`; the
+    returned plan's ``explain()`` gives every method's prediction). ``ulysses``: hybrid's Ulysses degree
+    U (the mesh's; hybrid needs it). ``layout`` only matters for which methods apply.
     ``checkpoint="full"``: only each layer's input is kept for the backward (plus one layer's
     activations while it is recomputed); ``"none"``: every layer keeps ~34 bytes x hidden per token
     (Megatron's count for fp16 with fused attention). Parameters, gradients and Adam state (16 bytes
     per parameter) are sharded over all ranks (FSDP). Logits are assumed computed in chunks.
     """
-    check_choice("method", method, METHODS)
-    if method != "ring":
-        raise ValueError(f"method={method!r}: seqpar.plan models method='ring' only so far; its cost model for "
-                         f"{method!r} is not written yet")
+    check_choice("method", method, (*MODELLED, AUTO))
     if seq_len % ranks:
         raise ValueError(f"seq_len={seq_len} must be a multiple of ranks={ranks}")
-    P, s, B = ranks, seq_len // ranks, batch
+    opts = dict(batch=batch, dtype_bytes=dtype_bytes, causal=causal, checkpoint=checkpoint, ulysses=ulysses,
+                layout=layout)
+    if method == AUTO:
+        c = compare(model, seq_len, ranks, machine, **opts)
+        return dataclasses.replace(c.plans[c.best], choice=c)
+    if method in ("ulysses", "hybrid"):
+        why = applicable(method, heads=model.heads, kv_heads=model.kv_heads, s_local=seq_len // ranks, ranks=ranks,
+                         layout=layout, ulysses=ulysses)
+        if why:  # the model needs whole heads per rank; the other methods' rules (layout) do not change costs
+            raise ValueError(f"method={method!r} cannot run this shape: {why}")
+    return _plan(model, seq_len, ranks, machine, method=method, **opts)
+
+
+def compare(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, batch: int = 1, dtype_bytes: int = 2,
+            causal: bool = True, checkpoint: Checkpoint = "full", ulysses: int | None = None, layout: str = "zigzag",
+            methods: tuple[str, ...] | None = None) -> Comparison:
+    """Every method of ``methods`` (default :data:`MODELLED`) for these shapes on P = ``ranks``: the
+    plans of those that apply, the reason for those that do not (shapes, no Ulysses degree, or more
+    memory than ``machine.memory``), and the fastest. The other arguments as in :func:`plan`."""
+    if seq_len % ranks:
+        raise ValueError(f"seq_len={seq_len} must be a multiple of ranks={ranks}")
+    opts = dict(batch=batch, dtype_bytes=dtype_bytes, causal=causal, checkpoint=checkpoint, ulysses=ulysses,
+                layout=layout)
+    plans, why = {}, {}
+    for m in methods or MODELLED:
+        reason = applicable(m, heads=model.heads, kv_heads=model.kv_heads, s_local=seq_len // ranks, ranks=ranks,
+                            layout=layout, ulysses=ulysses)
+        if reason is None and m not in METHODS:
+            reason = "not in seqpar.vocab.METHODS (modelled only)"
+        if reason is not None:
+            why[m] = reason
+            continue
+        p = _plan(model, seq_len, ranks, machine, method=m, **opts)
+        if machine.memory and p.memory["total"] > machine.memory:
+            why[m] = f"needs {p.memory['total'] / 1e9:.1f} GB per rank, the machine has {machine.memory / 1e9:.1f}"
+            continue
+        plans[m] = p
+    if not plans:
+        raise ValueError(f"no method runs these shapes on {ranks} ranks: {why}")
+    best = min(plans, key=lambda m: (plans[m].attn_time, MODELLED.index(m)))
+    return Comparison(plans, why, best)
+
+
+def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, method: str, batch: int,
+          dtype_bytes: int, causal: bool, checkpoint: Checkpoint, ulysses: int | None, layout: str) -> Plan:
+    P, s, B, e = ranks, seq_len // ranks, batch, dtype_bytes
     Hq, Hkv, D = model.heads, model.kv_heads, model.head_dim
     f = 0.5 if causal else 1.0
-    bw, lat = machine.ring_bw(P), machine.latency
-    Fb = machine.attn_bwd_flops or machine.attn_flops
-    kv_bytes = 2 * B * Hkv * s * D * dtype_bytes
+    lat, ov = machine.latency, machine.overlap
+    Ff = machine.attn_flops
+    Fb = machine.attn_bwd_flops or Ff
+    Fdf = machine.diag_flops or Ff
+    Fdb = machine.diag_bwd_flops or Fb
+    kv_bytes = 2 * B * Hkv * s * D * e  # this rank's K/V block
     dkv_bytes = 2 * B * Hkv * s * D * 4
-
-    def comm(nbytes: float) -> float:
-        return lat + nbytes / bw if P > 1 else 0.0
-
-    flops_f = 4 * B * Hq * s * s * D * f
+    flops_f = 4 * B * Hq * s * s * D * f  # one (balanced) ring tile
     flops_b = 10 * B * Hq * s * s * D * f
-    ov = machine.overlap
-    fwd = StepPlan(flops_f / machine.attn_flops, comm(kv_bytes), kv_bytes, flops_f, ov)
-    bwd = StepPlan(flops_b / Fb, comm(kv_bytes + dkv_bytes), kv_bytes + dkv_bytes, flops_b, ov)
-    # the causal diagonal tile (step 0) runs at its own rate; every other step is a (half) tile
-    diag_f = flops_f / (machine.diag_flops or machine.attn_flops) if causal else fwd.compute
-    diag_b = flops_b / (machine.diag_bwd_flops or Fb) if causal else bwd.compute
-    attn_fwd = (P - 1) * fwd.time + diag_f
-    attn_bwd = (P - 1) * bwd.time + diag_b + (comm(dkv_bytes) if P > 1 else 0.0)
-    ring_buffers = 2 * kv_bytes + 2 * dkv_bytes  # KV double buffer + dK/dV in flight (fp32)
+    qkvo = B * s * (2 * Hq + 2 * Hkv) * D * e
+    lse_dq = B * Hq * s * (D + 1) * 4  # fp32 dq accumulator and lse
+    U = 1
+
+    def hop(nbytes: float, bw: float) -> float:
+        return lat + nbytes / bw
+
+    if method in ("ring", "hybrid"):
+        U = 1 if method == "ring" else int(ulysses)
+        R = P // U
+        hkv_u = Hkv if Hkv % U == 0 else U  # kv heads per super-block: Hkv/U or 1 head, U s tokens
+        step_kv, step_dkv = 2 * B * hkv_u * s * D * e, 2 * B * hkv_u * s * D * 4
+        bw = machine.ring_bw(P)
+
+        def comm(nbytes: float) -> float:
+            return hop(nbytes, bw) if R > 1 else 0.0
+
+        fwd = StepPlan(U * flops_f / Ff, comm(step_kv), step_kv, U * flops_f, ov)
+        bwd = StepPlan(U * flops_b / Fb, comm(step_kv + step_dkv), step_kv + step_dkv, U * flops_b, ov)
+        # the diagonal (super-)step: U causal tiles at the diagonal rate, U (U-1) half tiles at the tile rate
+        diag_f = (flops_f / Fdf + (U - 1) * flops_f / Ff) if causal else fwd.compute
+        diag_b = (flops_b / Fdb + (U - 1) * flops_b / Fb) if causal else bwd.compute
+        a2a_in_f = a2a_out_f = a2a_in_b = a2a_out_b = 0.0
+        if U > 1:
+            a2a = lambda n: machine.all_to_all(n, U, whole_group=False)  # noqa: E731  the U adjacent ranks
+            a2a_in_f = a2a(B * (Hq + 2 * hkv_u) * s * D * e)
+            a2a_out_f = a2a(B * Hq * s * (D + 1) * 4)
+            a2a_in_b = a2a(B * (3 * Hq + 2 * hkv_u) * s * D * e) + a2a(B * Hq * s * 4)
+            a2a_out_b = a2a(B * (Hq + 2 * hkv_u) * s * D * 4)
+        attn_fwd = a2a_in_f + (R - 1) * fwd.time + diag_f + a2a_out_f
+        attn_bwd = a2a_in_b + (R - 1) * bwd.time + diag_b + comm(step_dkv) + a2a_out_b
+        working = 2 * step_kv + 2 * step_dkv  # KV double buffer + dK/dV in flight (fp32)
+        if U > 1:  # the all-to-all'd backward inputs and fp32 gradients (as many elements as the local ones)
+            working += B * (3 * Hq + 2 * hkv_u) * s * D * e + B * (Hq + 2 * hkv_u) * s * D * 4
+    elif method == "ulysses":
+        U = P
+        hkv_p = Hkv if Hkv % P == 0 else P  # kv heads sent (copies when Hkv < P)
+        a2a = lambda n: machine.all_to_all(n, P)  # noqa: E731
+        in_f, out_f = B * (Hq + 2 * hkv_p) * s * D * e, B * Hq * s * (D + 1) * 4
+        in_b = B * (3 * Hq + 2 * hkv_p) * s * D * e + B * Hq * s * 4
+        out_b = B * (Hq + 2 * hkv_p) * s * D * 4
+        S = seq_len
+        ff, fb = 4 * B * (Hq // P) * S * S * D * f, 10 * B * (Hq // P) * S * S * D * f
+        # one kernel on the whole sequence: a causal one runs at the causal (diagonal) tile's rate
+        fwd = StepPlan(ff / (Fdf if causal else Ff), a2a(in_f) + a2a(out_f), in_f + out_f, ff, "none")
+        bwd = StepPlan(fb / (Fdb if causal else Fb), a2a(in_b - B * Hq * s * 4) + a2a(B * Hq * s * 4) + a2a(out_b),
+                       in_b + out_b, fb, "none")
+        attn_fwd, attn_bwd = fwd.time, bwd.time
+        working = in_b + out_b + out_f
+    elif method == "allgather":
+        gather, scatter = machine.ring_collective(kv_bytes, P), machine.ring_collective(dkv_bytes, P)
+        diag_f = flops_f / Fdf if causal else flops_f / Ff
+        diag_b = flops_b / Fdb if causal else flops_b / Fb
+        comp_f, comp_b = (P - 1) * flops_f / Ff + diag_f, (P - 1) * flops_b / Fb + diag_b
+        fwd = StepPlan(comp_f, gather, (P - 1) * kv_bytes, P * flops_f, "none")
+        bwd = StepPlan(comp_b, gather + scatter, (P - 1) * (kv_bytes + dkv_bytes), P * flops_b, "none")
+        attn_fwd, attn_bwd = fwd.time, bwd.time
+        working = P * kv_bytes + P * dkv_bytes  # O(S): the gathered K/V and every block's fp32 dK/dV
+    else:  # pragma: no cover - check_choice above
+        raise AssertionError(method)
+
     linear = 6 * model.params * B * s / machine.linear_flops if machine.linear_flops and model.params else 0.0
     step_time = model.layers * (attn_fwd + attn_bwd) + linear
-
     h = model.hidden or Hq * D
-    qkvo = B * s * (2 * Hq + 2 * Hkv) * D * dtype_bytes
     per_layer_full = 34 * B * s * h  # bytes of saved activations per layer (fp16/bf16, fused attention)
     if checkpoint == "full":
         acts = model.layers * B * s * h * dtype_bytes + per_layer_full
@@ -195,7 +415,104 @@ def plan(
     memory = dict(
         params_grads_optim=16 * model.params / P,
         activations=acts,
-        attention_working=qkvo + ring_buffers + B * Hq * s * (D + 1) * 4,  # + fp32 dq accumulator and lse
+        attention_working=qkvo + working + lse_dq,
     )
     memory["total"] = sum(memory.values())
-    return Plan(method, seq_len, P, s, fwd, bwd, attn_fwd, attn_bwd, linear, step_time, memory)
+    return Plan(method, seq_len, P, s, fwd, bwd, attn_fwd, attn_bwd, linear, step_time, memory, U)
+
+
+# ---------------------------------------------------------------------------------------------- the probe
+
+PROBE_TAG = 31  # the probe's ring messages: never a tag of an attention call (seqpar.comm.call_tags: 17, 23 mod 64)
+
+
+def probe_machine(group=None, *, device=None, dtype=None, head_dim: int = 64, backend: str = "auto",
+                  ulysses_group=None) -> Machine:
+    """Measure a :class:`Machine` on ``group`` (a collective: every rank of the group calls it together).
+
+    A short probe (~0.1-1 s): the attention kernel's forward and backward throughput on one small tile
+    (full and causal, ``dtype``/``device``/``backend`` as the attention call's), a ring exchange of a large
+    block (bandwidth) and of 4 KiB (latency), an all-to-all over the group (torch.distributed groups), an
+    all-to-all over ``ulysses_group`` (hybrid's intra-node sub-group; its bandwidth becomes ``link_bw``)
+    and the ranks' host names (``ranks_per_node``). Every rank's times are combined by their maximum
+    (one small all-gather), so every rank returns the same machine. Attention call numbers and message
+    tags are not touched (ring messages carry :data:`PROBE_TAG`). ``overlap`` is "full" on CUDA, else "none".
+    """
+    import socket
+    import time
+    import zlib
+
+    import torch
+    import torch.distributed as dist
+
+    from seqpar.comm import TransportGroup, all_to_all, gather_ints, make_ring
+    from seqpar.kernels import block_attention, block_attention_backward, resolve_backend
+    from seqpar.mesh import group_rank_size, resolve_group
+
+    g = resolve_group(group)
+    rank, P = group_rank_size(g)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    dtype = dtype or torch.float32
+    cuda = device.type == "cuda"
+    backend = resolve_backend(backend, device)
+
+    def timed(fn, reps: int = 2) -> int:  # ns, the minimum of reps after one warm-up
+        fn()
+        best = None
+        for _ in range(reps):
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter_ns()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter_ns() - t0
+            best = dt if best is None else min(best, dt)
+        return max(best, 1)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    H, n, D = 4, (2048 if cuda else 256), head_dim
+    q, k, v, do = (torch.randn(1, H, n, D, generator=gen, device=device).to(dtype) for _ in range(4))
+    kern = []
+    for mask in ("full", "causal"):
+        out, lse = block_attention(q, k, v, mask=mask, scale=D ** -0.5, backend=backend)
+        kern.append(timed(lambda m=mask: block_attention(q, k, v, mask=m, scale=D ** -0.5, backend=backend)))
+        kern.append(timed(lambda m=mask, o=out, l=lse: block_attention_backward(
+            do, q, k, v, o.to(dtype), l, mask=m, scale=D ** -0.5, backend=backend)))
+    big = (64 if cuda else 4) << 20
+    comm, a2a_bytes = [0, 0, 0, 0], 0
+    if P > 1:
+        ring = make_ring(g)
+        for i, nbytes in enumerate((big, 4096)):
+            send = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+            recv = torch.empty_like(send)
+            comm[i] = timed(lambda s=send, r=recv: ring.exchange(s, r, tag=PROBE_TAG).wait())
+        if not isinstance(g, TransportGroup):
+            x = torch.zeros(P, big // 4 // P, dtype=torch.float32, device=device)
+            a2a_bytes = x.numel() * 4
+            comm[2] = timed(lambda: all_to_all(x, g, 0, 0))
+            if ulysses_group is not None and dist.get_world_size(ulysses_group) > 1:
+                U = dist.get_world_size(ulysses_group)
+                y = torch.zeros(U, big // 4 // U, dtype=torch.float32, device=device)
+                comm[3] = timed(lambda: all_to_all(y, ulysses_group, 0, 0))
+    host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
+    rows = gather_ints([*kern, *comm, host], g) if P > 1 else [[*kern, *comm, host]]
+    worst = [max(r[i] for r in rows) for i in range(len(kern) + len(comm))]
+    hosts = [r[-1] for r in rows]
+    s = lambda ns: ns * 1e-9  # noqa: E731
+    full_f, full_b = 4 * H * n * n * D, 10 * H * n * n * D
+    lat = s(worst[5]) if P > 1 else 0.0
+    ring_bw = big / max(s(worst[4]) - lat, 1e-9) if P > 1 else 50e9
+    per_node = hosts.count(hosts[0])
+    multi = P > 1 and per_node < P
+    link = ring_bw
+    if worst[7]:
+        U = dist.get_world_size(ulysses_group)
+        link = big * (U - 1) / U / max(s(worst[7]) - lat, 1e-9)
+    return Machine(
+        attn_flops=full_f / s(worst[0]), attn_bwd_flops=full_b / s(worst[1]),
+        diag_flops=full_f / 2 / s(worst[2]), diag_bwd_flops=full_b / 2 / s(worst[3]),
+        link_bw=link if multi else max(link, ring_bw), inter_node_bw=ring_bw if multi else None,
+        ranks_per_node=per_node if multi else 0, latency=lat, overlap="full" if cuda else "none",
+        all_to_all_bw=(a2a_bytes * (P - 1) / P / max(s(worst[6]) - lat, 1e-9)) if worst[6] else None,
+    )

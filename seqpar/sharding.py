@@ -35,36 +35,44 @@ def _check_tensor(x, name: str = "x") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
-def shard(x: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag") -> torch.Tensor:
+def _packed(layout: str, cu_seqlens, seq_len: int):
+    """``cu_seqlens`` checked for the ``packed`` layout (None: one document); the others ignore it."""
+    if layout != "packed" or cu_seqlens is None:
+        return None
+    return _layout.check_offsets(cu_seqlens, seq_len)
+
+
+def shard(x: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag", cu_seqlens=None) -> torch.Tensor:
     """The full tensor (the same on every rank) -> this rank's shard along ``dim``.
 
     ``x`` (..., S, ...) -> (..., S/P, ...). Raises ``ValueError`` naming the padding needed when
     S is not a multiple of P (2P for zigzag), ``ValueError`` when ``dim`` is out of range and
     ``TypeError`` when it is not an int. Differentiable (it is indexing). No communication; a tensor
-    on the "meta" device gives the meta shard (shapes only).
+    on the "meta" device gives the meta shard (shapes only). ``layout="packed"`` deals every document
+    of ``cu_seqlens`` (global offsets, as :func:`seqpar.attention` takes them) zigzag-wise over the ranks.
     """
     _check_tensor(x)
     _layout.check_layout(layout)
     d = _layout.check_dim(dim, x.ndim)
     rank, world = group_rank_size(resolve_group(group))
-    return _layout.shard_tensor(x, d, rank, world, layout)
+    return _layout.shard_tensor(x, d, rank, world, layout, _packed(layout, cu_seqlens, x.shape[d]))
 
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local, dim, group, layout):
-        ctx.dim, ctx.group, ctx.layout = dim, group, layout
+    def forward(ctx, local, dim, group, layout, cu):
+        ctx.dim, ctx.group, ctx.layout, ctx.cu = dim, group, layout, cu
         moved = local.movedim(dim, 0).contiguous()  # gather along dim 0, then move back
         # as bytes: every transport moves uint8 (gloo has no int16 / uint16 / float8 ...); bit-exact
         raw = moved.reshape(-1).view(torch.uint8)
         parts = [p.view(local.dtype).reshape(moved.shape).movedim(0, dim) for p in all_gather_tensor(raw, group)]
-        return _layout.unshard_tensor(parts, dim, layout)
+        return _layout.unshard_tensor(parts, dim, layout, cu)
 
     @staticmethod
     def backward(ctx, grad_full):
         # The output is replicated on every rank, so its gradient is too: keep this rank's part.
         rank, world = group_rank_size(ctx.group)
-        return _layout.shard_tensor(grad_full, ctx.dim, rank, world, ctx.layout), None, None, None
+        return _layout.shard_tensor(grad_full, ctx.dim, rank, world, ctx.layout, ctx.cu), None, None, None, None
 
 
 def _check_unshard(local, dim, layout: str, world: int) -> int:
@@ -101,7 +109,7 @@ def _check_unshard(local, dim, layout: str, world: int) -> int:
 def _unshard_signature(local: torch.Tensor, d: int, layout: str) -> list[int]:
     shape = [int(s) for s in local.shape]
     head = (shape + [-1] * _SHAPE_SLOTS)[:_SHAPE_SLOTS]
-    return [local.ndim, d, _layout.LAYOUTS.index(layout), _DTYPES.index(local.dtype), *head,
+    return [local.ndim, d, _layout.LAYOUT_CHOICES.index(layout), _DTYPES.index(local.dtype), *head,
             hash(tuple(shape[_SHAPE_SLOTS:]))]
 
 
@@ -110,7 +118,7 @@ def _agree_unshard(group, signature: list[int] | None, error: Exception | None) 
     code = 0 if error is None else 1 + _ARGS.index(getattr(error, "seqpar_argument", "local"))
 
     def disagreement(rows):
-        seen = {r: f"ndim={row[0]} dim={row[1]} layout={_layout.LAYOUTS[row[2]]!r} dtype={_DTYPES[row[3]]} "
+        seen = {r: f"ndim={row[0]} dim={row[1]} layout={_layout.LAYOUT_CHOICES[row[2]]!r} dtype={_DTYPES[row[3]]} "
                    f"shape={tuple(row[4:4 + min(row[0], _SHAPE_SLOTS)])}" for r, row in enumerate(rows)}
         return (f"ranks disagree on the local shard (local, dim, layout): {seen}. Every rank must pass its shard "
                 f"of one tensor (seqpar.shard with the same dim and layout)")
@@ -119,7 +127,7 @@ def _agree_unshard(group, signature: list[int] | None, error: Exception | None) 
           code=code, names=_ARGS)
 
 
-def unshard(local: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag") -> torch.Tensor:
+def unshard(local: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag", cu_seqlens=None) -> torch.Tensor:
     """Inverse of :func:`shard`: all-gather the shards and undo the layout's permutation.
 
     Differentiable. The result is replicated, so the backward keeps this rank's slice of the
@@ -129,20 +137,24 @@ def unshard(local: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag
     """
     g = resolve_group(group)
     _, world = group_rank_size(g)
-    error, d, sig = None, 0, None
+    error, d, sig, cu = None, 0, None, None
     try:
         d = _check_unshard(local, dim, layout, world)
         sig = _unshard_signature(local, d, layout)
+        try:
+            cu = _packed(layout, cu_seqlens, local.shape[d] * world)
+        except (TypeError, ValueError) as e:
+            raise _tag(e, "layout")
     except (TypeError, ValueError) as e:
         if world == 1:
             raise
         error = e
     if world > 1:
         _agree_unshard(g, sig, error)
-    return _Unshard.apply(local, d, g, layout)
+    return _Unshard.apply(local, d, g, layout, cu)
 
 
-def positions(seq_len: int, group=None, layout: str = "zigzag", device=None) -> torch.Tensor:
+def positions(seq_len: int, group=None, layout: str = "zigzag", device=None, cu_seqlens=None) -> torch.Tensor:
     """LongTensor (seq_len / P,): the global positions of this rank's tokens, in local order.
 
     ``device`` as for ``torch.arange`` (``"meta"`` gives the shape only). No communication.
@@ -159,7 +171,7 @@ def positions(seq_len: int, group=None, layout: str = "zigzag", device=None) -> 
             raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda:0', torch.device(...)): "
                              f"{e}") from None
     rank, world = group_rank_size(resolve_group(group))
-    idx = _layout.global_indices(n, rank, world, layout)
+    idx = _layout.global_indices(n, rank, world, layout, _packed(layout, cu_seqlens, n))
     if device is None:
         return idx
     try:

@@ -21,16 +21,16 @@ def _fresh():
     return counters
 
 
-def opcheck(rank, size, *, method="ring", hkv=2):
+def opcheck(rank, size, *, method="ring", hkv=2, window=(-1, -1), softcap=0.0):
     """torch.library.opcheck (schema, fake, autograd registration, AOT dispatch) of every seqpar op
-    with ``method`` on this group; -> the names of the ops checked."""
+    with ``method`` (and a window / soft-cap mask) on this group; -> the names of the ops checked."""
     from seqpar.methods import ops
 
     g = torch.Generator().manual_seed(0)
     B, H, S, D = 1, 4, 8 * size, 16
     q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (H, hkv, hkv))
     ql, kl, vl = (seqpar.shard(t, dim=2, layout="zigzag").contiguous().requires_grad_() for t in (q, k, v))
-    call = (method, ops.group_name(dist.group.WORLD), "zigzag", True, D ** -0.5, "aten")
+    call = (method, ops.group_name(dist.group.WORLD), "zigzag", True, list(window), softcap, D ** -0.5, "aten")
     out, lse = (t.detach() for t in ops.attention_fwd(ql, kl, vl, *call))
     dout = torch.randn(out.shape, generator=g)
     checked = []

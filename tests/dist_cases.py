@@ -102,6 +102,37 @@ def bad_input(rank, size, *, case):
     elif case == "one_rank_bad_dtype":  # only the last rank's input is bad
         if rank == size - 1:
             q = q.half()
+    # the masks (global S = S_local * size): bad on every rank, or on the last rank only
+    elif case == "cu_not_increasing":
+        kwargs["cu_seqlens"] = torch.tensor([0, 5, 5, S_local * size])
+    elif case == "cu_decreasing":
+        kwargs["cu_seqlens"] = torch.tensor([0, 9, 5, S_local * size])
+    elif case == "cu_not_from_zero":
+        kwargs["cu_seqlens"] = torch.tensor([1, 5, S_local * size])
+    elif case == "cu_not_to_S":
+        kwargs["cu_seqlens"] = torch.tensor([0, 5, S_local * size - 1])  # e.g. the local length's offsets
+    elif case == "cu_float":
+        kwargs["cu_seqlens"] = torch.tensor([0.0, 5.0, S_local * size])
+    elif case == "cu_2d":
+        kwargs["cu_seqlens"] = torch.tensor([[0, 5, S_local * size]])
+    elif case == "cu_differs":  # valid offsets on each rank, but not the same ones: the agreement names them
+        kwargs["cu_seqlens"] = torch.tensor([0, 5 + rank, S_local * size])
+    elif case == "window_differs":
+        kwargs["window_size"] = (4 + rank, -1)
+    elif case == "window_below_minus_one":
+        kwargs["window_size"] = (-2, 0)
+    elif case == "window_not_int":
+        kwargs["window_size"] = (2.5, -1)
+    elif case == "softcap_negative":
+        kwargs["softcap"] = -1.0
+    elif case == "softcap_nan":
+        kwargs["softcap"] = float("nan")
+    elif case == "one_rank_bad_cu":
+        kwargs["cu_seqlens"] = torch.tensor([0, 5, 5 if rank == size - 1 else 6, S_local * size])
+    elif case == "one_rank_bad_window":
+        kwargs["window_size"] = (-3, -1) if rank == size - 1 else (3, -1)
+    elif case == "one_rank_bad_softcap":
+        kwargs["softcap"] = -0.5 if rank == size - 1 else 0.5
     else:
         raise AssertionError(case)
     try:

@@ -31,7 +31,7 @@ from torch import nn
 
 import seqpar
 from seqpar.testing import numerics
-from seqpar.vocab import BACKENDS, LAYOUTS, METHODS
+from seqpar.vocab import BACKENDS, LAYOUTS, METHOD_CHOICES
 
 ATTN_FLOATS = ("float64", "float32", "bfloat16", "float16")  # what seqpar.attention takes
 TRITON_RUNS = os.environ.get("TRITON_INTERPRET") == "1"  # else backend='triton' must be refused on CPU
@@ -138,7 +138,7 @@ def unshard_expect(s: dict, P: int):
     return tuple(names) or None
 
 
-def unshard_signature(s: dict):
+def unshard_signature(s: dict, P: int):
     """What every rank must agree on for unshard: (ndim, dim, layout, dtype, shape)."""
     nd = len(s["shape"])
     return nd, s["dim"] % nd, s["layout"], s["dtype"], tuple(s["shape"])
@@ -234,7 +234,7 @@ def attention_expect(s: dict, P: int):
     sc = s["scale"]
     if sc is not None and not (isinstance(sc, (int, float)) and not isinstance(sc, bool) and math.isfinite(sc)):
         names.append("scale")
-    for name, choices in (("layout", LAYOUTS), ("method", METHODS), ("backend", BACKENDS)):
+    for name, choices in (("layout", LAYOUTS), ("method", METHOD_CHOICES), ("backend", BACKENDS)):
         if not (isinstance(s[name], str) and s[name] in choices):
             names.append(name)
     if s["backend"] == "triton" and not TRITON_RUNS:
@@ -243,11 +243,59 @@ def attention_expect(s: dict, P: int):
         names += ["layout", "pad"]
     if s["method"] == "ulysses" and (s["Hq"] % P or (s["Hkv"] % P and P % s["Hkv"])):
         names += ["Hq", "Hkv", "method", "heads"]  # ulysses splits heads over the group: Hq % P, Hkv % P or P % Hkv
+    if s["method"] == "hybrid":
+        if s.get("group", "world") != "hybrid":  # hybrid needs the mesh of init_mesh(cp, ulysses=U) as group
+            names.append("group")
+        elif s["Hq"] % P or (s["Hkv"] % P and P % s["Hkv"]):  # the "hybrid" mesh: U = P (see hybrid_ulysses)
+            names += ["Hq", "Hkv"]
+    names += mask_expect(s, s["S_local"] * P)
     return tuple(names) or None
 
 
-def attention_signature(s: dict):
-    return s["B"], s["Hq"], s["S_local"], s["D"], s["Hkv"], s["dtype"], s["causal"], s["layout"], s["method"]
+def mask_expect(s: dict, S: int) -> list[str]:
+    """The mask arguments of attention (window_size, softcap, cu_seqlens) that are bad, from their
+    definitions: window entries ints >= -1 (not bools), softcap a finite number >= 0, cu_seqlens a 1-D
+    integer tensor or a list of ints [0, ..., S] strictly increasing (S: the global length)."""
+    names = []
+    w = s.get("window", (-1, -1))
+    if not (isinstance(w, (tuple, list)) and len(w) == 2 and all(is_int(x) for x in w) and min(w) >= -1):
+        names.append("window_size")
+    sc = s.get("softcap", 0.0)
+    if not (isinstance(sc, (int, float)) and not isinstance(sc, bool) and math.isfinite(sc) and sc >= 0):
+        names.append("softcap")
+    cu = s.get("cu")
+    if cu is not None:
+        vals = cu["values"]
+        if cu["as"] == "tensor":
+            ok = cu["ndim"] == 1 and cu["dtype"] in ("int64", "int32", "int16", "uint8")
+        else:
+            ok = cu["as"] == "list" and all(is_int(x) for x in vals)
+        if not (ok and len(vals) >= 2 and vals[0] == 0 and vals[-1] == S
+                and all(b > a for a, b in zip(vals, vals[1:]))):
+            names.append("cu_seqlens")
+    return names
+
+
+def mask_key(s: dict, S: int) -> tuple:
+    """What the ranks must agree on of a valid mask, as the documented mask means it: a window side that
+    reaches every key (>= S - 1) is no window, the right side is moot under is_causal, one document
+    [0, S] is no documents."""
+    left, right = (int(x) for x in s.get("window", (-1, -1)))
+    left = -1 if left >= S - 1 else left
+    right = -1 if right >= S - 1 or s["causal"] is True else right
+    cu = s.get("cu")
+    docs = None if cu is None or list(cu["values"]) == [0, S] else tuple(int(x) for x in cu["values"])
+    return left, right, float(s.get("softcap", 0.0)), docs
+
+
+def attention_signature(s: dict, P: int):
+    return (s["B"], s["Hq"], s["S_local"], s["D"], s["Hkv"], s["dtype"], s["causal"], s["layout"], s["method"],
+            mask_key(s, s["S_local"] * P))
+
+
+def hybrid_ulysses(P: int) -> int:
+    """The ulysses degree of the "hybrid" group of the attention fuzz: init_mesh(cp=P, ulysses=P)."""
+    return P
 
 
 _GROUPS: dict = {}
@@ -255,38 +303,89 @@ _GROUPS: dict = {}
 
 def _group(kind: str):
     """``"world"``: the default group. ``"disagree"``: a group of all ranks only ever used by calls that
-    must fail (so no signature is ever agreed on it; see test_fuzz's cached-agreement test)."""
+    must fail (so no signature is ever agreed on it; see test_fuzz's cached-agreement test). ``"hybrid"``:
+    the mesh of ``seqpar.init_mesh(cp=P, ulysses=hybrid_ulysses(P))`` (method="hybrid"'s group)."""
     if kind == "world":
         return None
     if kind not in _GROUPS:
-        _GROUPS[kind] = dist.new_group(list(range(dist.get_world_size())))
+        size = dist.get_world_size()
+        _GROUPS[kind] = (seqpar.init_mesh(cp=size, ulysses=hybrid_ulysses(size)) if kind == "hybrid"
+                         else dist.new_group(list(range(size))))
     return _GROUPS[kind]
 
 
-def _sdpa_grads(q, k, v, do, *, causal, scale, gqa):
-    """[out, dq, dk, dv] of torch SDPA in the inputs' dtype (the bound's yardstick). The causal mask is
-    passed as a boolean mask: torch's CPU SDPA returns NaN for is_causal=True with scale <= 0."""
+def visibility(S: int, causal: bool, window=(-1, -1), cu=None) -> torch.Tensor:
+    """(S, S) bool, query i sees key j, from the definitions: causal j <= i; window i - left <= j <= i + right
+    (-1: that side unbounded); documents: i and j in the same [cu[d], cu[d+1])."""
+    vis = torch.zeros(S, S, dtype=torch.bool)
+    left, right = (int(x) for x in window)
+    doc = [0] * S
+    if cu is not None:
+        for d in range(len(cu) - 1):
+            for i in range(int(cu[d]), int(cu[d + 1])):
+                doc[i] = d
+    for i in range(S):
+        for j in range(S):
+            vis[i, j] = ((not causal or j <= i) and (left < 0 or j >= i - left) and (right < 0 or j <= i + right)
+                         and doc[i] == doc[j])
+    return vis
+
+
+def _sdpa_grads(q, k, v, do, *, vis, scale, gqa, softcap=0.0):
+    """[out, dq, dk, dv] of single-device attention in the inputs' dtype (the bound's yardstick): torch SDPA
+    with the visibility ``vis`` as a boolean mask (also for the causal mask: torch's CPU SDPA returns NaN
+    for is_causal=True with scale <= 0). SDPA has no soft-cap: with one, the same attention as the truth
+    computed in fp32 (fp64 for fp64) on the inputs in their dtype, rounded to it, as SDPA's CPU kernels do."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    n = q.shape[-2]
-    mask = torch.ones(n, n, dtype=torch.bool).tril() if causal else None
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if not softcap:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale, enable_gqa=gqa)
+        out.backward(do)
+        return [out.detach(), q.grad, k.grad, v.grad]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = _attend_math(q.to(acc), k.to(acc), v.to(acc), vis=vis, scale=scale, softcap=softcap).to(q.dtype)
     out.backward(do)
     return [out.detach(), q.grad, k.grad, v.grad]
 
 
-def _math_grads(q, k, v, do, *, causal, scale):
-    """The truth: [out, dq, dk, dv] of plain masked-softmax attention in fp64 (no SDPA kernel)."""
-    q, k, v = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
+def _attend_math(q, k, v, *, vis, scale, softcap):
+    """Plain attention: scores q k^T * scale (1/sqrt(D) if None), soft-capped softcap * tanh(s / softcap)
+    when softcap, masked to ``vis``, softmax, times v (GQA by repeating k / v heads)."""
     rep = q.shape[-3] // k.shape[-3]
     kk, vv = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q @ kk.transpose(-1, -2)) * sc
-    if causal:
-        n = q.shape[-2]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
-    out = torch.softmax(s, dim=-1) @ vv
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~vis, -math.inf)
+    return torch.softmax(s, dim=-1) @ vv
+
+
+def _math_grads(q, k, v, do, *, causal, scale, vis=None, softcap=0.0):
+    """The truth: [out, dq, dk, dv] of plain masked-softmax attention in fp64 (no SDPA kernel); ``vis``
+    (default: causal or full) the (S, S) visibility, ``softcap`` the logit soft-cap."""
+    q, k, v = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
+    if vis is None:
+        vis = visibility(q.shape[-2], causal)
+    out = _attend_math(q, k, v, vis=vis, scale=scale, softcap=softcap)
     out.backward(do.double())
     return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def mask_args(s: dict) -> dict:
+    """The drawn mask arguments as seqpar.attention takes them (the spec holds plain values)."""
+    cu = s.get("cu")
+    if cu is not None:
+        vals = cu["values"]
+        if cu["as"] == "tensor":
+            dt = getattr(torch, cu["dtype"])
+            cu = torch.tensor([float(x) for x in vals]).to(dt) if dt.is_floating_point or dt == torch.bool \
+                else torch.tensor([int(x) for x in vals], dtype=dt)
+            cu = cu[None] if s["cu"]["ndim"] == 2 else cu
+        elif cu["as"] == "numpy":  # a numpy array: neither a tensor nor a list
+            cu = np.array(vals)
+        else:
+            cu = [np.int64(x) if i % 2 and is_int(x) else x for i, x in enumerate(vals)]  # numpy ints are ints
+    return dict(window_size=s.get("window", (-1, -1)), cu_seqlens=cu, softcap=s.get("softcap", 0.0))
 
 
 def _errors(mine, truth, low):
@@ -314,6 +413,7 @@ def attention(rank: int, size: int, *, spec: dict):
         return torch.randn(B, h, n, D, generator=g, dtype=torch.float64)
 
     sh = None
+    masks = mask_args(s)
     if valid:
         q, k, v, do = rnd(Hq, S), rnd(Hkv, S), rnd(Hkv, S), rnd(Hq, S)
         idx = torch.tensor(ref_indices(S, rank, size, s["layout"]), dtype=torch.long)
@@ -326,15 +426,19 @@ def attention(rank: int, size: int, *, spec: dict):
 
     def call():
         out = seqpar.attention(ql, kl, vl, group=group, is_causal=s["causal"], scale=s["scale"],
-                               enable_gqa=s["gqa"], layout=s["layout"], method=s["method"], backend=s["backend"])
+                               enable_gqa=s["gqa"], layout=s["layout"], method=s["method"], backend=s["backend"],
+                               **masks)
         if sh is None:  # accepted input the oracle calls invalid: the pytest side reports it
             return {"accepted": dict(seqpar=math.inf, sdpa=0.0, scale=0.0)}
         if out.shape != ql.shape or out.dtype != dt:
             return {"shape": dict(seqpar=math.inf, sdpa=0.0, scale=0.0)}
         out.backward(sh(do).to(dt))
         gqa = Hq != Hkv
-        ref = _math_grads(q, k, v, do, causal=s["causal"], scale=s["scale"])  # fp64 truth
-        low = _sdpa_grads(*(t.to(dt) for t in (q, k, v, do)), causal=s["causal"], scale=s["scale"], gqa=gqa)
+        cu = s.get("cu")
+        vis = visibility(S, s["causal"], s.get("window", (-1, -1)), None if cu is None else cu["values"])
+        softcap = float(s.get("softcap", 0.0))
+        ref = _math_grads(q, k, v, do, causal=s["causal"], scale=s["scale"], vis=vis, softcap=softcap)  # fp64
+        low = _sdpa_grads(*(t.to(dt) for t in (q, k, v, do)), vis=vis, scale=s["scale"], gqa=gqa, softcap=softcap)
         mine = [out.detach(), ql.grad, kl.grad, vl.grad]
         return _errors(mine, [sh(r) for r in ref], [sh(lo) for lo in low])
     return _run(call)
@@ -372,12 +476,14 @@ def _meshes(size: int) -> dict:
         _MESHES["dp_only"] = init_device_mesh("cpu", (size,), mesh_dim_names=("dp",))
         if size == 4:
             _MESHES["dp2_cp2"] = seqpar.init_mesh(cp=2, dp=2)
+        if size > 1:  # 3-D (dp=1, cp_ring, cp_ulysses=2), "cp" flattened: method="hybrid"'s mesh
+            _MESHES["hybrid"] = seqpar.init_mesh(cp=size, ulysses=2)
     return _MESHES
 
 
 def mesh_cp(kind: str, P: int):
     """The cp size of a good mesh kind, None for a bad one."""
-    return {"cp": P, "dp_cp": P, "dp2_cp2": 2}.get(kind)
+    return {"cp": P, "dp_cp": P, "dp2_cp2": 2, "hybrid": P}.get(kind)
 
 
 def _resolve_mesh(kind: str, size: int):
@@ -387,7 +493,47 @@ def _resolve_mesh(kind: str, size: int):
     return {"group": dist.group.WORLD, "none": None, "str": "cp", "int": size}[kind]
 
 
+def _cp_rank(mesh) -> int:
+    return mesh.get_local_rank() if mesh.ndim == 1 else mesh["cp"].get_local_rank()
+
+
 INT_DTYPES = ("int64", "int32", "int16", "uint8", "int8")
+FLAT_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def batch_mask(s: dict) -> torch.Tensor | None:
+    """The drawn attention_mask (1 = token, 0 = padding): all ones, or zeros ``mask_zeros`` = "right" /
+    "left" (padding at one end of row 0, not the whole row), "holes" (random zeros), "row" (row 0 all
+    padding), "all"."""
+    if s["attention_mask"] == "none":
+        return None
+    m = torch.ones(_batch_tensor(s["attention_mask"], s["B"], s["S"], 0).shape, dtype=torch.long)
+    z = s["mask_zeros"]
+    if not z or not m.numel() or s["attention_mask"] != "BS":
+        return m
+    S = m.shape[1]
+    n = 1 + s["seed"] % (S - 1) if S > 1 else 0  # padded tokens at one end of row 0 (not all of it)
+    if z == "right":
+        m[0, S - n:] = 0
+    elif z == "left":
+        m[0, :n] = 0
+    elif z == "holes":
+        m[torch.rand(m.shape, generator=torch.Generator().manual_seed(s["seed"] + 7)) < 0.4] = 0
+    elif z == "row":
+        m[0] = 0
+    else:
+        m[:] = 0
+    return m
+
+
+def flat_offsets(s: dict) -> list | None:
+    """The drawn cu_seq_lens_q of a flattened batch (DataCollatorWithFlattening), before any fault."""
+    if s.get("flat") is None:
+        return None
+    S = s["S"]
+    g = torch.Generator().manual_seed(s["seed"] + 11)
+    cuts = sorted(set(torch.randint(1, S, (3,), generator=g).tolist())) if S > 1 else []
+    return [0, *cuts, S]
 
 
 def shard_batch_expect(s: dict, P: int):
@@ -408,14 +554,24 @@ def shard_batch_expect(s: dict, P: int):
         names.append("input_ids")
     elif s["ids"] != "BS" or s["ids_dtype"] not in INT_DTYPES or S == 0:
         names.append("input_ids")
-    elif S % unit(s["layout"], cp):
-        names += ["batch", "pad"]
+    # any S is valid: a length that does not divide is padded (an extra document of ignored tokens)
     for key, ok_kinds in (("labels", ("none", "BS")), ("position_ids", ("none", "BS", "1S", "S")),
                           ("attention_mask", ("none", "BS"))):
         if s[key] not in ok_kinds:
             names.append(key)
-    if s["mask_zeros"] and s["attention_mask"] == "BS":
-        names.append("attention_mask")
+    if s["attention_mask"] == "BS" and S:  # zeros are padding; all zeros: nothing to train on
+        m = batch_mask(s)
+        if m.numel() and not bool(m.any()):
+            names.append("attention_mask")
+    flat = s.get("flat")
+    if flat is not None:  # DataCollatorWithFlattening keys: equal 1-D offsets [0, ..., S] of one row (B=1)
+        names += {"ok": [], "differ": ["cu_seq_lens_q", "cu_seq_lens_k"],
+                  "only_q": ["cu_seq_lens_q", "cu_seq_lens_k"], "only_max": ["max_length_q", "max_length_k"],
+                  "2d": ["cu_seq_lens_q", "cu_seq_lens_k"], "float": ["cu_seq_lens_q", "cu_seq_lens_k"],
+                  "bad_end": ["cu_seq_lens_q"], "not_increasing": ["cu_seq_lens_q"],
+                  "max_wrong": ["max_length_q", "max_length_k"]}[flat]
+        if B != 1 and flat != "only_max":
+            names += ["cu_seq_lens_q", "input_ids"]
     if s["meta"]:
         names.append("input_ids")
     return tuple(names) or None
@@ -431,11 +587,30 @@ def _batch_tensor(kind: str, B: int, S: int, seed: int, *, dtype="int64", low=0,
     return t.to(getattr(torch, dtype))
 
 
-def shard_batch(rank: int, size: int, *, spec: dict):
-    """``seqpar.shard_batch`` of a drawn batch -> outcome; ok details 0.0 if every output equals the
-    independent reference (keys, values, dtypes), else inf."""
-    s = spec
-    mesh = _resolve_mesh(s["mesh"], size)
+def _positions(kind: str, B: int, S: int, seed: int, restart: bool) -> torch.Tensor:
+    """position_ids of ``kind``'s shape: increasing, or (``restart``) runs that restart at 0 or drop
+    (packed documents) and jump ahead (no new document)."""
+    t = _batch_tensor(kind, B, S, seed, high=1000)
+    L = t.shape[-1]
+    if not L:
+        return t
+    if not restart:
+        return t.sort(dim=-1).values
+    g = torch.Generator().manual_seed(seed)
+    rows = t.reshape(-1, L)
+    for r in range(rows.shape[0]):
+        p, i = [], 0
+        while i < L:
+            n = int(torch.randint(1, L + 1, (1,), generator=g))
+            start = int(torch.randint(0, 4, (1,), generator=g)) * (int(torch.randint(0, 2, (1,), generator=g)))
+            p += [start + j for j in range(min(n, L - i))]
+            i += n
+        rows[r] = torch.tensor(p)
+    return rows.reshape(t.shape)
+
+
+def make_batch(s: dict) -> dict:
+    """The drawn batch (the same on every rank)."""
     B, S, seed = s["B"], s["S"], s["seed"]
     batch: dict = {}
     if s["ids"] != "missing":
@@ -451,41 +626,128 @@ def shard_batch(rank: int, size: int, *, spec: dict):
         batch["labels"] = lab.float() if s["labels"] == "float" else lab
     if s["position_ids"] != "none":
         kind = "BS" if s["position_ids"] == "float" else s["position_ids"]
-        # increasing along the sequence (positions that restart mark packed documents, refused by
-        # shard_batch: tested in test_parallelize's bad input)
-        pos = _batch_tensor(kind, B, S, seed + 3, high=1000).sort(dim=-1).values if S else \
-            _batch_tensor(kind, B, S, seed + 3, high=1000)
+        pos = _positions(kind, B, S, seed + 3, s.get("pos_restart", False))
         batch["position_ids"] = pos.float() if s["position_ids"] == "float" else pos
-    if s["attention_mask"] != "none":
-        m = torch.ones(_batch_tensor(s["attention_mask"], B, S, 0).shape, dtype=torch.long)
-        if s["mask_zeros"] and m.numel():
-            m.view(-1)[-1] = 0
-        batch["attention_mask"] = m
+    mask = batch_mask(s)
+    if mask is not None:
+        batch["attention_mask"] = mask
+    cu = flat_offsets(s)
+    if cu is not None:
+        flat = s["flat"]
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+        if flat == "bad_end":
+            cu = cu[:-1] + [S + 1]
+        elif flat == "not_increasing":
+            cu = [0, *cu[:-1], S] if len(cu) > 2 else [0, 0, S]
+        q = torch.tensor(cu, dtype=torch.int32)
+        k = q.clone()
+        if flat == "differ":
+            k = torch.tensor([0, S], dtype=torch.int32) if len(cu) > 2 else torch.tensor([0, 1, S] if S > 1 else [0, 2])
+        elif flat == "2d":
+            q, k = q[None], k[None]
+        elif flat == "float":
+            q, k = q.float(), k.float()
+        if flat != "only_max":
+            batch["cu_seq_lens_q"] = q
+        if flat not in ("only_q", "only_max"):
+            batch["cu_seq_lens_k"] = k
+        if flat in ("only_max", "max_wrong") or (flat != "only_q" and s.get("flat_max", True)):
+            batch["max_length_q"] = batch["max_length_k"] = longest + (flat == "max_wrong")
     if s["extra_key"]:
         batch["token_type_ids"] = torch.zeros(B, S, dtype=torch.long)
     if s["meta"]:
-        batch = {k: v.to("meta") for k, v in batch.items()}
+        batch = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def shard_batch_reference(batch: dict, cp: int, rank: int, layout: str, ign: int) -> dict:
+    """What shard_batch must return, written from its contract (not from seqpar): targets = labels of the
+    next token of the row (the last token's and a padded token's, and a token followed by padding's:
+    ignored); documents start where position_ids restart (a position 0, or below its predecessor) or at
+    the given cu_seq_lens_q; rows with padding (or B > 1 rows with documents) become one row of the real
+    tokens, each row its own document(s); a length that does not divide is padded at the end with an
+    extra document of id 0, continuing positions and ignored targets; then every tensor is this rank's
+    shard by the layout's definition (ref_indices)."""
+    ids = batch["input_ids"]
+    B, S = ids.shape
+    pos = batch.get("position_ids")
+    pos = [list(range(S))] * B if pos is None else pos.expand(B, S).tolist()
+    mask = batch.get("attention_mask")
+    keep = [[True] * S for _ in range(B)] if mask is None else [[bool(x) for x in row] for row in mask.tolist()]
+    lab = batch.get("labels")
+    lab = None if lab is None else lab.tolist()
+    target = None if lab is None else [
+        [lab[b][i + 1] if i + 1 < S and keep[b][i] and keep[b][i + 1] else ign for i in range(S)] for b in range(B)]
+    if batch.get("cu_seq_lens_q") is not None:
+        starts = [[int(x) for x in batch["cu_seq_lens_q"].tolist()[1:-1]]] * B
+    else:
+        starts = [[i for i in range(1, S) if pos[b][i] == 0 or pos[b][i] < pos[b][i - 1]] for b in range(B)]
+    ids_rows, id_dtype = ids.tolist(), ids.dtype
+    cu = None
+    if not all(all(row) for row in keep) or (B > 1 and any(starts)):
+        cu, rows_i, rows_p, rows_t = [0], [], [], []
+        for b in range(B):
+            kept = [i for i in range(S) if keep[b][i]]
+            doc = lambda i: sum(1 for st in starts[b] if st <= i)  # noqa: E731
+            for n, i in enumerate(kept):
+                if n and doc(i) != doc(kept[n - 1]):
+                    cu.append(len(rows_i))
+                rows_i.append(ids_rows[b][i])
+                rows_p.append(pos[b][i])
+                if target is not None:
+                    rows_t.append(target[b][i])
+            if kept:  # a row of padding only is no document
+                cu.append(len(rows_i))
+        ids_rows, pos, target = [rows_i], [rows_p], None if target is None else [rows_t]
+        B, S = 1, len(rows_i)
+    elif B and starts[0]:
+        cu = [0, *starts[0], S]
+    pad = (-S) % unit(layout, cp)
+    if pad:
+        cu = (cu or [0, S]) + [S + pad]
+        ids_rows = [row + [0] * pad for row in ids_rows]
+        pos = [row + [row[-1] + 1 + j for j in range(pad)] for row in pos]
+        target = None if target is None else [row + [ign] * pad for row in target]
+        S += pad
+    idx = ref_indices(S, rank, cp, layout)
+    def local(rows, dt):
+        return torch.tensor([[row[i] for i in idx] for row in rows], dtype=dt).reshape(B, len(idx))
+
+    pos_dtype = torch.long if batch.get("position_ids") is None else batch["position_ids"].dtype
+    want = {"input_ids": local(ids_rows, id_dtype), "position_ids": local(pos, pos_dtype)}
+    if target is not None:
+        want["labels"] = want["shift_labels"] = local(target, batch["labels"].dtype)
+        want["num_items_in_batch"] = torch.tensor(sum(t != ign for row in target for t in row))
+    if cu is not None and len(cu) > 2:
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+        want.update(cu_seq_lens_q=torch.tensor(cu, dtype=torch.int32),
+                    cu_seq_lens_k=torch.tensor(cu, dtype=torch.int32), max_length_q=longest, max_length_k=longest)
+    return want
+
+
+def _same(got, want) -> float:
+    if isinstance(want, torch.Tensor):
+        return _exact(got, want) if isinstance(got, torch.Tensor) else math.inf
+    return 0.0 if type(got) is type(want) and got == want else math.inf
+
+
+def shard_batch(rank: int, size: int, *, spec: dict):
+    """``seqpar.shard_batch`` of a drawn batch -> outcome; ok details 0.0 if every output equals the
+    independent reference (keys, values, dtypes), else a dict naming the outputs that differ."""
+    s = spec
+    mesh = _resolve_mesh(s["mesh"], size)
+    batch = make_batch(s)
     arg = batch if s["batch_kind"] == "dict" else list(batch.values())
 
     def call():
         got = seqpar.shard_batch(arg, mesh, layout=s["layout"], ignore_index=s["ignore_index"])
-        cp_rank = mesh["cp"].get_local_rank() if mesh.ndim == 2 else mesh.get_local_rank()
-        cp = mesh_cp(s["mesh"], size)
-        idx = torch.tensor(ref_indices(S, cp_rank, cp, s["layout"]), dtype=torch.long)
-        ids = batch["input_ids"]
-        want = {"input_ids": ids[:, idx]}
-        pos = batch.get("position_ids")
-        pos = torch.arange(S).expand(B, S) if pos is None else pos.expand(B, S)
-        want["position_ids"] = pos[:, idx]
-        if "labels" in batch:
-            ign = s["ignore_index"]
-            lab = batch["labels"]
-            target = torch.cat([lab[:, 1:], torch.full((B, 1), ign, dtype=lab.dtype)], dim=1)
-            want["labels"] = want["shift_labels"] = target[:, idx]
-            want["num_items_in_batch"] = (target != ign).sum()
+        want = shard_batch_reference(batch, mesh_cp(s["mesh"], size), _cp_rank(mesh), s["layout"], s["ignore_index"])
         if set(got) != set(want):
-            return math.inf
-        return max(_exact(got[k], want[k]) for k in want)
+            return {"keys": sorted(got), "want": sorted(want)}
+        bad = {k: (got[k].tolist() if isinstance(got[k], torch.Tensor) else got[k],
+                   want[k].tolist() if isinstance(want[k], torch.Tensor) else want[k])
+               for k in want if _same(got[k], want[k])}
+        return bad or 0.0
     return _run(call)
 
 
@@ -502,7 +764,7 @@ def parallelize_expect(s: dict, P: int):
     names = []
     if mesh_cp(s["mesh"], P) is None:
         return ("mesh",)
-    for name, choices in (("layout", LAYOUTS), ("method", METHODS)):
+    for name, choices in (("layout", LAYOUTS), ("method", METHOD_CHOICES)):
         if not (isinstance(s[name], str) and s[name] in choices):
             names.append(name)
     for name in ("fsdp", "checkpoint", "compile"):
@@ -516,6 +778,8 @@ def parallelize_expect(s: dict, P: int):
     if not (isinstance(s["backend"], str) and s["backend"] in BACKENDS) or (s["backend"] == "triton"
                                                                             and not TRITON_RUNS):
         return ("backend",)
+    if s["method"] == "hybrid" and s["mesh"] != "hybrid":  # hybrid needs the mesh of init_mesh(cp, ulysses=U)
+        return ("group", "mesh")
     return None
 
 
@@ -535,7 +799,7 @@ def parallelize(rank: int, size: int, *, spec: dict):
                                checkpoint=s["checkpoint"], compile=s["compile"], backend=s["backend"])
         cp = mesh_cp(s["mesh"], size)
         dp = size // cp
-        replica = mesh["dp"].get_local_rank() if mesh.ndim == 2 else 0
+        replica = mesh["dp"].get_local_rank() if mesh.ndim > 1 else 0
         batches = [pc.make_batch(d, 1, 8 * s["S_units"] * unit(s["layout"], cp)) for d in range(dp)]
         ref_losses = [pc.reference_loss("gpt", ref, b) for b in batches]
         (sum(ref_losses) / dp).backward()

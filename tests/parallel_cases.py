@@ -18,10 +18,10 @@ import seqpar
 _MESHES: dict = {}  # (dp, cp) -> DeviceMesh, built once per spawned world (new_group is slow)
 
 
-def mesh_for(dp: int, cp: int):
-    if (dp, cp) not in _MESHES:
-        _MESHES[(dp, cp)] = seqpar.init_mesh(cp=cp, dp=dp)
-    return _MESHES[(dp, cp)]
+def mesh_for(dp: int, cp: int, ulysses: int = 1):
+    if (dp, cp, ulysses) not in _MESHES:
+        _MESHES[(dp, cp, ulysses)] = seqpar.init_mesh(cp=cp, dp=dp, ulysses=ulysses)
+    return _MESHES[(dp, cp, ulysses)]
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -85,12 +85,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def equivalence(rank, size, *, kind, dp, cp, layout, fsdp, checkpoint, B=2, S=64, steps=3, lr=0.5,
-                method="ring"):
+                method="ring", ulysses=1):
     """Train ``steps`` SGD-momentum steps with seqpar and with the single-device reference; return
     the worst relative errors of the loss (every step), every gradient (step 1) and every parameter
     (after the last step). (Not Adam: its g / (|g| + eps) turns float noise in near-zero gradient
     entries into whole +-lr steps, in any two fp32 runs that sum in a different order.)"""
-    mesh = mesh_for(dp, cp)
+    mesh = mesh_for(dp, cp, ulysses)
     replica = mesh.get_local_rank("dp")
     ref = make_model(kind)
     model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout=layout, method=method, fsdp=fsdp,
@@ -136,10 +136,10 @@ def count_checkpoint_exchanges(rank, size, *, kind, layout, S=64):
         calls.append(len(ops))
         return real(ops)
 
-    def counting_apply(q, k, v, method, kept=None):
+    def counting_apply(q, k, v, method, kept=None, sinks=None):
         if kept is not None:  # a replay of a kept forward
             replays.append(1)
-        return real_apply(q, k, v, method, kept)
+        return real_apply(q, k, v, method, kept, sinks)
 
     mesh = mesh_for(1, size)
     out = {}
@@ -166,15 +166,55 @@ def count_checkpoint_exchanges(rank, size, *, kind, layout, S=64):
 
 def bad_input(rank, size, *, case):
     """(exception type name, message) of a bad call; made on every rank, or only on rank 0 for
-    ``*_rank0`` cases (which must then fail without communicating, else other ranks would hang)."""
+    ``*_rank0`` cases (which must then fail without communicating, else other ranks would hang).
+
+    The cases that used to be refused and are valid now (a length that does not divide, padding, packed
+    position_ids, Gemma 2's soft-capping, gpt-oss's attention sinks) return ``(None, checks)``: for a
+    batch ``{"got": .., "want": ..}``, this rank's shard by shard_batch and by its contract (written here,
+    the layouts from fuzz_cases.ref_indices); for the models the relative errors of the loss and gradients
+    vs the unmodified eager model on the full batch. tests/test_masks.py checks their training
+    equivalence in depth."""
     import torch.nn as nn
 
+    from fuzz_cases import ref_indices
+
     mesh = mesh_for(1, size)
+
+    def expected_shard(ids, labels, layout, keep=None, cu=None, pos=None):
+        """{input_ids, shift_labels, position_ids, cu_seq_lens_q, num_items_in_batch} of this rank, from the
+        contract: targets are the next token's labels (ignored after the row's last real token), padding
+        (``keep`` False) dropped, the length padded to a multiple of the layout's unit with one extra
+        document (ids 0, positions continuing, targets ignored)."""
+        S = ids.shape[1]
+        keep = [True] * S if keep is None else keep
+        pos = list(range(S)) if pos is None else pos
+        lab = labels[0].tolist()
+        target = [lab[i + 1] if i + 1 < S and keep[i + 1] else -100 for i in range(S)]
+        real = [i for i in range(S) if keep[i]]
+        ids_r, tgt_r, pos_r = [ids[0, i].item() for i in real], [target[i] for i in real], [pos[i] for i in real]
+        n = len(real)
+        unit = 2 * size if layout == "zigzag" else size
+        pad = (-n) % unit
+        cu = list(cu or [0, n]) + ([n + pad] if pad else [])
+        ids_r, tgt_r = ids_r + [0] * pad, tgt_r + [-100] * pad
+        pos_r = pos_r + [pos_r[-1] + 1 + j for j in range(pad)]
+        idx = ref_indices(n + pad, rank, size, layout)
+        return dict(input_ids=[ids_r[i] for i in idx], shift_labels=[tgt_r[i] for i in idx],
+                    position_ids=[pos_r[i] for i in idx], cu_seq_lens_q=cu if len(cu) > 2 else None,
+                    num_items_in_batch=sum(t != -100 for t in tgt_r))
+
+    def sharded(batch, layout):
+        out = seqpar.shard_batch(batch, mesh, layout=layout)
+        cu = out.get("cu_seq_lens_q")
+        return dict(input_ids=out["input_ids"][0].tolist(), shift_labels=out["shift_labels"][0].tolist(),
+                    position_ids=out["position_ids"][0].tolist(), cu_seq_lens_q=None if cu is None else cu.tolist(),
+                    num_items_in_batch=int(out["num_items_in_batch"]))
+
     try:
-        if case == "indivisible":
-            seqpar.shard_batch(make_batch(0, 1, 8 * size + 2), mesh, layout="zigzag")
-        elif case == "indivisible_striped":
-            seqpar.shard_batch(make_batch(0, 1, 8 * size + 1), mesh, layout="striped")
+        if case in ("indivisible", "indivisible_striped"):  # padded at the end: one extra document
+            layout = "zigzag" if case == "indivisible" else "striped"
+            b = make_batch(0, 1, 8 * size + (2 if case == "indivisible" else 1))
+            return None, dict(got=sharded(b, layout), want=expected_shard(b["input_ids"], b["labels"], layout))
         elif case == "no_attention":
             seqpar.parallelize(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), mesh, fsdp=False)
         elif case == "mha":
@@ -192,29 +232,43 @@ def bad_input(rank, size, *, case):
             seqpar.parallelize(make_model("gpt"), dist.group.WORLD, fsdp=False)
         elif case == "bad_layout":
             seqpar.parallelize(make_model("gpt"), mesh, layout="diagonal", fsdp=False)
-        elif case == "padding_mask":
+        elif case == "padding_mask":  # the padding dropped: one packed row of the 59 real tokens, padded to 64
             b = make_batch(0, 1, 64)
             b["attention_mask"] = torch.ones(1, 64, dtype=torch.long)
             b["attention_mask"][0, -5:] = 0
-            seqpar.shard_batch(b, mesh)
+            keep = [True] * 59 + [False] * 5
+            return None, dict(got=sharded(b, "zigzag"),
+                              want=expected_shard(b["input_ids"], b["labels"], "zigzag", keep=keep))
         elif case in ("gemma2_softcap", "gptoss_sinks"):
             import transformers
 
             common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
-            if case == "gemma2_softcap":
-                cfg = transformers.Gemma2Config(**common, attn_logit_softcapping=0.05, sliding_window=4096)
+            torch.manual_seed(0)  # the same model on every rank (the reference is this rank's copy)
+            if case == "gemma2_softcap":  # the reference: transformers' eager attention (sdpa has no soft-cap)
+                cfg = transformers.Gemma2Config(**common, attn_logit_softcapping=0.05, sliding_window=4096,
+                                                attn_implementation="eager")
                 model = transformers.Gemma2ForCausalLM(cfg)
-            else:
+            else:  # attention sinks (s_aux); the reference: eager attention (sdpa has no sinks)
                 cfg = transformers.GptOssConfig(**common, num_local_experts=2, num_experts_per_tok=1,
-                                                sliding_window=4096)
+                                                sliding_window=4096, attn_implementation="eager")
                 model = transformers.GptOssForCausalLM(cfg)
+            ref = copy.deepcopy(model.float())
             model = seqpar.parallelize(model.float(), mesh, fsdp=False)
-            model(**seqpar.shard_batch(make_batch(0, 1, 8 * size), mesh))
-        elif case == "packed_position_ids":
+            b = make_batch(0, 1, 8 * size)
+            loss = model(**seqpar.shard_batch(b, mesh)).loss
+            ref_loss = ref(input_ids=b["input_ids"], labels=b["labels"]).loss
+            loss.backward()
+            ref_loss.backward()
+            got = dict(model.named_parameters())
+            grad = max(_rel(got[n].grad, p.grad) for n, p in ref.named_parameters())
+            return None, dict(loss=_rel(loss.detach(), ref_loss.detach()), grad=grad)
+        elif case == "packed_position_ids":  # two documents: positions restart at 8 * size
             b = make_batch(0, 1, 16 * size)
-            b["position_ids"] = torch.cat([torch.arange(8 * size), torch.arange(8 * size)])[None]
-            seqpar.shard_batch(b, mesh)
+            pos = list(range(8 * size)) * 2
+            b["position_ids"] = torch.tensor(pos)[None]
+            return None, dict(got=sharded(b, "zigzag"), want=expected_shard(
+                b["input_ids"], b["labels"], "zigzag", cu=[0, 8 * size, 16 * size], pos=pos))
         elif case == "unsharded_hf_batch":
             model = seqpar.parallelize(make_model("llama"), mesh, fsdp=False)
             b = make_batch(0, 1, 8 * size)

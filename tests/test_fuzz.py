@@ -25,7 +25,7 @@ import fuzz_cases as fc
 import seqpar
 from seqpar.testing import numerics
 from seqpar.testing.worlds import WorldError
-from seqpar.vocab import BACKENDS, LAYOUTS, METHODS
+from seqpar.vocab import BACKENDS, LAYOUTS, METHOD_CHOICES
 
 TIMEOUT = 30  # per example; a hang fails the test (World.run raises WorldError)
 
@@ -54,7 +54,7 @@ def expected(spec: dict, P: int, local_expect, signature=None) -> list:
         return local
     if any(e is not None for e in local):
         return [e if e is not None else ("rejected",) for e in local]
-    if len({signature(s) for s in mine}) > 1:
+    if len({signature(s, P) for s in mine}) > 1:
         return [("disagree",)] * P
     return local
 
@@ -229,14 +229,87 @@ def test_shard_dim_out_of_range_is_refused():
 
 CPU_BACKENDS = tuple(b for b in BACKENDS if b != "triton" or fc.TRITON_RUNS)  # triton: CUDA or TRITON_INTERPRET=1
 ATTN_FAULTS = ("nondiv_heads", "gqa_off", "int_dtype", "causal_type", "scale", "layout", "method", "backend",
-               "odd_zigzag", "q_list")
+               "odd_zigzag", "q_list", "window", "softcap", "cu_seqlens")
+HYBRID_P = (2, 3)  # the worlds where the attention fuzz builds a hybrid mesh (init_mesh(cp=P, ulysses=P))
+
+
+def _side(draw, S: int):
+    """One valid window side: -1 (unbounded), short, exactly or beyond the sequence (a numpy int at times)."""
+    w = draw(st.sampled_from([-1, -1, 0, 1, 2, max(S - 2, 0), S - 1, S, 100]))
+    return np.int64(w) if draw(st.integers(0, 7)) == 0 else w
+
+
+def _documents(draw, S: int) -> list[int]:
+    """Valid global offsets [0, ..., S]: one document, length-1 ones, random cuts."""
+    cuts = draw(st.lists(st.integers(1, S - 1), max_size=4, unique=True)) if S > 1 else []
+    return [0, *sorted(cuts), S]
 
 
 @st.composite
-def attention_specs(draw, P: int, valid_only: bool = False):
+def mask_draws(draw, S: int, faults=()) -> dict:
+    """window (tuple or list), softcap, cu ({"as": list / tensor / numpy, "values", "dtype", "ndim"}) of
+    attention over a global length S: valid ones, or with the faults named in ``faults`` (the oracle,
+    fuzz_cases.mask_expect, decides from the values alone)."""
+    window = (_side(draw, S), _side(draw, S)) if draw(st.integers(0, 2)) else (-1, -1)
+    if draw(st.booleans()):
+        window = list(window)
+    softcap = draw(st.sampled_from([0.0, 0.0, 0.0, 0, -0.0, 1.5, 30.0, 5, 0.05]))
+    cu = None
+    if draw(st.booleans()):
+        cu = dict(**{"as": draw(st.sampled_from(["list", "tensor", "tensor"]))}, values=_documents(draw, S),
+                  dtype=draw(st.sampled_from(["int64", "int64", "int32", "int16", "uint8"])), ndim=1)
+    if "window" in faults:
+        kind = draw(st.sampled_from(["below", "type", "shape"]))
+        if kind == "shape":
+            window = draw(st.sampled_from([(1,), (1, 2, 3), 3, None, "(-1, -1)", ()]))
+        else:
+            bad = draw(st.sampled_from([-2, -5] if kind == "below" else [1.5, "2", None, True, -1.0]))
+            window = list(window)
+            window[draw(st.integers(0, 1))] = bad
+            window = tuple(window)
+    if "softcap" in faults:
+        softcap = draw(st.sampled_from([-1.0, -0.5, -3, float("nan"), float("inf"), -float("inf"), "1.0", True,
+                                        None, [1.0]]))
+    if "cu_seqlens" in faults:
+        cu = cu or dict(**{"as": "tensor"}, values=_documents(draw, S), dtype="int64", ndim=1)
+        vals = list(cu["values"])
+        kind = draw(st.sampled_from(["start", "end", "order", "float", "bool", "2d", "list_float", "numpy",
+                                     "short"]))
+        if kind == "start":
+            vals[0] = draw(st.sampled_from([1, -1]))
+        elif kind == "end":
+            vals[-1] = draw(st.sampled_from([S - 1, S + 1, 2 * S]))
+        elif kind == "order":
+            i = draw(st.integers(0, len(vals) - 2))
+            vals.insert(i + 1, vals[i])  # a zero-length document
+            if len(vals) > 3 and draw(st.booleans()):
+                vals[1], vals[2] = vals[2], vals[1]
+        elif kind in ("float", "bool"):
+            cu.update({"as": "tensor", "dtype": "float32" if kind == "float" else "bool"})
+        elif kind == "2d":
+            cu.update({"as": "tensor", "ndim": 2})
+        elif kind == "list_float":
+            cu["as"] = "list"
+            vals[-1] = float(vals[-1])
+        elif kind == "numpy":
+            cu["as"] = "numpy"
+        else:
+            vals = draw(st.sampled_from([[], [0]]))
+        cu = dict(cu, values=vals)
+    return dict(window=window, softcap=softcap, cu=cu)
+
+
+MASK_FAULTS = ("window", "softcap", "cu_seqlens")
+
+
+@st.composite
+def attention_specs(draw, P: int, valid_only: bool = False, fault_pool=ATTN_FAULTS):
     """A valid call (B incl. 0, GQA ratios, S_local, D, every float dtype, causal, scale incl. 0 / negative
-    / int, every layout and CPU backend, (B, S, H, D) strides) with up to two faults injected."""
-    faults = [] if valid_only else draw(some(ATTN_FAULTS))
+    / int, every layout, method (and "auto") and CPU backend, (B, S, H, D) strides, window_size / softcap /
+    cu_seqlens masks) with up to two faults injected. method="hybrid" runs on the mesh of
+    init_mesh(cp=P, ulysses=P) where P allows one (HYBRID_P); on the default group it must be refused
+    naming ``group``."""
+    faults = [] if valid_only else draw(some(fault_pool))
     Hkv = draw(st.integers(1, 3))
     ratio = 2 if "gqa_off" in faults else draw(st.sampled_from([1, 1, 2, 3]))
     layout = draw(good_layouts)
@@ -248,8 +321,12 @@ def attention_specs(draw, P: int, valid_only: bool = False):
         dtype=draw(st.sampled_from(fc.ATTN_FLOATS)), causal=draw(st.booleans()),
         gqa=True if ratio > 1 else draw(st.booleans()),
         scale=draw(st.sampled_from([None, None, 0.3, -0.4, 2] + ([] if valid_only else [0.0, 1, -0.0]))),
-        layout=layout, method=draw(st.sampled_from(METHODS)),
+        layout=layout, method=draw(st.sampled_from(METHOD_CHOICES)),
         backend=draw(st.sampled_from(CPU_BACKENDS)))
+    if valid_only and spec["method"] == "hybrid":
+        spec["method"] = "ring"  # valid_only serves test_attention_one_rank_differs: its own group, not a mesh
+    if spec["method"] in ("hybrid", "auto") and P in HYBRID_P:
+        spec["group"] = draw(st.sampled_from(["hybrid", "world"]))
     for f in faults:
         if f == "nondiv_heads":
             spec["Hkv"] = max(2, Hkv)
@@ -272,6 +349,7 @@ def attention_specs(draw, P: int, valid_only: bool = False):
             spec["layout"], spec["S_local"] = "zigzag", 2 * draw(st.integers(0, 2)) + 1
         elif f == "q_list":
             spec["q_kind"] = "list"
+    spec.update(draw(mask_draws(spec["S_local"] * P, faults)))
     return spec
 
 
@@ -291,6 +369,9 @@ def test_attention(worlds, P):
     @example(spec=dict(B=1, Hq=4, Hkv=2, S_local=2, D=8, transposed=False, seed=0, q_kind="tensor", group="world",
                        dtype="bfloat16", causal=True, gqa=True, scale=0.0, layout="zigzag", method="ring",
                        backend="reference"))
+    @example(spec=_attn_example(P, method="auto"))
+    @example(spec=_attn_example(P, method="hybrid"))  # the default group: refused, naming group
+    @example(spec=_attn_example(P, method="hybrid", group="hybrid" if P in HYBRID_P else "world"))
     def prop(spec):
         outs = run(worlds, P, fc.attention, spec=spec)
         judge(outs, expected(spec, P, fc.attention_expect, fc.attention_signature), within_bound(spec["dtype"]),
@@ -299,20 +380,71 @@ def test_attention(worlds, P):
     prop()
 
 
+def _attn_example(P: int, **over) -> dict:
+    """A valid attention spec (fp32, GQA, causal, zigzag, ring, no mask) with ``over`` applied; callables
+    in ``over`` get the global length S."""
+    spec = dict(B=1, Hq=2 * P, Hkv=P, S_local=4, D=8, transposed=False, seed=1, q_kind="tensor", group="world",
+                dtype="float32", causal=True, gqa=True, scale=None, layout="zigzag", method="ring",
+                backend="reference", window=(-1, -1), softcap=0.0, cu=None)
+    S = spec["S_local"] * P
+    spec.update({k: v(S) if callable(v) else v for k, v in over.items()})
+    return spec
+
+
+def _cu(values, as_="tensor", dtype="int64", ndim=1):
+    return lambda S: {"as": as_, "values": values(S), "dtype": dtype, "ndim": ndim}
+
+
+# the mask arguments' bad values, each at least once (then drawn): the error names the argument
+MASK_EXAMPLES = [
+    dict(window=(-2, 0)), dict(window=(3, -5)), dict(window=(1.5, 0)), dict(window=(True, 2)), dict(window=(4,)),
+    dict(softcap=-1.0), dict(softcap=float("nan")), dict(softcap=float("inf")), dict(softcap="2"),
+    dict(cu=_cu(lambda S: [1, 3, S])), dict(cu=_cu(lambda S: [0, 3, S - 1])), dict(cu=_cu(lambda S: [0, 3, S + 1])),
+    dict(cu=_cu(lambda S: [0, 3, 3, S])), dict(cu=_cu(lambda S: [0, 5, 3, S])),
+    dict(cu=_cu(lambda S: [0, 3, S], dtype="float32")), dict(cu=_cu(lambda S: [0, 3, S], ndim=2)),
+    dict(cu=_cu(lambda S: [0, 3.0, S], as_="list")),
+    # valid: windows (also under is_causal, also beyond S), soft-capping, documents (list or int32 tensor)
+    dict(window=(2, 1), causal=False, softcap=5.0, cu=_cu(lambda S: [0, 1, 3, S], as_="list")),
+    dict(window=(3, -1), layout="striped", cu=_cu(lambda S: [0, S // 2 + 1, S], dtype="int32")),
+    dict(window=lambda S: (S, S), causal=False, layout="contiguous", softcap=0.5, method="allgather"),
+    dict(window=(0, 0), causal=False, method="ulysses", cu=_cu(lambda S: [0, S - 1, S])),
+]
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_attention_masks(worlds, P):
+    """window_size / softcap / cu_seqlens, valid (against the fp64 truth of the masked, soft-capped attention
+    within the numerics bound, every method, layout and backend) and bad: entries below -1 or not ints,
+    softcap negative / NaN / inf / not a number, cu_seqlens not starting at 0, not ending at S, not
+    increasing, float / bool dtype, 2-D, not ints: a ValueError / TypeError naming the argument, on every rank."""
+    def prop(spec):
+        outs = run(worlds, P, fc.attention, spec=spec)
+        judge(outs, expected(spec, P, fc.attention_expect, fc.attention_signature), within_bound(spec["dtype"]),
+              spec)
+
+    for ex in reversed(MASK_EXAMPLES):
+        prop = example(spec=_attn_example(P, **ex))(prop)
+    fuzz(30)(given(spec=attention_specs(P, fault_pool=MASK_FAULTS))(prop))()
+
+
 # Not "q is not a tensor on one rank": that rank raises without joining the agreement, the others
 # wait for it (see test_attention_not_a_tensor_on_one_rank).
-DISAGREE = ("S_local", "heads", "D", "dtype", "causal", "layout", "bad_dtype", "bad_layout", "odd_zigzag")
+DISAGREE = ("S_local", "heads", "D", "dtype", "causal", "layout", "bad_dtype", "bad_layout", "odd_zigzag",
+            "window", "softcap", "cu_seqlens", "bad_window", "bad_softcap", "bad_cu")
 
 
 @pytest.mark.parametrize("P", [2, 3])
 def test_attention_one_rank_differs(worlds, P):
-    """Only one rank's input differs (its shape, dtype, causal flag or layout, or it is bad there):
-    every rank raises, none waits in the ring. (On a group where no call ever succeeds: see
+    """Only one rank's input differs (its shape, dtype, causal flag, layout or mask arguments, or it is bad
+    there): every rank raises, none waits in the ring. (On a group where no call ever succeeds: see
     test_attention_bad_after_agreed_call for why.)"""
     @fuzz(25)
     @given(base=attention_specs(P, valid_only=True), r=st.integers(0, P - 1), field=st.sampled_from(DISAGREE))
     def prop(base, r, field):
         s = dict(base, group="disagree")
+        S = s["S_local"] * P
+        key = fc.mask_key(s, S)
+        win = (0, 0) if key[:2] != fc.mask_key(dict(s, window=(0, 0)), S)[:2] else (-1, -1)
         over = {
             "S_local": {"S_local": s["S_local"] + 2},
             "heads": {"Hq": s["Hq"] + s["Hkv"]},
@@ -323,6 +455,13 @@ def test_attention_one_rank_differs(worlds, P):
             "bad_dtype": {"dtype": "int64"},
             "bad_layout": {"layout": "spiral"},
             "odd_zigzag": {"layout": "zigzag", "S_local": 2 * (s["S_local"] // 2) + 1},
+            # valid mask arguments that differ from the others' (the agreement must name the mask), or bad ones
+            "window": {"window": win},
+            "softcap": {"softcap": 2.0 if not s["softcap"] else 0.0},
+            "cu_seqlens": {"cu": None if key[3] is not None else {"as": "list", "values": [0, 1, S]}},
+            "bad_window": {"window": (-2, 0)},
+            "bad_softcap": {"softcap": -1.0},
+            "bad_cu": {"cu": {"as": "tensor", "values": [0, S - 1, S - 1, S], "dtype": "int64", "ndim": 1}},
         }[field]
         s["per_rank"] = {r: over}
         exp = expected(s, P, fc.attention_expect, fc.attention_signature)
@@ -336,25 +475,35 @@ def test_attention_one_rank_differs(worlds, P):
 # ----------------------------------------------------------------------------- shard_batch
 
 BATCH_FAULTS = ("mesh", "layout", "batch_kind", "ignore_index", "extra_key", "ids_missing", "ids_shape", "ids_dtype",
-                "S_indivisible", "S_zero", "labels", "position_ids", "attention_mask", "mask_zeros", "meta")
+                "S_zero", "labels", "position_ids", "attention_mask", "mask_all_zeros", "flat", "meta")
 BAD_MESHES = ("dp_only", "group", "none", "str", "int")
+BAD_FLAT = ("differ", "only_q", "only_max", "2d", "float", "bad_end", "not_increasing", "max_wrong")
 
 
 @st.composite
 def batch_specs(draw, P: int):
-    """A valid batch (B incl. 0, int dtypes, labels / position_ids (B, S), (1, S), (S,) / all-ones mask,
-    1-D cp or 2-D (dp, cp) meshes) with up to two faults injected."""
+    """A valid batch (B incl. 0, int dtypes, labels / position_ids (B, S), (1, S), (S,), positions that
+    restart (packed documents), attention_mask all ones or with padding (right, left, holes, a whole row),
+    the flattened keys cu_seq_lens_q/k + max_length_q/k, any length S (divisible or not), 1-D cp, 2-D
+    (dp, cp) or 3-D hybrid meshes) with up to two faults injected."""
     faults = draw(some(BATCH_FAULTS))
-    mesh = draw(st.sampled_from(["cp", "dp_cp"] + (["dp2_cp2"] * 2 if P == 4 else [])))
+    mesh = draw(st.sampled_from(["cp", "dp_cp"] + (["dp2_cp2"] * 2 if P == 4 else []) + (["hybrid"] if P > 1 else [])))
     layout = draw(good_layouts)
     u = fc.unit(layout, fc.mesh_cp(mesh, P))
-    spec = dict(mesh=mesh, layout=layout, B=draw(st.sampled_from([1, 2, 0])), S=u * draw(st.integers(1, 3)),
+    S = u * draw(st.integers(1, 3))
+    if draw(st.booleans()):  # a length the layout does not divide: padded, not refused
+        S = max(1, S - draw(st.integers(0, u - 1)))
+    spec = dict(mesh=mesh, layout=layout, B=draw(st.sampled_from([1, 2, 0])), S=S,
                 ids="BS", ids_dtype=draw(st.sampled_from(fc.INT_DTYPES)),
                 labels=draw(st.sampled_from(["none", "BS", "BS"])),
-                position_ids=draw(st.sampled_from(["none", "BS", "1S", "S"])),
-                attention_mask=draw(st.sampled_from(["none", "BS"])), mask_zeros=False, extra_key=False,
+                position_ids=draw(st.sampled_from(["none", "BS", "1S", "S"])), pos_restart=draw(st.booleans()),
+                attention_mask=draw(st.sampled_from(["none", "BS"])),
+                mask_zeros=draw(st.sampled_from([False, False, "right", "left", "holes", "row"])),
+                flat=draw(st.sampled_from([None, None, None, "ok"])), flat_max=draw(st.booleans()), extra_key=False,
                 ignore_index=draw(st.sampled_from([-100, -100, 0, 5])), batch_kind="dict", meta=False,
                 seed=draw(st.integers(0, 2**16)))
+    if spec["flat"]:
+        spec["B"] = draw(st.sampled_from([1, 1, 1, 2]))  # the flattened keys describe one row (B=1)
     for f in faults:
         if f == "mesh":
             spec["mesh"] = draw(st.sampled_from(BAD_MESHES))
@@ -372,32 +521,62 @@ def batch_specs(draw, P: int):
             spec["ids"] = draw(st.sampled_from(["1d", "3d"]))
         elif f == "ids_dtype":
             spec["ids_dtype"] = draw(st.sampled_from(["float32", "bool"]))
-        elif f == "S_indivisible" and u > 1:
-            spec["S"] += draw(st.integers(1, u - 1))
         elif f == "S_zero":
             spec["S"] = 0
         elif f in ("labels", "position_ids"):
             spec[f] = draw(st.sampled_from(["float", "B+1S", "B1", "3d"] + (["1d"] if f == "labels" else [])))
         elif f == "attention_mask":
             spec[f] = draw(st.sampled_from(["1S", "S", "B1"]))
-        elif f == "mask_zeros":
-            spec["attention_mask"], spec["mask_zeros"] = "BS", True
+        elif f == "mask_all_zeros":
+            spec["attention_mask"], spec["mask_zeros"] = "BS", "all"
+        elif f == "flat":
+            spec["flat"] = draw(st.sampled_from(BAD_FLAT))
         elif f == "meta":
             spec["meta"] = True
+    if spec["flat"] and spec["S"] == 0:
+        spec["flat"] = None  # no offsets of an empty row to draw (S = 0 is refused as input_ids)
     if spec["mask_zeros"] and spec["B"] == 0:
         spec["B"] = 1  # an empty mask has no zero to find
     return spec
 
 
+# the formerly refused batches, each at least once: S not divisible (zigzag, striped), padding (right, left,
+# a whole row of B = 2), restarting position_ids (B = 1: documents; B = 2: flattened into one row), the
+# flattened keys; and the empty batch B = 0 (valid: empty shards)
+BATCH_EXAMPLES = [  # S = units * unit(layout, cp) - short
+    dict(mesh="cp", layout="zigzag", B=1, units=2, short=1),
+    dict(mesh="dp_cp", layout="striped", B=2, units=3, short=1, position_ids="BS", pos_restart=True),
+    dict(mesh="cp", layout="zigzag", B=2, units=2, attention_mask="BS", mask_zeros="right"),
+    dict(mesh="cp", layout="contiguous", B=1, units=4, attention_mask="BS", mask_zeros="left"),
+    dict(mesh="cp", layout="striped", B=2, units=4, attention_mask="BS", mask_zeros="row"),
+    dict(mesh="cp", layout="zigzag", B=2, units=2, short=1, attention_mask="BS", mask_zeros="holes", position_ids="S",
+         pos_restart=True),
+    dict(mesh="cp", layout="zigzag", B=1, units=2, position_ids="1S", pos_restart=True),
+    dict(mesh="cp", layout="zigzag", B=1, units=2, short=1, flat="ok"),
+    dict(mesh="cp", layout="contiguous", B=0, units=2),
+]
+
+
+def _batch_example(P: int, units: int, short: int = 0, **over) -> dict:
+    spec = dict(mesh="cp", layout="zigzag", B=1, ids="BS", ids_dtype="int64", labels="BS", position_ids="none",
+                pos_restart=False, attention_mask="none", mask_zeros=False, flat=None, flat_max=True, extra_key=False,
+                ignore_index=-100, batch_kind="dict", meta=False, seed=3)
+    spec.update(over)
+    spec["S"] = units * fc.unit(spec["layout"], fc.mesh_cp(spec["mesh"], P)) - short
+    return spec
+
+
 @pytest.mark.parametrize("P", [1, 2, 4])
 def test_shard_batch(worlds, P):
-    @fuzz(40 if P < 4 else 25)
-    @given(spec=batch_specs(P))
+    """Every output equals the reference written from shard_batch's contract (fuzz_cases.shard_batch_reference),
+    or the error names the bad key; the same on every rank."""
     def prop(spec):
         outs = run(worlds, P, fc.shard_batch, spec=spec)
         judge(outs, expected(spec, P, fc.shard_batch_expect), exact, spec)
 
-    prop()
+    for ex in reversed(BATCH_EXAMPLES):
+        prop = example(spec=_batch_example(P, **ex))(prop)
+    fuzz(40 if P < 4 else 25)(given(spec=batch_specs(P))(prop))()
 
 
 # ----------------------------------------------------------------------------- parallelize
@@ -408,8 +587,8 @@ PAR_FAULTS = ("model", "mesh", "layout", "method", "fsdp", "checkpoint", "compil
 @st.composite
 def parallelize_specs(draw, P: int):
     faults = draw(some(PAR_FAULTS))
-    spec = dict(model="gpt", mesh=draw(st.sampled_from(["cp", "dp_cp"])), layout=draw(good_layouts),
-                method=draw(st.sampled_from(METHODS)), fsdp=draw(st.booleans()), checkpoint=draw(st.booleans()),
+    spec = dict(model="gpt", mesh=draw(st.sampled_from(["cp", "dp_cp", "hybrid"])), layout=draw(good_layouts),
+                method=draw(st.sampled_from(METHOD_CHOICES)), fsdp=draw(st.booleans()), checkpoint=draw(st.booleans()),
                 compile=False,  # compile=True: torch.compile, too slow for a property (tests/test_compile*.py)
                 backend=draw(st.sampled_from(CPU_BACKENDS)), S_units=draw(st.integers(1, 2)))
     for f in faults:
@@ -428,11 +607,19 @@ def parallel_ok(res) -> str | None:
 
 def test_parallelize(worlds):
     """A bad mesh, bad layout / method / fsdp / checkpoint / compile / backend, a model without attention
-    (or not a module); a valid call trains one step with the single-device loss and gradients."""
+    (or not a module), method="hybrid" without the hybrid mesh (init_mesh(cp, ulysses=2)); a valid call
+    (every method and "auto", on the 1-D, 2-D and hybrid meshes) trains one step with the single-device
+    loss and gradients."""
     P = 2
+
+    ok = dict(model="gpt", mesh="hybrid", layout="zigzag", method="hybrid", fsdp=False, checkpoint=True,
+              compile=False, backend="reference", S_units=1)
 
     @fuzz(16)
     @given(spec=parallelize_specs(P))
+    @example(spec=ok)
+    @example(spec=dict(ok, mesh="dp_cp", layout="striped", checkpoint=False))  # hybrid without its mesh: refused
+    @example(spec=dict(ok, method="auto", fsdp=True))
     def prop(spec):
         outs = run(worlds, P, fc.parallelize, spec=spec)
         judge(outs, expected(spec, P, fc.parallelize_expect), parallel_ok, spec)

@@ -33,3 +33,16 @@ def test_mpirun_equivalence_both_transports(n, via, mpirun):
     assert f"transport=gloo world={n} cases=14 ring=TorchRing/{n}" in out, out
     assert f"transport=mpi world={n} cases=14 ring=MPIRing/{n}" in out, out
     assert f"transport=mpi-cp world={n} cases=14 ring=MPIRing/2" in out, out  # seqpar.mpi_group(mesh["cp"])
+
+
+def test_mpirun_collective_methods_over_mpi(mpirun):
+    """Ulysses (MPI all-to-all) and all-gather (MPI all-gather + reduce-scatter) over seqpar.MPIGroup."""
+    payload = [os.path.join(ROOT, "launch", "check.py"), "--transport", "mpi", "--methods", "ulysses,allgather",
+               "--timeout", "60"]
+    try:
+        r = procs.run([*mpirun(2), sys.executable, *payload], cwd=ROOT, env=procs.launcher_env(), timeout=150)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"mpirun -n 2 hung (150 s): {e.stdout!r} {e.stderr!r}")
+    assert r.returncode == 0, f"mpirun exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert "transport=mpi world=2 cases=28 ring=MPIRing/2" in r.stdout, r.stdout
+    assert "SEQPAR-CHECK OK" in r.stdout, r.stdout

@@ -42,15 +42,17 @@ def test_equivalence(worlds, kind):
             _check(res, what)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "ring"])  # the ring: test_equivalence above
+# the ring: test_equivalence above; hybrid (and auto) on the mesh of init_mesh(cp, ulysses=2)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "ring"] + ["auto"])
 @pytest.mark.parametrize("kind", ["llama", "gpt"])
 def test_every_method(worlds, kind, method):
     """Each method of seqpar.vocab.METHODS under parallelize, equal to the single process: cp=4 without
     FSDP and dp=2 x cp=2 with FSDP2 (and checkpointing)."""
     w = worlds(P)
+    U = 2 if method in ("hybrid", "auto") else 1
     for dp, cp, fsdp, layout, ckpt in [(1, 4, False, "zigzag", False), (2, 2, True, "striped", True)]:
         for res in w.run(pc.equivalence, kind=kind, dp=dp, cp=cp, layout=layout, fsdp=fsdp, checkpoint=ckpt,
-                         method=method):
+                         method=method, ulysses=U):
             _check(res, f"{kind} {method} dp={dp} cp={cp} fsdp={fsdp} layout={layout} checkpoint={ckpt}")
 
 
@@ -83,21 +85,23 @@ def test_checkpoint_does_not_rerun_the_ring(worlds, kind):
 
 
 BAD = {
-    "indivisible": ("ValueError", "not divisible by 8"),
-    "indivisible_striped": ("ValueError", "not divisible by 4"),
     "no_attention": ("TypeError", "no supported attention"),
     "mha": ("TypeError", "MultiheadAttention"),
     "no_cp_mesh": ("ValueError", "no 'cp' dim"),
     "no_cp_mesh_batch": ("ValueError", "no 'cp' dim"),
     "not_a_mesh": ("TypeError", "DeviceMesh"),
     "bad_layout": ("ValueError", "layout must be one of"),
-    "padding_mask": ("ValueError", "attention_mask"),
     "unsharded_hf_batch": ("ValueError", "shard_batch"),
-    # attention arguments seqpar would otherwise ignore (a silently different loss): refused by name
-    "gemma2_softcap": ("ValueError", "softcap=0.05: logit soft-capping"),
-    "gptoss_sinks": ("ValueError", "s_aux=<tensor"),
-    "packed_position_ids": ("ValueError", "position_ids'] restart within a sequence"),
 }
+
+# Refused before the masks, valid now: a length that does not divide (padded with one extra document),
+# padding (dropped: one packed row), packed position_ids (documents), Gemma 2's logit soft-capping and
+# gpt-oss's attention sinks (s_aux -> seqpar's sinks). Each is checked positively below;
+# tests/test_masks.py checks their training equivalence against single-process references in depth
+# (test_hf_masked_batches, test_hf_gptoss_sinks_and_windows).
+NO_LONGER_BAD = ("indivisible", "indivisible_striped", "padding_mask", "packed_position_ids", "gemma2_softcap",
+                 "gptoss_sinks")
+MODELS = ("gemma2_softcap", "gptoss_sinks")
 
 
 def test_bad_input(worlds):
@@ -108,3 +112,20 @@ def test_bad_input(worlds):
         res = w.run(pc.bad_input, case=case, timeout=60)
         got = res[0]
         assert got[0] == etype and words in got[1], (case, got)
+
+
+def test_formerly_bad_input_is_accepted(worlds):
+    """The batches shard_batch used to refuse now shard as its contract says, on every rank: padded to the
+    layout's unit with an extra document (cu_seq_lens_q ends at the padded length), padding dropped, packed
+    documents found in position_ids; the soft-capped Gemma 2 and the gpt-oss model with attention sinks
+    run and equal the eager model (loss, every gradient)."""
+    w = worlds(P)
+    for case in NO_LONGER_BAD:
+        res = w.run(pc.bad_input, case=case, timeout=120)
+        for rank, (etype, checks) in enumerate(res):
+            assert etype is None, (case, rank, etype, checks)
+            if case in MODELS:
+                assert checks["loss"] <= 1e-5 and checks["grad"] <= 1e-4, (case, rank, checks)
+                continue
+            assert checks["got"]["cu_seq_lens_q"] is not None, (case, rank, checks)
+            assert checks["got"] == checks["want"], (case, rank, checks)

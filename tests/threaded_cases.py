@@ -14,6 +14,7 @@ import torch
 
 from seqpar.comm.threads import run_threads
 from seqpar.layout import shard_tensor, unshard_tensor
+from seqpar.masks import MaskSpec
 from seqpar.methods import MethodFunction, RingMethod
 from seqpar.testing import numerics
 
@@ -37,7 +38,7 @@ def _rank(ring, q, k, v, do, *, layout, causal, scale, backend, mode):
     """One thread-rank: shard, ring forward + backward, return local (out, dq, dk, dv)."""
     sh = lambda t: shard_tensor(t, 2, ring.rank, ring.size, layout)  # noqa: E731
     ql, kl, vl, dol = (sh(t) for t in (q, k, v, do))
-    method = RingMethod(ring, layout=layout, causal=causal, scale=scale, backend=backend)
+    method = RingMethod(ring, layout=layout, mask=MaskSpec(causal=causal), scale=scale, backend=backend)
     if mode == "autograd":
         ql, kl, vl = (t.detach().requires_grad_() for t in (ql, kl, vl))
         out, _ = MethodFunction.apply(ql, kl, vl, method)

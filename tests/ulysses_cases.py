@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 import seqpar
+from seqpar.masks import MaskSpec
 from seqpar.testing import numerics
 
 
@@ -163,7 +164,7 @@ def transport_refused(rank, size):
         def all_gather_ints(self, values): ...
 
     try:
-        UlyssesMethod.from_group(Fake(), layout="zigzag", causal=True, scale=1.0, backend="aten")
+        UlyssesMethod.from_group(Fake(), layout="zigzag", mask=MaskSpec(causal=True), scale=1.0, backend="aten")
     except TypeError as e:
         return str(e)
     return None

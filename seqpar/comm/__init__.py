@@ -79,8 +79,10 @@ class Ring(Protocol):
     prev_rank: int  # the rank blocks come from, as the transport numbers ranks (global for torch.distributed)
     next_rank: int  # the rank blocks go to
 
-    def exchange(self, send: torch.Tensor, recv: torch.Tensor | None = None, *, tag: int = TAG_KV) -> Handle:
-        """Post: send ``send`` to rank+1, receive from rank-1 into ``recv`` (allocated if None)."""
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor | None = None, *, tag: int = TAG_KV,
+                 hops: int = 1) -> Handle:
+        """Post: send ``send`` to rank+hops, receive from rank-hops into ``recv`` (allocated if None).
+        ``hops`` is 1 on the ring; a ring that stops early sends dK/dV home in one longer hop."""
         ...
 
 
@@ -127,7 +129,7 @@ class LocalRing:
     size = 1
     prev_rank = next_rank = 0
 
-    def exchange(self, send, recv=None, *, tag=TAG_KV):
+    def exchange(self, send, recv=None, *, tag=TAG_KV, hops=1):
         return _Done(send)
 
 
@@ -141,13 +143,17 @@ class TorchRing:
         self.next_rank = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev_rank = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
-    def exchange(self, send, recv=None, *, tag=TAG_KV):
+    def _peer(self, offset: int) -> int:
+        return dist.get_global_rank(self.group, (self.rank + offset) % self.size)
+
+    def exchange(self, send, recv=None, *, tag=TAG_KV, hops=1):
         if recv is None:
             recv = torch.empty_like(send)
         send = send.contiguous()
+        to, frm = (self.next_rank, self.prev_rank) if hops == 1 else (self._peer(hops), self._peer(-hops))
         ops = [
-            dist.P2POp(dist.isend, send, self.next_rank, self.group, tag),
-            dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, tag),
+            dist.P2POp(dist.isend, send, to, self.group, tag),
+            dist.P2POp(dist.irecv, recv, frm, self.group, tag),
         ]
         return _Pending(dist.batch_isend_irecv(ops), send, recv)
 
@@ -229,21 +235,26 @@ def all_to_all(x: torch.Tensor, group: dist.ProcessGroup | None, scatter_dim: in
     """Split ``x`` into P equal chunks along ``scatter_dim`` and send chunk j to rank j; the chunks received
     (one from each rank) are concatenated along ``gather_dim`` in group rank order. E.g. (B, H, S/P, D) with
     scatter_dim=1, gather_dim=2 -> (B, H/P, S, D). ``None`` or a 1-rank group: ``x`` itself, nothing moves.
-    torch.distributed groups only (``dist.all_to_all_single``; gloo runs it on CPU)."""
-    if isinstance(group, TransportGroup):
+    torch.distributed groups (``dist.all_to_all_single``; gloo runs it on CPU) and transport groups with
+    an ``all_to_all(send (P, *chunk)) -> recv`` method (``seqpar.MPIGroup``: mpi4py ``Ialltoall``)."""
+    if isinstance(group, TransportGroup) and not hasattr(group, "all_to_all"):
         raise TypeError(f"group: {type(group).__name__} has no all-to-all; method='ulysses' needs a "
-                        f"torch.distributed group (or use method='ring', which runs on every transport)")
+                        f"torch.distributed group or seqpar.MPIGroup (or use method='ring', which runs on every "
+                        f"transport)")
     scatter_dim, gather_dim = scatter_dim % x.ndim, gather_dim % x.ndim
-    P = 1 if group is None else dist.get_world_size(group)
+    P = 1 if group is None else group.size if isinstance(group, TransportGroup) else dist.get_world_size(group)
     if P == 1:
         return x
     n = x.shape[scatter_dim]
     if n % P:
         raise ValueError(f"all_to_all: dim {scatter_dim} of size {n} does not split into {P} equal chunks")
     send = x.unflatten(scatter_dim, (P, n // P)).movedim(scatter_dim, 0).contiguous()  # (P, *chunk)
-    recv = torch.empty_like(send)
-    if send.numel():
-        dist.all_to_all_single(recv, send, group=group)
+    if isinstance(group, TransportGroup):
+        recv = group.all_to_all(send)
+    else:
+        recv = torch.empty_like(send)
+        if send.numel():
+            dist.all_to_all_single(recv, send, group=group)
     return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)  # chunk i (from rank i) at block i
 
 

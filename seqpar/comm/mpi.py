@@ -1,7 +1,8 @@
 """An mpi4py transport for CPU tensors: pass ``group=seqpar.MPIGroup(comm)`` to any seqpar call.
 
 ``MPIGroup`` wraps an ``mpi4py`` communicator and gives seqpar what it needs from a group: rank and
-size, a :class:`~seqpar.comm.Ring` (:class:`MPIRing`) and an all-gather of equal-shaped tensors.
+size, a :class:`~seqpar.comm.Ring` (:class:`MPIRing`), an all-gather of equal-shaped tensors, an
+all-to-all (method="ulysses" / "hybrid" over MPI) and a reduce-scatter (method="allgather").
 torch.distributed need not be initialised at all; under ``mpirun`` both transports can live side by
 side (``seqpar.init_distributed()`` for gloo, ``MPIGroup()`` for MPI over the same ranks).
 
@@ -84,7 +85,7 @@ class MPIRing:
         self.prev_rank = (self.rank - 1) % self.size
         self.timeout = timeout
 
-    def exchange(self, send, recv=None, *, tag=TAG_KV):
+    def exchange(self, send, recv=None, *, tag=TAG_KV, hops=1):
         _check_cpu(send, "the ring's send buffer")
         send = send.contiguous()
         if recv is None:
@@ -92,8 +93,8 @@ class MPIRing:
         if not recv.is_contiguous() or recv.shape != send.shape or recv.dtype != send.dtype:
             raise ValueError(f"recv must be a contiguous {send.dtype} buffer of shape {tuple(send.shape)}")
         reqs = [
-            self.comm.Irecv(_bytes(recv), source=self.prev_rank, tag=tag),
-            self.comm.Isend(_bytes(send), dest=self.next_rank, tag=tag),
+            self.comm.Irecv(_bytes(recv), source=(self.rank - hops) % self.size, tag=tag),
+            self.comm.Isend(_bytes(send), dest=(self.rank + hops) % self.size, tag=tag),
         ]
         return _MPIPending(reqs, send, recv, self.timeout)
 
@@ -141,6 +142,20 @@ class MPIGroup:
     def all_gather_ints(self, values: list[int]) -> list[list[int]]:
         """All-gather a short list of ints -> one list per rank (any device's tensors may follow)."""
         return [list(v) for v in self.comm.allgather([int(x) for x in values])]
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """``send`` (P, *chunk): chunk j goes to rank j -> (P, *chunk), chunk i from rank i. mpi4py
+        ``Ialltoall`` on byte views (any dtype), waited with the group's timeout (a rank that never
+        joins fails the others with ``TimeoutError`` instead of hanging them)."""
+        if self.size == 1:
+            return send
+        _check_cpu(send, "the all-to-all buffer")
+        send = send.detach().contiguous()
+        recv = torch.empty_like(send)
+        if send.numel():
+            req = self.comm.Ialltoall(_bytes(send), _bytes(recv))
+            _MPIPending([req], send, recv, self.timeout).wait()
+        return recv
 
 
 def mpi_group(group, comm: MPI.Comm | None = None, *, timeout: float = _DEFAULT_TIMEOUT) -> MPIGroup:

@@ -5,12 +5,13 @@ as ranks; :func:`run_threads` runs a function on P such threads and collects the
 layer is called directly with this rank's shards::
 
     from seqpar.layout import shard_tensor
+    from seqpar.masks import MaskSpec
     from seqpar.methods import MethodFunction
     from seqpar.methods.ring import RingMethod
 
     def rank_main(ring, q, k, v):                    # q (B, Hq, S, D), k/v (B, Hkv, S, D): full tensors
         sh = lambda t: shard_tensor(t, 2, ring.rank, ring.size, "zigzag")
-        method = RingMethod(ring, layout="zigzag", causal=True, scale=D ** -0.5, backend="aten")
+        method = RingMethod(ring, layout="zigzag", mask=MaskSpec(causal=True), scale=D ** -0.5, backend="aten")
         out, lse = MethodFunction.apply(sh(q), sh(k), sh(v), method)
         return out
 
@@ -129,11 +130,12 @@ class ThreadRing:
         self.prev_rank = (rank - 1) % world.size
         self._sent: dict[int, int] = {}  # tag -> messages posted so far (= received so far)
 
-    def exchange(self, send: torch.Tensor, recv: torch.Tensor | None = None, *, tag: int = TAG_KV) -> _ThreadHandle:
-        """Post: ``send`` to rank+1, receive rank-1's message of this tag into ``recv``. Returns at once."""
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor | None = None, *, tag: int = TAG_KV,
+                 hops: int = 1) -> _ThreadHandle:
+        """Post: ``send`` to rank+hops, receive rank-hops's message of this tag into ``recv``. Returns at once."""
         seq = self._sent.get(tag, 0)
         self._sent[tag] = seq + 1
-        nxt = (self.rank + 1) % self.size
+        nxt = (self.rank + hops) % self.size
         self.world._post((nxt, tag, seq), send.detach().clone())
         return _ThreadHandle(self.world, (self.rank, tag, seq), recv)
 

@@ -34,7 +34,7 @@ import torch
 from seqpar.comm import all_gather_tensor, reduce_scatter_tensor
 from seqpar.kernels import acc_dtype
 from seqpar.methods.base import CollectiveMethod
-from seqpar.methods.tiles import backward_tile, forward_tile, ring_order
+from seqpar.methods.tiles import backward_tile, block_order, forward_tile
 
 __all__ = ["AllGatherMethod"]
 
@@ -58,7 +58,8 @@ class AllGatherMethod(CollectiveMethod):
 
     def _tiles(self, s_local: int):
         """(kv rank, tile) of every tile with work, in the ring's order: the diagonal first."""
-        return [(j, t) for _, j, t in ring_order(self.layout, self.causal, self.rank, self.size, s_local) if t]
+        return [(j, t) for _, j, tiles in block_order(self.mask, self.layout, self.rank, self.size, s_local)
+                for t in tiles]
 
     def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """-> out (B, Hq, S_local, D) fp32, lse (B, Hq, S_local) fp32 (fp64 for fp64 inputs)."""

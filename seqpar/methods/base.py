@@ -30,9 +30,10 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 
 from seqpar.comm import CommError, PeerAborted
+from seqpar.masks import MaskSpec
 from seqpar.mesh import group_rank_size
 
-__all__ = ["Method", "MethodFunction", "StepRecord", "Recorder", "step_timer", "CallOptions", "CollectiveMethod",
+__all__ = ["Method", "MethodFunction", "merge_sinks", "StepRecord", "Recorder", "step_timer", "CallOptions", "CollectiveMethod",
            "guarded"]
 
 
@@ -86,11 +87,15 @@ class CallOptions:
     """The options of one call, the same for every method (keyword-only fields of each method class)."""
 
     layout: str
-    causal: bool
+    mask: MaskSpec  # causal, window, documents, soft-cap (seqpar.masks)
     scale: float
     backend: str  # resolved (not "auto")
     record: Recorder | None = None
     call: int = 0  # the call's number on the group (the ring tags its messages with it)
+
+    @property
+    def causal(self) -> bool:
+        return self.mask.causal
 
 
 @dataclass(frozen=True)
@@ -120,24 +125,48 @@ class Method(Protocol):
                  lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
+def merge_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention sinks (gpt-oss): one extra logit per head with value 0 in every row's softmax.
+    ``out`` (B, Hq, S, D), ``lse`` (B, Hq, S) in fp32/fp64, ``sinks`` (Hq,) ->
+    ``out * exp(lse - lse')``, ``lse' = logaddexp(lse, sink)``: the merge of the attention with a block
+    whose lse is the sink and whose output is 0."""
+    s = sinks.to(lse.dtype)[None, :, None]  # (1, Hq, 1)
+    merged = torch.logaddexp(lse, s)
+    return out * torch.exp(lse - merged).unsqueeze(-1), merged
+
+
 class MethodFunction(torch.autograd.Function):
-    """``MethodFunction.apply(q, k, v, method, kept=None) -> (out in q's dtype, lse)``; lse is not
-    differentiable. ``kept``: the detached ``(out, lse)`` of an earlier forward of these inputs."""
+    """``MethodFunction.apply(q, k, v, method, kept=None, sinks=None) -> (out in q's dtype, lse)``; lse is
+    not differentiable. ``kept``: the detached ``(out, lse)`` of an earlier forward of these inputs.
+    ``sinks`` (Hq,): attention sinks (:func:`merge_sinks`); differentiable.
+
+    With sinks the backward is the method's own, against the merged (out, lse): the sink has value 0,
+    so for the real keys ``p = exp(s - lse')`` and ``dS = p (dP - rowsum(dO * O'))`` as always, and
+    ``d sink = -sum_rows exp(sink - lse') rowsum(dO * O')`` (this rank's rows; the gradient reduction
+    of the parameter sums the ranks)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, method: Method, kept: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(ctx, q, k, v, method: Method, kept: tuple[torch.Tensor, torch.Tensor] | None = None,
+                sinks: torch.Tensor | None = None):
         if kept is None:
             out, lse = method.forward(q, k, v)
+            if sinks is not None:
+                out, lse = merge_sinks(out, lse, sinks.detach())
             out = out.to(q.dtype)
         else:
             out, lse = kept[0].detach(), kept[1].detach()
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.mark_non_differentiable(lse)
         ctx.method = method
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = ctx.method.backward(dout.contiguous(), q, k, v, out, lse)
-        return dq, dk, dv, None, None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[5]:
+            delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # (B, Hq, S)
+            p = torch.exp(sinks.to(lse.dtype)[None, :, None] - lse)  # the sink's probability per row
+            dsinks = (-(p * delta).sum((0, 2))).to(sinks.dtype)
+        return dq, dk, dv, None, None, dsinks

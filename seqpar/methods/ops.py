@@ -7,7 +7,8 @@ Three ops, parameterised by the method name (one registration serves every metho
     seqpar::attention_replay(q, k, v, out, lse, <call>)     -> out            (a kept forward; autograd: attention_bwd)
     seqpar::attention_bwd(dout, q, k, v, out, lse, <call>)  -> (dq, dk, dv)
 
-    <call> = method: str, group_name: str, layout: str, causal: bool, scale: float, backend: str
+    <call> = method: str, group_name: str, layout: str, causal: bool, window: int[2], softcap: float,
+             scale: float, backend: str        (window, softcap: seqpar.masks.MaskSpec; no documents)
 
 The process group travels by name (``ProcessGroup.group_name``; "" for a single process), as
 PyTorch's context-parallel ops do: a ProcessGroup object is not a valid op argument, and a name
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from seqpar.kernels import acc_dtype
+from seqpar.masks import MaskSpec
 
 __all__ = ["attention_fwd", "attention_bwd", "attention_replay", "group_name"]
 
@@ -34,7 +36,8 @@ def group_name(group) -> str:
     return "" if group is None else group.group_name
 
 
-def _method(method: str, name: str, layout: str, causal: bool, scale: float, backend: str):
+def _method(method: str, name: str, layout: str, causal: bool, window: list[int], softcap: float, scale: float,
+            backend: str):
     from seqpar.methods import build  # the package imports this module
 
     group = None
@@ -42,18 +45,20 @@ def _method(method: str, name: str, layout: str, causal: bool, scale: float, bac
         from torch.distributed.distributed_c10d import _resolve_process_group
 
         group = _resolve_process_group(name)
-    return build(method, group, layout=layout, causal=causal, scale=scale, backend=backend)
+    mask = MaskSpec(causal=causal, window=(window[0], window[1]), softcap=softcap)
+    return build(method, group, layout=layout, mask=mask, scale=scale, backend=backend)
 
 
 @torch.library.custom_op("seqpar::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str, group: str, layout: str,
-                  causal: bool, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _method(method, group, layout, causal, scale, backend).forward(q, k, v)
+                  causal: bool, window: list[int], softcap: float, scale: float,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _method(method, group, layout, causal, window, softcap, scale, backend).forward(q, k, v)
     return out.to(q.dtype).contiguous(), lse.contiguous()  # contiguous: the strides register_fake promises
 
 
 @attention_fwd.register_fake
-def _(q, k, v, method, group, layout, causal, scale, backend):
+def _(q, k, v, method, group, layout, causal, window, softcap, scale, backend):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))  # (B, Hq, S_local, D)
     lse = q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype))  # (B, Hq, S_local)
     return out, lse
@@ -61,21 +66,24 @@ def _(q, k, v, method, group, layout, causal, scale, backend):
 
 @torch.library.custom_op("seqpar::attention_replay", mutates_args=())
 def attention_replay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                     method: str, group: str, layout: str, causal: bool, scale: float,
+                     method: str, group: str, layout: str, causal: bool, window: list[int], softcap: float,
+                     scale: float,
                      backend: str) -> torch.Tensor:
     return out.contiguous().clone()  # an op's output may not alias its input
 
 
 @attention_replay.register_fake
-def _(q, k, v, out, lse, method, group, layout, causal, scale, backend):
+def _(q, k, v, out, lse, method, group, layout, causal, window, softcap, scale, backend):
     return out.new_empty(out.shape)
 
 
 @torch.library.custom_op("seqpar::attention_bwd", mutates_args=())
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, method: str, group: str, layout: str, causal: bool, scale: float,
+                  lse: torch.Tensor, method: str, group: str, layout: str, causal: bool, window: list[int],
+                  softcap: float, scale: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _method(method, group, layout, causal, scale, backend).backward(dout.contiguous(), q, k, v, out, lse)
+    impl = _method(method, group, layout, causal, window, softcap, scale, backend)
+    dq, dk, dv = impl.backward(dout.contiguous(), q, k, v, out, lse)
     # fresh contiguous tensors (the strides and offsets register_fake promises): dk and dv may be
     # views of one buffer, and an op's outputs may not alias each other
     fresh = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
@@ -83,7 +91,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, method, group, layout, causal, scale, backend):
+def _(dout, q, k, v, out, lse, method, group, layout, causal, window, softcap, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

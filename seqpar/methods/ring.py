@@ -24,6 +24,19 @@ rank r adds its contribution to the buffer of KV_{r-s} and sends it on; after P 
 of KV_r arrives back at rank r holding every rank's contribution::
 
     step s:  post KV exchange (s+1)  |  tile grads  |  wait dKV(s-1) from r-1, add, post dKV -> r+1
+
+Masks (:mod:`seqpar.masks`): a step's tiles are the pieces with something visible (none: no kernel
+call, the exchange still runs); when no rank has work after step L (a window shorter than the ranks'
+distance, documents that stay on their ranks), the ring stops after step L: no K/V exchange beyond
+it, and each dK/dV buffer goes home in one hop of P - L ranks instead of P - L ring hops::
+
+    step:      0     1    ...   L   | L+1 ... P-1
+    K/V        post  post       -   |  (none)
+    dK/dV      post  post       home (r -> r - L)
+
+The tiles of a step come from :func:`seqpar.methods.tiles.block_order`: one tile (or none) per step,
+or, with ``grid = U > 1`` (:mod:`seqpar.methods.hybrid`), the U x U grid of the layout's tiles between
+two super-blocks of U layout blocks. The loop is the same.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ import torch
 from seqpar.comm import Ring, call_tags, make_ring
 from seqpar.kernels import acc_dtype
 from seqpar.methods.base import CallOptions, guarded
-from seqpar.methods.tiles import backward_tile, forward_tile, ring_order
+from seqpar.methods.tiles import Step, backward_tile, block_order, forward_tile, last_step
 
 __all__ = ["RingMethod"]
 
@@ -43,10 +56,13 @@ __all__ = ["RingMethod"]
 @dataclass(frozen=True)
 class RingMethod(CallOptions):
     """The ring over ``ring`` (a :class:`seqpar.comm.Ring`) with one call's options; a
-    :class:`seqpar.methods.Method`. ``call`` also tags the messages (see :func:`seqpar.comm.call_tags`)."""
+    :class:`seqpar.methods.Method`. ``call`` also tags the messages (see :func:`seqpar.comm.call_tags`).
+    ``grid``: the tile plan (:func:`seqpar.methods.tiles.block_order`): 1 = one layout block per rank;
+    U > 1 = each rank's block is a super-block of U layout blocks (the hybrid's ring, ``name="hybrid"``)."""
 
     ring: Ring
     name: str = "ring"
+    grid: int = 1
 
     def _comm(self, fn, phase: str, step: int, what: str):
         ring = self.ring
@@ -55,8 +71,8 @@ class RingMethod(CallOptions):
                              f"{ring.prev_rank} and send to rank {ring.next_rank}",
                        suspects=f"rank {ring.prev_rank} or rank {ring.next_rank}")
 
-    def _post(self, send, recv, tag: int, phase: str, step: int, what: str):
-        return self._comm(lambda: self.ring.exchange(send, recv, tag=tag), phase, step, what)
+    def _post(self, send, recv, tag: int, phase: str, step: int, what: str, hops: int = 1):
+        return self._comm(lambda: self.ring.exchange(send, recv, tag=tag, hops=hops), phase, step, what)
 
     def _wait(self, handle, phase: str, step: int, what: str) -> torch.Tensor:
         return self._comm(handle.wait, phase, step, what)
@@ -70,8 +86,11 @@ class RingMethod(CallOptions):
     def check(*, hq: int, hkv: int, s_local: int, world: int, layout: str) -> None:
         """The ring takes any head counts and local lengths the layout allows."""
 
-    def _tiles(self, s_local: int) -> list:
-        return ring_order(self.layout, self.causal, self.ring.rank, self.ring.size, s_local)
+    def _tiles(self, s_local: int) -> list[Step]:
+        """The steps this call runs: 0 .. the last step at which any rank has work (all P without a window
+        or documents; see :func:`seqpar.methods.tiles.last_step`)."""
+        last = last_step(self.mask, self.layout, self.ring.size, s_local, self.grid)
+        return block_order(self.mask, self.layout, self.ring.rank, self.ring.size, s_local, grid=self.grid)[:last + 1]
 
     def forward(
         self,
@@ -86,10 +105,11 @@ class RingMethod(CallOptions):
         kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one message per step
         spare = torch.empty_like(kv) if ring.size > 2 else None
         out = lse = None
-        for step, _, t in self._tiles(q.shape[2]):
-            pending = self._post(kv, spare, tag_kv, "forward", step, "K/V") if step + 1 < ring.size else None
-            if t is not None:
-                assert out is not None or step == 0, "the diagonal tile must come first"
+        plan = self._tiles(q.shape[2])
+        for step, _, tiles in plan:
+            pending = self._post(kv, spare, tag_kv, "forward", step, "K/V") if step + 1 < len(plan) else None
+            assert out is not None or (step == 0 and tiles), "the diagonal tile(s) must come first"
+            for t in tiles:
                 out, lse = forward_tile(q, kv, t, out, lse, acc=acc, record=self.record, step=step, **opts)
             if pending is not None:
                 kv, spare = self._wait(pending, "forward", step, "K/V"), kv
@@ -104,6 +124,12 @@ class RingMethod(CallOptions):
         out: torch.Tensor,  # (B, Hq, S_local, D) global output
         lse: torch.Tensor,  # (B, Hq, S_local) global lse
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = self.grads(dout, q, k, v, out, lse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    def grads(self, dout, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`backward` in the accumulation dtype (fp32, fp64 for fp64 inputs): the hybrid gathers
+        and sums them over heads before rounding."""
         ring, opts = self.ring, dict(scale=self.scale, backend=self.backend)
         tag_kv, tag_dkv = call_tags(self.call)
         acc = acc_dtype(q.dtype)
@@ -111,15 +137,22 @@ class RingMethod(CallOptions):
         kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D)
         spare = torch.empty_like(kv) if ring.size > 2 else None
         dkv_pending = None
-        for step, _, t in self._tiles(q.shape[2]):
-            kv_pending = self._post(kv, spare, tag_kv, "backward", step, "K/V") if step + 1 < ring.size else None
+        plan = self._tiles(q.shape[2])
+        last = len(plan) - 1
+        for step, _, tiles in plan:
+            kv_pending = self._post(kv, spare, tag_kv, "backward", step, "K/V") if step < last else None
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
-            if t is not None:
+            for t in tiles:
                 backward_tile(dout, q, kv, out, lse, t, dq, dkv, record=self.record, step=step, **opts)
             if dkv_pending is not None:
                 dkv += self._wait(dkv_pending, "backward", step, "dK/dV")  # this KV block's buffer, from the rank before
-            dkv_pending = self._post(dkv, None, tag_dkv, "backward", step, "dK/dV")
+            if step < last:
+                dkv_pending = self._post(dkv, None, tag_dkv, "backward", step, "dK/dV")
             if kv_pending is not None:
                 kv, spare = self._wait(kv_pending, "backward", step, "K/V"), kv
-        dkv = self._wait(dkv_pending, "backward", ring.size - 1, "dK/dV")  # our own block's buffer, home after P hops
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+        # dkv: the complete buffer of block rank - last; home in one hop of P - last ranks (1 without an
+        # early stop: the ring's own next hop), and ours arrives from rank + last
+        if last > 0:
+            dkv = self._wait(self._post(dkv, None, tag_dkv, "backward", last, "dK/dV", hops=ring.size - last),
+                             "backward", last, "dK/dV")
+        return dq, dkv[0], dkv[1]

@@ -4,33 +4,72 @@ A tile is one :class:`seqpar.layout.Tile` of (this rank's queries, one K/V block
 query / kv slices that have work. The ring (:mod:`seqpar.methods.ring`) and the all-gather
 (:mod:`seqpar.methods.allgather`) visit the same tiles in the same order with the same code::
 
-    forward_tile   first tile (the diagonal, whole): block_attention -> the running (out, lse) in fp32
+    forward_tile   first tile (the ring's diagonal, whole): block_attention -> the running (out, lse) in fp32
+                   (a first tile that is not whole starts from out = 0, lse = -inf: the hybrid's sub-tiles,
+                   masked pieces)
                    later tiles: block_attention_accumulate into views of (out, lse) (half tiles too)
     backward_tile  block_attention_backward against the global (out, lse); adds into dq (at home)
                    and into the block's fused dK/dV buffer (2, B, Hkv, S_local, D)
 
 ``kv`` is always the fused (2, B, Hkv, S_local, D) block (K and V stacked, GQA heads never repeated).
+
+:func:`block_order` is the ring's plan with a list of tiles per step, from the call's mask
+(:func:`seqpar.masks.plan_tile`: the layouts' tiles, or the pieces of a window / document mask,
+empty where nothing is visible); ``grid = U > 1`` (the hybrid, :mod:`seqpar.methods.hybrid`) makes
+each ring block a super-block of U layout blocks, and the tile of a step the U x U grid of the
+layout's tiles, each offset into its rows and kv columns. :func:`last_step` is where the ring stops.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from seqpar.kernels import block_attention, block_attention_accumulate, block_attention_backward
-from seqpar.layout import Tile, tile
+from seqpar.layout import Tile
+from seqpar.masks import MaskSpec, plan_tile
 from seqpar.methods.base import Recorder, step_timer
 
-__all__ = ["forward_tile", "backward_tile", "ring_order"]
+__all__ = ["forward_tile", "backward_tile", "block_order", "last_step", "Step"]
+
+Step = tuple[int, int, list[Tile]]  # (ring step, kv block, the tiles of that step: [] = no work)
 
 
-def ring_order(layout: str, causal: bool, rank: int, size: int, s_local: int) -> list[tuple[int, int, Tile | None]]:
-    """(step, kv rank, tile or None = no work) of this rank's queries against every K/V block, in the
-    ring's order: step s meets the block of rank ``rank - s``, so step 0 is the (whole) diagonal tile."""
-    out = []
+def block_order(mask: MaskSpec, layout: str, rank: int, size: int, s_local: int, grid: int = 1) -> list[Step]:
+    """The ring's plan: (step, kv block, tiles) of this rank's query block against every K/V block, step s
+    meeting the block of rank ``rank - s``, the tiles of each step from :func:`seqpar.masks.plan_tile`
+    (``[]`` = no work). ``grid`` = U > 1: each block of ``s_local`` tokens is U blocks of the layout over
+    ``size * U`` ranks (``s = s_local / U`` tokens each, rank-major: ring rank u holds layout ranks
+    u U .. u U + U - 1); the tiles of a step are the layout's tiles (u U + a, u' U + b), offset to rows
+    [a s, (a+1) s) and kv columns [b s, (b+1) s). Every row meets its diagonal (sub-)tile at step 0."""
+    s, world = s_local // grid, size * grid
+    plan = []
     for step in range(size):
         j = (rank - step) % size
-        out.append((step, j, tile(layout, causal, rank, j, size, s_local)))
-    return out
+        tiles = [t if grid == 1 else Tile(t.mask, q=_shift(t.q, a * s, s), kv=_shift(t.kv, b * s, s))
+                 for a in range(grid) for b in range(grid)
+                 for t in plan_tile(mask, layout, rank * grid + a, j * grid + b, world, s)]
+        plan.append((step, j, tiles))
+    return plan
+
+
+def _shift(part: slice, start: int, n: int) -> slice:
+    """``part`` of a block of ``n`` tokens -> the same tokens of a super-block where that block starts at ``start``."""
+    lo, hi, _ = part.indices(n)
+    return slice(start + lo, start + hi)
+
+
+@functools.lru_cache(maxsize=1024)
+def last_step(mask: MaskSpec, layout: str, size: int, s_local: int, grid: int = 1) -> int:
+    """The last ring step at which *any* of the ``size`` ring ranks has work: the ring stops after it
+    (no K/V exchange beyond, dK/dV sent home in one hop). ``size - 1`` for plain causal masks."""
+    if not mask.structured:
+        return size - 1
+    s, world = s_local // grid, size * grid
+    return max((step for u in range(size) for step in range(size)
+                if any(plan_tile(mask, layout, u * grid + a, ((u - step) % size) * grid + b, world, s)
+                       for a in range(grid) for b in range(grid))), default=0)
 
 
 def forward_tile(
@@ -46,16 +85,20 @@ def forward_tile(
     record: Recorder | None,
     step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile ``t`` of (q, kv) merged into the running (out, lse); -> the running (out, lse). The first
-    tile (``out is None``) must be whole (the diagonal covers every query row, so the running lse is
-    finite from then on and fully masked rows of later tiles are no-ops)."""
+    """Tile ``t`` of (q, kv) merged into the running (out, lse); -> the running (out, lse). A whole first
+    tile (``out is None``: the ring's diagonal) writes the running state in one kernel; a first tile that
+    is not whole (the hybrid's sub-tiles) starts from out = 0, lse = -inf, rows not seen yet taking the
+    tile's values in the merge. Every row must be seen by some tile (its diagonal) before the caller uses
+    the result; fully masked rows of a tile (lse_t = -inf) are no-ops."""
     opts = dict(scale=scale, backend=backend)
     qt, kt, vt = q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv]  # views (zigzag: half tiles)
     with step_timer(record, "forward", step):
         if out is None:
-            assert t.whole, "the diagonal tile must come first and cover every row"
-            o, l = block_attention(qt, kt, vt, mask=t.mask, **opts)
-            return o.to(acc), l.to(acc)
+            if t.whole:
+                o, l = block_attention(qt, kt, vt, mask=t.mask, **opts)
+                return o.to(acc), l.to(acc)
+            out = torch.zeros((*q.shape[:-1], kv.shape[-1]), dtype=acc, device=q.device)  # (B, Hq, S_local, D)
+            lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)  # (B, Hq, S_local)
         # merged into strided views of the running (out, lse): in-kernel where the backend can
         block_attention_accumulate(qt, kt, vt, out[:, :, t.q], lse[:, :, t.q], mask=t.mask, **opts)
     return out, lse

@@ -23,6 +23,10 @@ GQA / MQA: K/V heads are scattered like q heads when ``Hkv % P == 0``: rank r ge
 h // (Hq/Hkv). When ``Hkv < P`` (``P % Hkv == 0``) each kv head is copied P/Hkv times (not Hq times)
 so that every rank receives the one kv head its q heads read; the backward sums the copies' gradients.
 
+The attention on the gathered sequence is :meth:`UlyssesMethod._attend` / ``_attend_backward`` (one
+single-device kernel); :class:`seqpar.methods.hybrid.HybridMethod` reuses this class with a ring there
+instead, on the gathered sequence in rank-major order (its ``_perm`` is the identity).
+
 Messages: forward 2 all-to-alls (q, k, v fused in one; out and lse fused back in one); backward 3
 (q, k, v, dout, out fused; lse; dq, dk, dv fused back). ``Hq`` must divide by P (see :meth:`check`).
 """
@@ -35,7 +39,8 @@ import torch
 
 from seqpar import layout as _layout
 from seqpar.comm import TransportGroup, all_to_all
-from seqpar.kernels import acc_dtype, block_attention, block_attention_backward
+from seqpar.kernels import TileMask, acc_dtype, block_attention, block_attention_backward
+from seqpar.masks import sequence_tile
 from seqpar.methods.base import CollectiveMethod, step_timer
 
 __all__ = ["UlyssesMethod"]
@@ -62,9 +67,10 @@ class UlyssesMethod(CollectiveMethod):
 
     @classmethod
     def from_group(cls, group, **opts) -> "UlyssesMethod":
-        """Ulysses over a resolved group (ProcessGroup or ``None``); transport groups have no all-to-all."""
-        if isinstance(group, TransportGroup):
-            raise TypeError(f"group: method='ulysses' needs a torch.distributed group (or None); "
+        """Ulysses over a resolved group: a ProcessGroup, ``None``, or a transport group with an all-to-all
+        (``seqpar.MPIGroup``)."""
+        if isinstance(group, TransportGroup) and not hasattr(group, "all_to_all"):
+            raise TypeError(f"group: method='ulysses' needs a torch.distributed group, seqpar.MPIGroup or None; "
                             f"{type(group).__name__} has no all-to-all: use method='ring' with it")
         return super().from_group(group, **opts)
 
@@ -92,7 +98,8 @@ class UlyssesMethod(CollectiveMethod):
             return None
         key = (S, device)
         if key not in self._perms:
-            to_layout = torch.cat([_layout.global_indices(S, r, self.size, self.layout) for r in range(self.size)])
+            to_layout = torch.cat([_layout.global_indices(S, r, self.size, self.layout, self.mask.cu_seqlens)
+                                   for r in range(self.size)])
             self._perms[key] = (torch.argsort(to_layout).to(device), to_layout.to(device))
         return self._perms[key]
 
@@ -136,6 +143,26 @@ class UlyssesMethod(CollectiveMethod):
         """How often each kv head is sent: 1 if Hkv % P == 0, else P / Hkv."""
         return 1 if hkv % self.size == 0 else self.size // hkv
 
+    # ------------------------------------------------------------------ the attention on the gathered sequence
+
+    def _attend(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Hq/P, S, D) q, (B, Hkv/P, S, D) k, v of the whole sequence (global order) -> (out, lse): one
+        single-device kernel (:class:`seqpar.methods.hybrid.HybridMethod` runs a ring here instead)."""
+        with step_timer(self.record, "forward", 0):
+            return block_attention(q, k, v, mask=self._mask(q.shape[2]), scale=self.scale, backend=self.backend)
+
+    def _attend_backward(self, dout, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gradients of :meth:`_attend` against the global (out, lse), shapes as its inputs."""
+        with step_timer(self.record, "backward", 0):
+            return block_attention_backward(dout, q, k, v, out, lse, mask=self._mask(q.shape[2]), scale=self.scale,
+                                            backend=self.backend)
+
+    def _mask(self, S: int) -> TileMask:
+        """The call's mask on the whole sequence in global order (one piece: every row sees itself)."""
+        (whole,) = sequence_tile(self.mask, S)
+        assert whole.q.indices(S)[:2] == whole.kv.indices(S)[:2] == (0, S), whole
+        return whole.mask
+
     # ------------------------------------------------------------------ the method
 
     def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,9 +172,7 @@ class UlyssesMethod(CollectiveMethod):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, P, s, D)
         qg, kg, vg = self._scatter_heads([q, k, v], "forward q/k/v")  # (B, Hq/P, S, D), (B, Hkv/P or 1, S, D)
-        with step_timer(self.record, "forward", 0):
-            o, l = block_attention(qg, kg, vg, mask="causal" if self.causal else "full", scale=self.scale,
-                                   backend=self.backend)
+        o, l = self._attend(qg, kg, vg)
         ol = torch.cat([o.to(acc), l.to(acc).unsqueeze(-1)], dim=-1)  # (B, Hq/P, S, D + 1): one message
         ol = self._gather_heads([ol], "forward out/lse")[0]
         return ol[..., :-1].contiguous(), ol[..., -1].contiguous()
@@ -163,9 +188,7 @@ class UlyssesMethod(CollectiveMethod):
         qg, kg, vg, dog, og = self._scatter_heads([q, k.to(dt), v.to(dt), dout.to(dt), out.to(dt)],
                                                         "backward q/k/v/dout/out")
         (lg,) = self._scatter_heads([lse.to(acc)], "backward lse")
-        with step_timer(self.record, "backward", 0):
-            gq, gk, gv = block_attention_backward(dog, qg, kg, vg, og, lg, mask="causal" if self.causal else "full",
-                                                  scale=self.scale, backend=self.backend)
+        gq, gk, gv = self._attend_backward(dog, qg, kg, vg, og, lg)
         dq, dk, dv = self._gather_heads([gq.to(acc), gk.to(acc), gv.to(acc)], "backward dq/dk/dv")
         if rep > 1:  # the copies' gradients, summed in the accumulation dtype
             dk, dv = (g.unflatten(1, (hkv, rep)).sum(2) for g in (dk, dv))

@@ -19,7 +19,7 @@ __all__ = ["attention_pass"]
 
 def attention_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
     if kind == "hf":
-        hf.register_attention(model, rt.attention, name=rt.name, world=rt.world)
+        hf.register_attention(model, rt.attention, name=rt.name)
         return
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -28,7 +28,9 @@ def attention_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
                              "parallelize; use is_causal=True (masking is by global position)")
         if dropout_p:
             raise ValueError(f"seqpar: attention dropout is not supported (dropout_p={dropout_p})")
-        return rt.attention(query, key, value, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        # packed documents of the batch (seqpar.shard_batch's cu_seq_lens_q/k, held for this forward)
+        return rt.attention(query, key, value, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                            cu_seqlens=rt.cu_seqlens)
 
     def mha(*args, **kwargs):
         raise TypeError("seqpar.parallelize: nn.MultiheadAttention is not supported; call "

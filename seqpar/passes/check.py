@@ -9,7 +9,7 @@ from torch import nn
 
 from seqpar.mesh import check_mesh
 from seqpar.passes import hf
-from seqpar.vocab import BACKENDS, LAYOUTS, METHODS, check_choice
+from seqpar.vocab import BACKENDS, LAYOUT_CHOICES, METHOD_CHOICES, check_choice
 
 __all__ = ["ModelKind", "check", "find_blocks", "model_kind"]
 
@@ -58,8 +58,8 @@ def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, check
           compile: bool = False, backend: str = "auto") -> tuple[int, ModelKind, list[nn.Module]]:
     """-> (dp, model kind, blocks); raises ValueError / TypeError naming what to change."""
     dp, _ = check_mesh(mesh)
-    check_choice("layout", layout, LAYOUTS)
-    check_choice("method", method, METHODS)
+    check_choice("layout", layout, LAYOUT_CHOICES)
+    check_choice("method", method, METHOD_CHOICES)  # "auto": resolved per shape by seqpar.attention
     check_choice("backend", backend, BACKENDS)
     for name, flag in (("fsdp", fsdp), ("checkpoint", checkpoint), ("compile", compile)):
         if not isinstance(flag, bool):

@@ -8,7 +8,13 @@ Everything goes through transformers' public registries; nothing in transformers
   It calls the attention of a :class:`seqpar.parallelize` runtime, so causal masking is by *global*
   position (the layout's), never a local 4-D mask.
 - ``AttentionMaskInterface.register(name, mask_fn)``: returns ``None`` (no mask is built); a padding
-  mask with zeros is refused: mark padding in ``labels`` with -100 instead.
+  mask with zeros is refused: ``seqpar.shard_batch`` turns padding into packed documents.
+- The mask arguments transformers passes to the attention function become seqpar's:
+  ``sliding_window=w`` -> ``window_size=(w - 1, -1)`` (causal; ``(w - 1, w - 1)`` bidirectional: the
+  window of transformers' masks and flash-attention path), ``softcap`` -> ``softcap`` (Gemma 2),
+  ``cu_seq_lens_q/k`` (from ``seqpar.shard_batch`` or ``DataCollatorWithFlattening``) -> ``cu_seqlens``,
+  ``s_aux`` (gpt-oss attention sinks) -> ``sinks``.
+  Per-layer windows (Gemma 2/3 ``layer_types``, Qwen2 ``max_window_layers``) arrive per call.
 - ``model.set_attn_implementation(name)`` switches the model.
 
 The name is per ``parallelize`` call (``seqpar_<id>``), and the registered function is a closure over
@@ -35,31 +41,40 @@ _IGNORABLE = {"position_ids", "cache_position", "use_cache", "output_attentions"
               # loss pass (passes/loss.py) uses them, attention has nothing to do with them
               "shift_labels", "num_items_in_batch"}
 # Arguments seqpar does not implement yet, and what they would change.
-_UNSUPPORTED = {
-    "softcap": "logit soft-capping (Gemma 2 attn_logit_softcapping)",
-    "s_aux": "attention sinks (gpt-oss)",
-    "cu_seq_lens_q": "packed documents (varlen attention)",
-    "cu_seq_lens_k": "packed documents (varlen attention)",
-    "max_length_q": "packed documents (varlen attention)",
-    "max_length_k": "packed documents (varlen attention)",
-}
+_UNSUPPORTED: dict[str, str] = {}
+_MASK_ARGS = ("sliding_window", "softcap", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "s_aux")
 
 
-def check_attention_kwargs(kwargs: dict[str, Any], global_len: int) -> None:
-    """Refuse every attention argument seqpar would otherwise ignore (``ValueError`` naming it)."""
+def check_attention_kwargs(kwargs: dict[str, Any], causal: bool) -> dict[str, Any]:
+    """The mask arguments of ``kwargs`` as seqpar attention arguments (``window_size``, ``cu_seqlens``,
+    ``softcap``); every other argument seqpar would otherwise ignore is refused (``ValueError`` naming it)."""
     for name, value in kwargs.items():
-        if value is None or value is False or name in _IGNORABLE:
-            continue
-        if name == "sliding_window":
-            if value < global_len:
-                raise ValueError(f"seqpar attention does not implement sliding-window attention (sliding_window="
-                                 f"{value} < global length {global_len}); use a window >= the sequence length")
-            continue
-        if name == "softcap" and value == 0:
+        if value is None or value is False or name in _IGNORABLE or name in _MASK_ARGS:
             continue
         what = _UNSUPPORTED.get(name, "an attention argument seqpar does not know")
         raise ValueError(f"seqpar attention got {name}={_short(value)}: {what} is not supported, and ignoring it "
                          f"would change the result; use a model configuration without it")
+    out: dict[str, Any] = {}
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"seqpar attention got sliding_window={window!r}: expected a positive int (the number "
+                             f"of keys a query sees, itself included)")
+        out["window_size"] = (window - 1, -1 if causal else window - 1)
+    if kwargs.get("softcap"):
+        out["softcap"] = float(kwargs["softcap"])
+    if kwargs.get("s_aux") is not None:
+        out["sinks"] = kwargs["s_aux"]  # gpt-oss attention sinks: (Hq,) parameter
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k):
+            raise ValueError("seqpar attention got cu_seq_lens_q and cu_seq_lens_k that differ (or only one of "
+                             "them): packed self-attention needs the same document offsets for queries and keys")
+        out["cu_seqlens"] = cu_q
+    elif kwargs.get("max_length_q") is not None or kwargs.get("max_length_k") is not None:
+        raise ValueError("seqpar attention got max_length_q/k without cu_seq_lens_q/k; pass the document offsets "
+                         "(seqpar.shard_batch does)")
+    return out
 
 
 def _short(value: Any) -> str:
@@ -82,11 +97,12 @@ def supports_attention_interface(model: nn.Module) -> bool:
     return True if check is None else bool(check())
 
 
-def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor], *, name: str, world: int) -> str:
+def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor], *, name: str) -> str:
     """Register ``attention`` under ``name`` (unique per parallelize call) and switch ``model`` to it.
 
-    ``attention(q, k, v, *, is_causal, scale, enable_gqa) -> out`` on (B, H, S_local, D) shards;
-    ``world`` is the cp size. Returns ``name``. Raises ``TypeError`` if the model cannot switch.
+    ``attention(q, k, v, *, is_causal, scale, enable_gqa, window_size=, cu_seqlens=, softcap=) -> out`` on
+    (B, H, S_local, D) shards;
+    Returns ``name``. Raises ``TypeError`` if the model cannot switch.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -103,22 +119,22 @@ def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor],
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         if attention_mask is not None:
-            raise ValueError("seqpar attention got a materialised attention mask; pass no attention_mask (mark "
-                             "padding with labels=-100) and use seqpar.shard_batch")
+            raise ValueError("seqpar attention got a materialised attention mask; pass no attention_mask and use "
+                             "seqpar.shard_batch (it turns padding into packed documents)")
         if dropout:
             raise ValueError(f"seqpar attention does not implement attention dropout (got {dropout}); set the "
                              f"config's attention_dropout to 0")
-        check_attention_kwargs(kwargs, query.shape[2] * world)
         causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+        mask = check_attention_kwargs(kwargs, causal)
         out = attention(query, key, value, is_causal=causal, scale=scaling,
-                        enable_gqa=query.shape[1] != key.shape[1])  # (B, Hq, S_local, D)
+                        enable_gqa=query.shape[1] != key.shape[1], **mask)  # (B, Hq, S_local, D)
         return out.transpose(1, 2).contiguous(), None  # (B, S_local, Hq, D)
 
     def seqpar_mask(*, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
         """No mask is built: causality comes from global positions inside the ring."""
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("seqpar: padding attention masks are not supported; drop attention_mask and mark "
-                             "padded positions with labels=-100 (seqpar.shard_batch does the rest)")
+            raise ValueError("seqpar: the model got an attention_mask with zeros (padding); build the batch with "
+                             "seqpar.shard_batch, which drops the padding and keeps the rows apart as documents")
         return None
 
     AttentionInterface.register(name, seqpar_attention_forward)

@@ -64,6 +64,10 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
         if kind == "sdpa":
             kwargs.pop("shift_labels", None)
             kwargs.pop("num_items_in_batch", None)
+            for key in ("max_length_q", "max_length_k"):
+                kwargs.pop(key, None)
+            cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
+            rt.cu_seqlens = cu_q if cu_q is not None else cu_k  # the attention override reads it (checked there)
             return args, kwargs
         if kwargs.get("labels") is not None and ("num_items_in_batch" not in kwargs or "shift_labels" not in kwargs):
             raise ValueError("seqpar: labels without shift_labels/num_items_in_batch; build the batch with "
@@ -77,7 +81,8 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
         return args, kwargs
 
     def post(module, args, kwargs, output):
-        if kind != "hf" or kwargs.get("labels") is None:
+        rt.cu_seqlens = None
+        if kind != "hf" or kwargs.get("labels") is None or output is None:  # None: the forward raised
             return output
         if isinstance(output, tuple):
             return (reduce_forward(output[0], rt.group), *output[1:])
@@ -85,4 +90,4 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
         return output
 
     model.register_forward_pre_hook(pre, with_kwargs=True)
-    model.register_forward_hook(post, with_kwargs=True)
+    model.register_forward_hook(post, with_kwargs=True, always_call=True)

@@ -13,7 +13,7 @@ deeply modules nest.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -30,7 +30,7 @@ __all__ = ["Runtime", "Frame"]
 class Frame:
     """One checkpointed block call: the attention results of its first forward, in call order."""
 
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    saved: list[tuple[torch.Tensor, torch.Tensor, AttentionCall]] = field(default_factory=list)
     next: int = 0
 
 
@@ -47,10 +47,16 @@ class _Overrides(TorchFunctionMode):
 class Runtime:
     """Options of one ``parallelize`` call, reached by closures (no module globals)."""
 
-    def __init__(self, group: dist.ProcessGroup, layout: str, method: str, backend: str = "auto"):
+    def __init__(self, group: dist.ProcessGroup, layout: str, method: str, backend: str = "auto",
+                 attention_group=None):
         self.group, self.layout, self.method, self.backend = group, layout, method, backend
+        # what attention calls get as group=: the cp group, or the hybrid mesh (its sub-groups live there)
+        self.attention_group = group if attention_group is None else attention_group
         self.world = dist.get_world_size(group)
         self.frames: list[tuple[Frame, bool]] = []  # stack of (frame, recording)
+        # plain models: the batch's document offsets during one forward (the loss pass sets and clears it;
+        # Hugging Face models get them as attention arguments instead)
+        self.cu_seqlens: torch.Tensor | None = None
         self._handlers: dict[Callable, Callable] = {}
         self._mode: _Overrides | None = None
         self._mode_depth = 0
@@ -61,20 +67,26 @@ class Runtime:
 
     # -- attention, with checkpoint record / replay
 
-    def attention(self, q, k, v, *, is_causal: bool, scale: float | None = None, enable_gqa: bool = False):
-        call = AttentionCall(self.group, is_causal, scale, enable_gqa, self.layout, self.method, self.backend)
+    def attention(self, q, k, v, *, is_causal: bool, scale: float | None = None, enable_gqa: bool = False,
+                  window_size: tuple[int, int] = (-1, -1), cu_seqlens: torch.Tensor | None = None,
+                  softcap: float = 0.0, sinks: torch.Tensor | None = None):
+        call = AttentionCall(self.attention_group, is_causal, scale, enable_gqa, self.layout, self.method, self.backend,
+                             window_size=window_size, cu_seqlens=cu_seqlens, softcap=softcap, sinks=sinks)
         if not self.frames:
             return attend(q, k, v, call)
         frame, recording = self.frames[-1]
         if recording:
             out, lse = attend(q, k, v, call, return_lse=True)
-            frame.saved.append((out.detach(), lse.detach()))
+            frame.saved.append((out.detach(), lse.detach(), call))
             return out
         if frame.next >= len(frame.saved):
             raise RuntimeError("seqpar checkpoint: the recomputation made more attention calls than the forward")
-        kept = frame.saved[frame.next]
+        out, lse, first = frame.saved[frame.next]
         frame.next += 1
-        return attend(q, k, v, call, kept=kept)
+        if call.cu_seqlens is None and first.cu_seqlens is not None:
+            # a plain model's batch documents are gone by the recomputation: the first forward's
+            call = replace(call, cu_seqlens=first.cu_seqlens)
+        return attend(q, k, v, call, kept=(out, lse))
 
     @contextmanager
     def frame(self, frame: Frame, recording: bool):
