@@ -235,6 +235,37 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     return acc, m_new, l_i
 
 
+@triton.jit
+def _row_docs(QDOC, rows, row_ok, DOCS: tl.constexpr):
+    """Document ids of a block of query rows (-1 past Sq) and their min / max (0, 0 without documents)."""
+    qd = rows
+    qmin = 0
+    qmax = 0
+    if DOCS:
+        qd = tl.load(QDOC + rows, mask=row_ok, other=-1)
+        qmin = tl.min(tl.where(row_ok, qd, 2147483647), 0)
+        qmax = tl.max(qd, 0)
+    return qd, qmin, qmax
+
+
+@triton.jit
+def _key_block(KDOC, start_n, offs_n, m0, r_last, Sk, lo, hi, qmin, qmax, DOCS: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Key block [start_n, start_n + BLOCK_N) against query rows [m0, r_last] of a band / document mask:
+    (its document ids, whether any pair can be visible, whether every pair is: no mask needed)."""
+    cols = start_n + offs_n
+    kd = cols
+    full = (start_n + BLOCK_N <= Sk) & (start_n - r_last >= lo) & (start_n + BLOCK_N - 1 - m0 <= hi)
+    some = start_n < Sk
+    if DOCS:
+        kd = tl.load(KDOC + cols, mask=cols < Sk, other=-2)
+        kmin = tl.min(tl.where(cols < Sk, kd, 2147483647), 0)
+        kmax = tl.max(kd, 0)
+        some = some & (kmin <= qmax) & (kmax >= qmin)  # else: no shared document (skipped)
+        full = full & (qmin == qmax) & (kmin == kmax) & (kmin == qmin)
+    return kd, some, full
+
+
 # Sizes and head counts are not specialised on (divisibility by 16, == 1): fewer compiled variants;
 # strides still are (alignment of the loads).
 _SIZES = ["H", "HKV", "GROUP", "Sq", "Sk", "SQ_KEY", "SK_KEY", "lo", "hi"]
@@ -281,27 +312,12 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if GENERIC:  # band / documents / soft-cap: walk the key blocks the band reaches, classify each one
-        qd = offs_m
-        qmin = 0
-        qmax = 0
-        if DOCS:
-            qd = tl.load(QDOC + offs_m, mask=row_ok, other=-1)
-            qmin = tl.min(tl.where(row_ok, qd, 2147483647), 0)
-            qmax = tl.max(qd, 0)
+        qd, qmin, qmax = _row_docs(QDOC, offs_m, row_ok, DOCS)
         r_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
         n_start = (tl.maximum(m0 + lo, 0) // BLOCK_N) * BLOCK_N
         n_stop = tl.minimum(Sk, r_last + hi + 1)
         for start_n in range(n_start, n_stop, BLOCK_N):
-            cols = start_n + offs_n
-            kd = cols
-            full = (start_n + BLOCK_N <= Sk) & (start_n - r_last >= lo) & (start_n + BLOCK_N - 1 - m0 <= hi)
-            some = start_n < Sk
-            if DOCS:
-                kd = tl.load(KDOC + cols, mask=cols < Sk, other=-2)
-                kmin = tl.min(tl.where(cols < Sk, kd, 2147483647), 0)
-                kmax = tl.max(kd, 0)
-                some = some & (kmin <= qmax) & (kmax >= qmin)  # else: no shared document (skipped)
-                full = full & (qmin == qmax) & (kmin == kmax) & (kmin == qmin)
+            kd, some, full = _key_block(KDOC, start_n, offs_n, m0, r_last, Sk, lo, hi, qmin, qmax, DOCS, BLOCK_N)
             if some:
                 if full:
                     acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, Sk,
@@ -588,27 +604,12 @@ def _bwd_dq_kernel(
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if GENERIC:  # as in the forward: the key blocks the band reaches, classified per block
-        qd = rows
-        qmin = 0
-        qmax = 0
-        if DOCS:
-            qd = tl.load(QDOC + rows, mask=row_ok, other=-1)
-            qmin = tl.min(tl.where(row_ok, qd, 2147483647), 0)
-            qmax = tl.max(qd, 0)
+        qd, qmin, qmax = _row_docs(QDOC, rows, row_ok, DOCS)
         r_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
         n_start = (tl.maximum(m0 + lo, 0) // BLOCK_N) * BLOCK_N
         n_stop = tl.minimum(Sk, r_last + hi + 1)
         for start_n in range(n_start, n_stop, BLOCK_N):
-            cols = start_n + offs_n
-            kd = cols
-            full = (start_n + BLOCK_N <= Sk) & (start_n - r_last >= lo) & (start_n + BLOCK_N - 1 - m0 <= hi)
-            some = start_n < Sk
-            if DOCS:
-                kd = tl.load(KDOC + cols, mask=cols < Sk, other=-2)
-                kmin = tl.min(tl.where(cols < Sk, kd, 2147483647), 0)
-                kmax = tl.max(kd, 0)
-                some = some & (kmin <= qmax) & (kmax >= qmin)
-                full = full & (qmin == qmax) & (kmin == kmax) & (kmin == qmin)
+            kd, some, full = _key_block(KDOC, start_n, offs_n, m0, r_last, Sk, lo, hi, qmin, qmax, DOCS, BLOCK_N)
             if some:
                 if full:
                     dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, rows, offs_n, offs_d, Sk, skn, skd,

@@ -43,7 +43,7 @@ import zlib
 from dataclasses import dataclass
 
 from seqpar.kernels.backend import Segment, TileMask
-from seqpar.layout import Tile, check_layout, packed_chunks, tile
+from seqpar.layout import Tile, check_layout, check_offsets, packed_chunks, tile
 
 __all__ = ["MaskSpec", "Run", "runs", "plan_tile", "plan_steps", "last_step", "sequence_tile", "visible_pairs",
            "mask_spec", "mask_signature"]
@@ -276,7 +276,7 @@ def mask_spec(*, is_causal: bool, window_size: object, cu_seqlens: object, softc
         raise ValueError(f"softcap must be >= 0 (logits -> softcap * tanh(logits / softcap); 0 = off), got {softcap}")
     cu = None
     if cu_seqlens is not None:
-        cu = _offsets(cu_seqlens, seq_len)
+        cu = check_offsets(cu_seqlens, seq_len)
         if cu == (0, seq_len):
             cu = None  # one document: the plain mask
     if left >= seq_len - 1:
@@ -284,35 +284,6 @@ def mask_spec(*, is_causal: bool, window_size: object, cu_seqlens: object, softc
     if right >= seq_len - 1 or is_causal:
         right = -1  # causal already hides every key to the right
     return MaskSpec(causal=is_causal, window=(left, right), cu_seqlens=cu, softcap=float(softcap))
-
-
-def _offsets(cu_seqlens: object, seq_len: int) -> tuple[int, ...]:
-    import torch
-
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.ndim != 1 or cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
-            raise TypeError(f"cu_seqlens must be a 1-D integer tensor [0, s1, s1+s2, ..., S], got a "
-                            f"{cu_seqlens.ndim}-D {cu_seqlens.dtype} tensor")
-        values = [int(x) for x in cu_seqlens.tolist()]
-    elif isinstance(cu_seqlens, (list, tuple)) and all(_int(x) is not None for x in cu_seqlens):
-        values = [_int(x) for x in cu_seqlens]
-    else:
-        raise TypeError(f"cu_seqlens must be a 1-D integer tensor (or a list of ints) [0, s1, s1+s2, ..., S], got "
-                        f"{type(cu_seqlens).__name__}")
-    if len(values) < 2 or values[0] != 0 or values[-1] != seq_len:
-        raise ValueError(f"cu_seqlens must start at 0 and end at the global sequence length S={seq_len} (global "
-                         f"document offsets [0, s1, s1+s2, ..., S], the same on every rank), got "
-                         f"{_short(values)}")
-    bad = next((i for i in range(1, len(values)) if values[i] <= values[i - 1]), None)
-    if bad is not None:
-        raise ValueError(f"cu_seqlens must be strictly increasing (every document at least one token), got "
-                         f"{values[bad - 1]} then {values[bad]} at index {bad}: {_short(values)}")
-    return tuple(values)
-
-
-def _short(values: list[int]) -> str:
-    return str(values) if len(values) <= 12 else f"[{', '.join(map(str, values[:6]))}, ..., {values[-1]}] " \
-                                                  f"({len(values)} entries)"
 
 
 def mask_signature(spec: MaskSpec) -> tuple[int, int, int, int, int]:

@@ -34,8 +34,8 @@ overlaps. (P-1)/P of each all-to-all's bytes leave a rank (:meth:`Machine.all_to
 Hkv % P == 0, else P (each kv head sent P/Hkv times)::
 
     forward  = a2a(B (Hq + 2 Hkv') s D e) + 4 B (Hq/P) S^2 D f / F + a2a(B Hq s (D+1) 4)        out+lse fp32
-    backward = a2a(B (3 Hq + 2 Hkv') s D e) + a2a(B Hq s 4) + 10 B (Hq/P) S^2 D f / F_b
-               + a2a(B (Hq + 2 Hkv') s D 4)                                                      dq/dk/dv fp32
+    backward = a2a(B Hq s D e) + 10 B (Hq/P) S^2 D f / F_b + a2a(B (Hq + 2 Hkv') s D 4)   dout in, dq/dk/dv fp32
+    (the forward's gathered q, k, v, out, lse are kept for the backward: one more copy in memory)
 
 allgather: K/V all-gathered (one latency, (P-1) blocks through each rank at the ring's bandwidth), the
 ring's tiles against every block, dK/dV reduce-scattered in fp32; the collectives are blocking, so
@@ -50,8 +50,7 @@ tokens with Hq/U heads: per step U times the ring's compute for the same K/V byt
 (2 B Hkv'' s D e, Hkv'' = Hkv if Hkv % U == 0 else U), on the ring's (inter-node) link::
 
     forward  = a2a_U(q, k, v) + (R-1) max(U c_f, m_f'') + d_f'' + a2a_U(out, lse)
-    backward = a2a_U(q, k, v, dout, out) + a2a_U(lse) + (R-1) max(U c_b, m_b'') + d_b'' + m_dkv''
-               + a2a_U(dq, dk, dv)
+    backward = a2a_U(dout) + (R-1) max(U c_b, m_b'') + d_b'' + m_dkv'' + a2a_U(dq, dk, dv)
 
 So hybrid moves the ring's bytes in R steps instead of P: it hides them where the ring cannot
 (short local blocks on slow inter-node links) for the price of the intra-node all-to-alls.
@@ -370,28 +369,29 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
             a2a = lambda n: machine.all_to_all(n, U, whole_group=False)  # noqa: E731  the U adjacent ranks
             a2a_in_f = a2a(B * (Hq + 2 * hkv_u) * s * D * e)
             a2a_out_f = a2a(B * Hq * s * (D + 1) * 4)
-            a2a_in_b = a2a(B * (3 * Hq + 2 * hkv_u) * s * D * e) + a2a(B * Hq * s * 4)
+            a2a_in_b = a2a(B * Hq * s * D * e)  # dout: the forward's gathered q, k, v, out, lse are kept
             a2a_out_b = a2a(B * (Hq + 2 * hkv_u) * s * D * 4)
         attn_fwd = a2a_in_f + (R - 1) * fwd.time + diag_f + a2a_out_f
         attn_bwd = a2a_in_b + (R - 1) * bwd.time + diag_b + comm(step_dkv) + a2a_out_b
         working = 2 * step_kv + 2 * step_dkv  # KV double buffer + dK/dV in flight (fp32)
         if U > 1:  # the all-to-all'd backward inputs and fp32 gradients (as many elements as the local ones)
-            working += B * (3 * Hq + 2 * hkv_u) * s * D * e + B * (Hq + 2 * hkv_u) * s * D * 4
+            # the kept gathered q, k, v, out (+ lse), dout, and the fp32 gradients
+            working += B * (3 * Hq + 2 * hkv_u) * s * D * e + B * Hq * s * 4 + B * (Hq + 2 * hkv_u) * s * D * 4
     elif method == "ulysses":
         U = P
         hkv_p = Hkv if Hkv % P == 0 else P  # kv heads sent (copies when Hkv < P)
         a2a = lambda n: machine.all_to_all(n, P)  # noqa: E731
         in_f, out_f = B * (Hq + 2 * hkv_p) * s * D * e, B * Hq * s * (D + 1) * 4
-        in_b = B * (3 * Hq + 2 * hkv_p) * s * D * e + B * Hq * s * 4
+        in_b = B * Hq * s * D * e  # dout only: the forward's gathered q, k, v, out, lse are kept
         out_b = B * (Hq + 2 * hkv_p) * s * D * 4
         S = seq_len
         ff, fb = 4 * B * (Hq // P) * S * S * D * f, 10 * B * (Hq // P) * S * S * D * f
         # one kernel on the whole sequence: a causal one runs at the causal (diagonal) tile's rate
         fwd = StepPlan(ff / (Fdf if causal else Ff), a2a(in_f) + a2a(out_f), in_f + out_f, ff, "none")
-        bwd = StepPlan(fb / (Fdb if causal else Fb), a2a(in_b - B * Hq * s * 4) + a2a(B * Hq * s * 4) + a2a(out_b),
-                       in_b + out_b, fb, "none")
+        bwd = StepPlan(fb / (Fdb if causal else Fb), a2a(in_b) + a2a(out_b), in_b + out_b, fb, "none")
         attn_fwd, attn_bwd = fwd.time, bwd.time
-        working = in_b + out_b + out_f
+        kept = B * (2 * Hq + 2 * hkv_p) * s * D * e + B * Hq * s * 4  # gathered q, k, v, out, lse
+        working = kept + in_b + out_b + out_f
     elif method == "allgather":
         gather, scatter = machine.ring_collective(kv_bytes, P), machine.ring_collective(dkv_bytes, P)
         diag_f = flops_f / Fdf if causal else flops_f / Ff

@@ -3,6 +3,8 @@ numbers; the pytest side asserts on them. References are computed independently 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -42,9 +44,10 @@ def equivalence(rank, size, *, seed, B, Hq, Hkv, S, D, layout, causal, dtype, tr
     return numerics.errors(mine, [sh(r) for r in ref], [sh(lo) for lo in low])
 
 
-def count_exchanges(rank, size, *, layout, causal):
-    """Number of batch_isend_irecv calls (ring exchanges) in one forward and one backward."""
-    calls = []
+@contextmanager
+def counted_exchanges():
+    """While open, every batch_isend_irecv call (one ring exchange) appends its op count to the yielded list."""
+    calls: list[int] = []
     real = dist.batch_isend_irecv
 
     def counting(ops):
@@ -53,6 +56,14 @@ def count_exchanges(rank, size, *, layout, causal):
 
     dist.batch_isend_irecv = counting
     try:
+        yield calls
+    finally:
+        dist.batch_isend_irecv = real
+
+
+def count_exchanges(rank, size, *, layout, causal):
+    """Number of batch_isend_irecv calls (ring exchanges) in one forward and one backward."""
+    with counted_exchanges() as calls:
         S = 8 * size
         q = torch.randn(1, 2, S // size, 8, requires_grad=True)
         k = torch.randn(1, 2, S // size, 8, requires_grad=True)
@@ -62,8 +73,6 @@ def count_exchanges(rank, size, *, layout, causal):
         calls.clear()
         out.sum().backward()
         bwd = list(calls)
-    finally:
-        dist.batch_isend_irecv = real
     return dict(fwd=fwd, bwd=bwd)
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import seqpar
+from dist_cases import counted_exchanges
 from parallel_cases import mesh_for
 
 _COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -240,15 +241,8 @@ def count_ring(rank, size, *, layout: str, S: int, window, cu=None, causal=True)
     """Ring exchanges (batch_isend_irecv calls) and kernel tiles (record hook) of one forward + backward."""
     from seqpar.api import AttentionCall, attend
 
-    calls, tiles = [], []
-    real = dist.batch_isend_irecv
-
-    def counting(ops):
-        calls.append(len(ops))
-        return real(ops)
-
-    dist.batch_isend_irecv = counting
-    try:
+    tiles = []
+    with counted_exchanges() as calls:
         q = torch.randn(1, 2, S // size, 8, requires_grad=True)
         k = torch.randn(1, 2, S // size, 8, requires_grad=True)
         v = torch.randn(1, 2, S // size, 8, requires_grad=True)
@@ -259,8 +253,6 @@ def count_ring(rank, size, *, layout: str, S: int, window, cu=None, causal=True)
         calls.clear()
         out.sum().backward()
         bwd = len(calls)
-    finally:
-        dist.batch_isend_irecv = real
     return dict(fwd=fwd, bwd=bwd, fwd_tiles=sum(1 for p, _ in tiles if p == "forward"),
                 bwd_tiles=sum(1 for p, _ in tiles if p == "backward"))
 

@@ -93,7 +93,7 @@ def test_hybrid_only_on_a_mesh_with_a_ulysses_degree(worlds):
     """Slow links across 'nodes' of 2 ranks: on init_mesh(cp=4, ulysses=2) auto picks hybrid (what plan
     says with U=2); with the same machine on a plain cp mesh it cannot, and picks another method."""
     slow = Machine(attn_flops=1e8, link_bw=1e12, inter_node_bw=1e5, ranks_per_node=2, latency=1e-3)
-    res = worlds(4).run(ac.hybrid_mesh, machine=slow)
+    res = worlds(4).run(ac.hybrid_mesh, machine=slow, Hq=8, Hkv=2)  # Hq=8: ulysses moves more across nodes
     for r in res:
         assert r == res[0], res
         assert r["want"] == r["hybrid_mesh"] == "hybrid" and r["plain_mesh"] != "hybrid", r

@@ -33,7 +33,8 @@ super-blocks, and gathers the gradients. GQA / MQA: the Ulysses rules for the U 
 ring over P (no all-to-all); R = 1 is Ulysses on the rank-major order (one local super-tile grid).
 
 Messages: forward 2 all-to-alls (U sub-group) + R-1 K/V exchanges (ring sub-group, tagged with the
-call's number); backward 3 all-to-alls + R-1 K/V and R dK/dV exchanges.
+call's number); backward 2 all-to-alls (dout in, gradients back: the gathered tensors of the forward
+are kept, as in Ulysses) + R-1 K/V and R dK/dV exchanges.
 """
 
 from __future__ import annotations

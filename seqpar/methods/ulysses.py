@@ -27,8 +27,12 @@ The attention on the gathered sequence is :meth:`UlyssesMethod._attend` / ``_att
 single-device kernel); :class:`seqpar.methods.hybrid.HybridMethod` reuses this class with a ring there
 instead, on the gathered sequence in rank-major order (its ``_perm`` is the identity).
 
-Messages: forward 2 all-to-alls (q, k, v fused in one; out and lse fused back in one); backward 3
-(q, k, v, dout, out fused; lse; dq, dk, dv fused back). ``Hq`` must divide by P (see :meth:`check`).
+Messages: forward 2 all-to-alls (q, k, v fused in one; out and lse fused back in one); backward 2
+(dout; dq, dk, dv fused back): the method object keeps the forward's gathered q, k, v, out and lse
+for the backward of the same call, as DeepSpeed-Ulysses keeps its activations (memory: one more copy
+of q, k, v, out per attention call until its backward). A backward without them (a checkpoint replay,
+where the forward did not run; attention sinks merged after the forward) scatters q, k, v, dout, out
+and lse again: 3 all-to-alls. ``Hq`` must divide by P (see :meth:`check`).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ class UlyssesMethod(CollectiveMethod):
     name: str = "ulysses"
     # the permutation index tensors of this call, per (global length S, device): (to_global, to_layout)
     _perms: dict = field(default_factory=dict, compare=False, repr=False)
+    # the forward's gathered (q, k, v, out, lse) for the backward of the same call (then no re-scatter)
+    _kept: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_group(cls, group, **opts) -> "UlyssesMethod":
@@ -175,7 +181,9 @@ class UlyssesMethod(CollectiveMethod):
         o, l = self._attend(qg, kg, vg)
         ol = torch.cat([o.to(acc), l.to(acc).unsqueeze(-1)], dim=-1)  # (B, Hq/P, S, D + 1): one message
         ol = self._gather_heads([ol], "forward out/lse")[0]
-        return ol[..., :-1].contiguous(), ol[..., -1].contiguous()
+        out, lse = ol[..., :-1].contiguous(), ol[..., -1].contiguous()
+        self._kept.update(gathered=(qg, kg, vg, o, l), lse_ptr=lse.data_ptr())
+        return out, lse
 
     def backward(self, dout, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shapes as in :class:`seqpar.methods.base.Method` (``out``/``lse``: the global ones)."""
@@ -185,9 +193,17 @@ class UlyssesMethod(CollectiveMethod):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dt = q.dtype
-        qg, kg, vg, dog, og = self._scatter_heads([q, k.to(dt), v.to(dt), dout.to(dt), out.to(dt)],
-                                                        "backward q/k/v/dout/out")
-        (lg,) = self._scatter_heads([lse.to(acc)], "backward lse")
+        gathered = self._kept.pop("gathered", None)
+        if gathered is not None and self._kept.pop("lse_ptr", None) == lse.data_ptr():
+            # the backward of this object's own forward (not a replay, no sinks merged after it): its
+            # gathered q, k, v, out, lse are still here, so only dout travels
+            qg, kg, vg, og, lg = gathered
+            og, lg = og.to(dt), lg.to(acc)
+            (dog,) = self._scatter_heads([dout.to(dt)], "backward dout")
+        else:
+            qg, kg, vg, dog, og = self._scatter_heads([q, k.to(dt), v.to(dt), dout.to(dt), out.to(dt)],
+                                                      "backward q/k/v/dout/out")
+            (lg,) = self._scatter_heads([lse.to(acc)], "backward lse")
         gq, gk, gv = self._attend_backward(dog, qg, kg, vg, og, lg)
         dq, dk, dv = self._gather_heads([gq.to(acc), gk.to(acc), gv.to(acc)], "backward dq/dk/dv")
         if rep > 1:  # the copies' gradients, summed in the accumulation dtype
