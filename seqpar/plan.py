@@ -386,9 +386,13 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
         out_b = B * (Hq + 2 * hkv_p) * s * D * 4
         S = seq_len
         ff, fb = 4 * B * (Hq // P) * S * S * D * f, 10 * B * (Hq // P) * S * S * D * f
-        # one kernel on the whole sequence: a causal one runs at the causal (diagonal) tile's rate
-        fwd = StepPlan(ff / (Fdf if causal else Ff), a2a(in_f) + a2a(out_f), in_f + out_f, ff, "none")
-        bwd = StepPlan(fb / (Fdb if causal else Fb), a2a(in_b) + a2a(out_b), in_b + out_b, fb, "none")
+        # one kernel on the whole sequence, H/P heads: cut into P x P blocks of the ring's size s it is the
+        # ring's mix, P causal diagonal blocks (1/P of the causal flops, at the diagonal rate) and full
+        # blocks (at the full rate), so its compute equals the ring's per rank
+        cf = ff / P / Fdf + ff * (P - 1) / P / Ff if causal else ff / Ff
+        cb = fb / P / Fdb + fb * (P - 1) / P / Fb if causal else fb / Fb
+        fwd = StepPlan(cf, a2a(in_f) + a2a(out_f), in_f + out_f, ff, "none")
+        bwd = StepPlan(cb, a2a(in_b) + a2a(out_b), in_b + out_b, fb, "none")
         attn_fwd, attn_bwd = fwd.time, bwd.time
         kept = B * (2 * Hq + 2 * hkv_p) * s * D * e + B * Hq * s * 4  # gathered q, k, v, out, lse
         working = kept + in_b + out_b + out_f
