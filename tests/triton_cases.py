@@ -11,6 +11,8 @@ fresh interpreter with ``TRITON_INTERPRET=1`` (the variable must be set before t
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import sys
@@ -210,6 +212,21 @@ def _attend64(q, blocks, scale):
     return torch.softmax(s, -1).nan_to_num(0.0) @ v, torch.logsumexp(s, -1)
 
 
+def _running_state(s_out, s_lse, views: bool):
+    """A running (out, lse) holding (s_out, s_lse): fresh fp32 tensors, or (``views``) strided views into
+    sentinel-filled buffers (-> out, lse, out buffer, lse buffer) so writes outside the views show."""
+    if not views:
+        return s_out.float().clone(), s_lse.float().clone(), None, None
+    B, Hq, Sq, D = s_out.shape
+    obuf = torch.full((B, 2 * Sq, Hq, D), 7.0, dtype=torch.float32, device=s_out.device)  # sentinel
+    lbuf = torch.full((B, Hq, 2 * Sq), 7.0, dtype=torch.float32, device=s_out.device)
+    o = obuf[:, Sq:].transpose(1, 2)  # (B, Hq, Sq, D), strided
+    lv = lbuf[:, :, 1::2]  # (B, Hq, Sq), stride 2
+    o.copy_(s_out)
+    lv.copy_(s_lse)
+    return o, lv, obuf, lbuf
+
+
 def accumulate_case(B, Hq, Hkv, Sq, Sk, D, mask, dtype, views, *, device="cpu", seed=1) -> dict:
     """The accumulating forward (triton) and the generic fallback (aten + merge) on a running state,
     vs fp64 attention over both blocks at once; bit-exactness of memory that must stay untouched."""
@@ -227,16 +244,7 @@ def accumulate_case(B, Hq, Hkv, Sq, Sk, D, mask, dtype, views, *, device="cpu", 
     t_out, t_lse = _attend64(q, [(k0, v0, _visible(Sq, Sq, "causal", device)), (k1, v1, _visible(Sq, Sk, mask, device))],
                              scale)
 
-    def state():
-        if not views:
-            return s_out.float().clone(), s_lse.float().clone(), None, None
-        obuf = torch.full((B, 2 * Sq, Hq, D), 7.0, dtype=torch.float32, device=device)  # sentinel
-        lbuf = torch.full((B, Hq, 2 * Sq), 7.0, dtype=torch.float32, device=device)
-        o = obuf[:, Sq:].transpose(1, 2)  # (B, Hq, Sq, D), strided
-        lv = lbuf[:, :, 1::2]  # (B, Hq, Sq), stride 2
-        o.copy_(s_out)
-        lv.copy_(s_lse)
-        return o, lv, obuf, lbuf
+    state = functools.partial(_running_state, s_out, s_lse, views)
 
     args = [x.to(dt) for x in (q, k1, v1)]
     o_tr, l_tr, obuf, lbuf = state()
@@ -357,16 +365,7 @@ def masked_accumulate_case(B, Hq, Hkv, Sq, Sk, D, mask0, mask1, dtype, views, *,
     t_out = (torch.softmax(s.masked_fill(~seen, 0.0), -1) * seen) @ torch.cat(
         [v0.repeat_interleave(gq, 1), v1.repeat_interleave(gq, 1)], 2)
 
-    def state():
-        if not views:
-            return s_out.float().clone(), s_lse.float().clone(), None, None
-        obuf = torch.full((B, 2 * Sq, Hq, D), 7.0, dtype=torch.float32, device=device)  # sentinel
-        lbuf = torch.full((B, Hq, 2 * Sq), 7.0, dtype=torch.float32, device=device)
-        o = obuf[:, Sq:].transpose(1, 2)  # (B, Hq, Sq, D), strided
-        lv = lbuf[:, :, 1::2]  # (B, Hq, Sq), stride 2
-        o.copy_(s_out)
-        lv.copy_(s_lse)
-        return o, lv, obuf, lbuf
+    state = functools.partial(_running_state, s_out, s_lse, views)
 
     args = [x.to(dt) for x in (q, k1, v1)]
     o, l, obuf, lbuf = state()
