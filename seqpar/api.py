@@ -35,7 +35,7 @@ from seqpar import masks as _masks
 from seqpar import methods as _methods
 from seqpar.comm import TransportGroup, agree, gather_ints
 from seqpar.kernels import resolve_backend
-from seqpar.mesh import group_rank_size, resolve_group
+from seqpar.mesh import group_rank_size, hybrid_groups, resolve_group
 from seqpar.methods import ops as _ops
 from seqpar.vocab import AUTO, BACKENDS, LAYOUT_CHOICES, METHOD_CHOICES, METHODS, check_choice
 
@@ -285,7 +285,7 @@ def attend(
         _check_sinks(call.sinks, q)
         if compiling and call.sinks is not None:
             raise ValueError("sinks under torch.compile: not an op argument yet; run attention sinks eagerly")
-        if call.method == "hybrid":
+        if call.method == "hybrid":  # checked here: before any communication
             sub = _methods.HybridMethod.groups(call.group, hq=q.shape[-3], hkv=k.shape[-3])
         if kept is not None and (kept[0].shape != q.shape or kept[1].shape != q.shape[:-1]):
             raise ValueError(f"kept (out, lse) of shapes {tuple(kept[0].shape)}, {tuple(kept[1].shape)} does not "
@@ -362,12 +362,10 @@ def set_machine(machine: "_plan.Machine | None", group=None) -> None:
 
 def _hybrid_sub_group(group_arg, g):
     """(U, the ulysses sub-group) when ``group_arg`` is a mesh of ``init_mesh(cp, ulysses=U)``, else (None, None)."""
-    import seqpar.mesh as _mesh
-
-    if "hybrid" not in METHODS or g is None or isinstance(g, TransportGroup) or not hasattr(_mesh, "hybrid_groups"):
+    if g is None or isinstance(g, TransportGroup):
         return None, None
     try:
-        ug, _ = _mesh.hybrid_groups(group_arg)
+        ug, _ = hybrid_groups(group_arg)
     except (TypeError, ValueError):
         return None, None
     return (None, None) if ug is None else (torch.distributed.get_world_size(ug), ug)

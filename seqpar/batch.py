@@ -85,16 +85,13 @@ def _check_offsets(batch: Mapping[str, Any], B: int, S: int) -> list[int] | None
     if B != 1:
         raise ValueError(f"cu_seq_lens_q/k describe one packed row, but input_ids has B={B} rows; flatten the "
                          f"batch into one row (B=1), as DataCollatorWithFlattening does")
-    cu = [int(x) for x in cu_q.tolist()]
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != S or any(b <= a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"batch['cu_seq_lens_q'] must start at 0, increase strictly and end at the sequence "
-                         f"length S={S}; got {cu if len(cu) <= 12 else cu[:6] + ['...'] + cu[-1:]}")
+    cu = _layout.check_offsets(cu_q, S, name="batch['cu_seq_lens_q']")
     longest = max(b - a for a, b in zip(cu, cu[1:]))
     for key in ("max_length_q", "max_length_k"):
         m = batch.get(key)
         if m is not None and int(m) != longest:
             raise ValueError(f"batch[{key!r}]={int(m)} is not the longest document of cu_seq_lens_q ({longest})")
-    return cu[1:-1]
+    return list(cu[1:-1])
 
 
 def shard_batch(

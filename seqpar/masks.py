@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from seqpar.kernels.backend import Segment, TileMask
 from seqpar.layout import Tile, check_layout, check_offsets, packed_chunks, tile
 
-__all__ = ["MaskSpec", "Run", "runs", "plan_tile", "plan_steps", "last_step", "sequence_tile", "visible_pairs",
+__all__ = ["MaskSpec", "Run", "runs", "plan_tile", "last_step", "sequence_tile", "visible_pairs",
            "mask_spec", "mask_signature"]
 
 
@@ -162,7 +162,8 @@ def _piece(spec: MaskSpec, qr: Run, kr: Run) -> Tile | None:
     docs = None
     if spec.cu_seqlens is not None:
         qs = _segments(spec.cu_seqlens, qr, r0, r1)
-        ks = {d: (a, b) for a, b, d in _segments(spec.cu_seqlens, kr, c0, c1)}
+        k_segs = _segments(spec.cu_seqlens, kr, c0, c1)
+        ks = {d: (a, b) for a, b, d in k_segs}
         boxes = [bx for a, b, d in qs if d in ks
                  for bx in [_rect(lo, hi, a, b - 1, ks[d][0], ks[d][1] - 1)] if bx is not None]
         if not boxes:
@@ -171,8 +172,7 @@ def _piece(spec: MaskSpec, qr: Run, kr: Run) -> Tile | None:
         c0, c1 = min(b[2] for b in boxes), max(b[3] for b in boxes)
         if len(boxes) > 1:  # more than one document: the kernel keeps them apart
             docs = (tuple((max(a, r0) - r0, min(b, r1 + 1) - r0, d) for a, b, d in qs if a <= r1 and b > r0),
-                    tuple((max(a, c0) - c0, min(b, c1 + 1) - c0, d)
-                          for a, b, d in _segments(spec.cu_seqlens, kr, c0, c1)))
+                    tuple((max(a, c0) - c0, min(b, c1 + 1) - c0, d) for a, b, d in k_segs if a <= c1 and b > c0))
     shift = c0 - r0  # j - i = j' - i' + shift
     kind, lo, hi = _kind(None if lo is None else lo - shift, None if hi is None else hi - shift,
                          r1 - r0 + 1, c1 - c0 + 1)
@@ -205,17 +205,18 @@ def plan_tile(spec: MaskSpec, layout: str, q_rank: int, kv_rank: int, world: int
     return tuple(p for p in found if p is not None)
 
 
-def plan_steps(spec: MaskSpec, layout: str, rank: int, world: int, s_local: int) -> list[tuple[int, tuple[Tile, ...]]]:
-    """(kv rank, pieces) for ring steps 0 .. P-1 of ``rank`` (step s meets the block of rank - s)."""
-    return [((rank - s) % world, plan_tile(spec, layout, rank, (rank - s) % world, world, s_local))
-            for s in range(world)]
-
-
 @functools.lru_cache(maxsize=1024)
-def last_step(spec: MaskSpec, layout: str, world: int, s_local: int) -> int:
-    """The last ring step at which *any* rank has work (the ring stops after it: no exchange beyond)."""
-    return max((s for r in range(world) for s in range(world)
-                if plan_tile(spec, layout, r, (r - s) % world, world, s_local)), default=0)
+def last_step(spec: MaskSpec, layout: str, world: int, s_local: int, grid: int = 1) -> int:
+    """The last ring step at which *any* of the ``world`` ring ranks has work: the ring stops after it (no
+    K/V exchange beyond, dK/dV sent home in one hop); ``world - 1`` without a window or documents.
+    ``grid`` = U > 1: each ring block is U layout blocks of ``s_local / U`` tokens (the hybrid's ring, see
+    :func:`seqpar.methods.tiles.block_order`), a step having work if any of its U x U sub-tiles has."""
+    if not spec.structured:
+        return world - 1
+    s, P = s_local // grid, world * grid
+    return max((step for u in range(world) for step in range(world)
+                if any(plan_tile(spec, layout, u * grid + a, ((u - step) % world) * grid + b, P, s)
+                       for a in range(grid) for b in range(grid))), default=0)
 
 
 def sequence_tile(spec: MaskSpec, seq_len: int) -> tuple[Tile, ...]:

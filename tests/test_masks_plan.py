@@ -135,3 +135,17 @@ def test_packed_layout_pieces_and_balance(world):
             w += int(truth.sum())
         work.append(w)
     assert max(work) / (sum(work) / world) <= 1.05, work
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("U,R", [(1, 4), (2, 2), (2, 3), (4, 1)])
+def test_last_step_with_a_grid_is_the_last_step_with_tiles(layout, U, R):
+    """last_step(grid=U) (where the hybrid's ring stops) = the last step of block_order with any tile."""
+    from seqpar.methods.tiles import block_order
+
+    rng = random.Random(U * 10 + R)
+    S = 2 * U * R * 4
+    for spec in _specs(S, rng):
+        want = max((step for u in range(R) for step, _, tiles in block_order(spec, layout, u, R, S // R, grid=U)
+                    if tiles), default=0)
+        assert last_step(spec, layout, R, S // R, U) == want, spec

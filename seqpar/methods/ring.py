@@ -48,7 +48,8 @@ import torch
 from seqpar.comm import Ring, call_tags, make_ring
 from seqpar.kernels import acc_dtype
 from seqpar.methods.base import CallOptions, guarded
-from seqpar.methods.tiles import Step, backward_tile, block_order, forward_tile, last_step
+from seqpar.masks import last_step
+from seqpar.methods.tiles import Step, backward_tile, block_order, forward_tile
 
 __all__ = ["RingMethod"]
 
@@ -88,7 +89,7 @@ class RingMethod(CallOptions):
 
     def _tiles(self, s_local: int) -> list[Step]:
         """The steps this call runs: 0 .. the last step at which any rank has work (all P without a window
-        or documents; see :func:`seqpar.methods.tiles.last_step`)."""
+        or documents; see :func:`seqpar.masks.last_step`)."""
         last = last_step(self.mask, self.layout, self.ring.size, s_local, self.grid)
         return block_order(self.mask, self.layout, self.ring.rank, self.ring.size, s_local, grid=self.grid)[:last + 1]
 

@@ -17,12 +17,11 @@ query / kv slices that have work. The ring (:mod:`seqpar.methods.ring`) and the 
 (:func:`seqpar.masks.plan_tile`: the layouts' tiles, or the pieces of a window / document mask,
 empty where nothing is visible); ``grid = U > 1`` (the hybrid, :mod:`seqpar.methods.hybrid`) makes
 each ring block a super-block of U layout blocks, and the tile of a step the U x U grid of the
-layout's tiles, each offset into its rows and kv columns. :func:`last_step` is where the ring stops.
+layout's tiles, each offset into its rows and kv columns. :func:`seqpar.masks.last_step` is where the
+ring stops.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -31,7 +30,7 @@ from seqpar.layout import Tile
 from seqpar.masks import MaskSpec, plan_tile
 from seqpar.methods.base import Recorder, step_timer
 
-__all__ = ["forward_tile", "backward_tile", "block_order", "last_step", "Step"]
+__all__ = ["forward_tile", "backward_tile", "block_order", "Step"]
 
 Step = tuple[int, int, list[Tile]]  # (ring step, kv block, the tiles of that step: [] = no work)
 
@@ -58,18 +57,6 @@ def _shift(part: slice, start: int, n: int) -> slice:
     """``part`` of a block of ``n`` tokens -> the same tokens of a super-block where that block starts at ``start``."""
     lo, hi, _ = part.indices(n)
     return slice(start + lo, start + hi)
-
-
-@functools.lru_cache(maxsize=1024)
-def last_step(mask: MaskSpec, layout: str, size: int, s_local: int, grid: int = 1) -> int:
-    """The last ring step at which *any* of the ``size`` ring ranks has work: the ring stops after it
-    (no K/V exchange beyond, dK/dV sent home in one hop). ``size - 1`` for plain causal masks."""
-    if not mask.structured:
-        return size - 1
-    s, world = s_local // grid, size * grid
-    return max((step for u in range(size) for step in range(size)
-                if any(plan_tile(mask, layout, u * grid + a, ((u - step) % size) * grid + b, world, s)
-                       for a in range(grid) for b in range(grid))), default=0)
 
 
 def forward_tile(

@@ -40,8 +40,7 @@ _IGNORABLE = {"position_ids", "cache_position", "use_cache", "output_attentions"
               # loss bookkeeping transformers (5.x) forwards with the model's kwargs down to attention; the
               # loss pass (passes/loss.py) uses them, attention has nothing to do with them
               "shift_labels", "num_items_in_batch"}
-# Arguments seqpar does not implement yet, and what they would change.
-_UNSUPPORTED: dict[str, str] = {}
+# The mask arguments seqpar implements (check_attention_kwargs turns them into seqpar.attention's).
 _MASK_ARGS = ("sliding_window", "softcap", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "s_aux")
 
 
@@ -51,9 +50,9 @@ def check_attention_kwargs(kwargs: dict[str, Any], causal: bool) -> dict[str, An
     for name, value in kwargs.items():
         if value is None or value is False or name in _IGNORABLE or name in _MASK_ARGS:
             continue
-        what = _UNSUPPORTED.get(name, "an attention argument seqpar does not know")
-        raise ValueError(f"seqpar attention got {name}={_short(value)}: {what} is not supported, and ignoring it "
-                         f"would change the result; use a model configuration without it")
+        raise ValueError(f"seqpar attention got {name}={_short(value)}: an attention argument seqpar does not know "
+                         f"is not supported, and ignoring it would change the result; use a model configuration "
+                         f"without it")
     out: dict[str, Any] = {}
     window = kwargs.get("sliding_window")
     if window is not None:
