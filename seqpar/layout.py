@@ -46,6 +46,7 @@ __all__ = [
     "LAYOUTS",
     "Tile",
     "check_layout",
+    "as_int",
     "check_offsets",
     "packed_chunks",
     "check_dim",
@@ -91,8 +92,8 @@ def check_offsets(cu_seqlens: object, seq_len: int, name: str = "cu_seqlens") ->
             raise TypeError(f"{name} must be a 1-D integer tensor [0, s1, s1+s2, ..., S], got a "
                             f"{cu_seqlens.ndim}-D {cu_seqlens.dtype} tensor")
         values = [int(x) for x in cu_seqlens.tolist()]
-    elif isinstance(cu_seqlens, (list, tuple)) and all(_as_int(x) is not None for x in cu_seqlens):
-        values = [_as_int(x) for x in cu_seqlens]
+    elif isinstance(cu_seqlens, (list, tuple)) and all(as_int(x) is not None for x in cu_seqlens):
+        values = [as_int(x) for x in cu_seqlens]
     else:
         raise TypeError(f"{name} must be a 1-D integer tensor (or a list of ints) [0, s1, s1+s2, ..., S], got "
                         f"{type(cu_seqlens).__name__}")
@@ -135,7 +136,7 @@ def packed_chunks(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int
     return tuple(tuple(r) for r in runs)
 
 
-def _as_int(value: object) -> int | None:
+def as_int(value: object) -> int | None:
     """``value`` as an int if it is an integer (int, numpy int, 0-d integer tensor), not a bool; else None."""
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
@@ -148,7 +149,7 @@ def _as_int(value: object) -> int | None:
 def check_dim(dim: object, ndim: int, tensor: str = "x", name: str = "dim") -> int:
     """``dim`` of a ``ndim``-D tensor named ``tensor`` -> the non-negative dim; ``TypeError`` unless it is
     an int (not a bool), ``ValueError`` unless ``-ndim <= dim < ndim`` (never taken modulo ``ndim``)."""
-    d = _as_int(dim)
+    d = as_int(dim)
     if d is None:
         raise TypeError(f"{name} must be an int (the sequence dim of {tensor}), got {type(dim).__name__} {dim!r}")
     if ndim == 0:
@@ -162,7 +163,7 @@ def check_dim(dim: object, ndim: int, tensor: str = "x", name: str = "dim") -> i
 
 def check_seq_len(seq_len: object, name: str = "seq_len") -> int:
     """``seq_len`` -> an int >= 1: ``TypeError`` unless an int (not a bool), ``ValueError`` if < 1."""
-    n = _as_int(seq_len)
+    n = as_int(seq_len)
     if n is None:
         raise TypeError(f"{name} must be an int (the global sequence length), got {type(seq_len).__name__} "
                         f"{seq_len!r}")

@@ -37,13 +37,12 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import operator
 import struct
 import zlib
 from dataclasses import dataclass
 
 from seqpar.kernels.backend import Segment, TileMask
-from seqpar.layout import Tile, check_layout, check_offsets, packed_chunks, tile
+from seqpar.layout import Tile, as_int, check_layout, check_offsets, packed_chunks, tile
 
 __all__ = ["MaskSpec", "Run", "runs", "plan_tile", "last_step", "sequence_tile", "visible_pairs",
            "mask_spec", "mask_signature"]
@@ -249,25 +248,16 @@ def visible_pairs(spec: MaskSpec, q_pos, k_pos):
 
 
 
-def _int(value: object) -> int | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def mask_spec(*, is_causal: bool, window_size: object, cu_seqlens: object, softcap: object,
               seq_len: int) -> MaskSpec:
     """The attention arguments of one call -> its :class:`MaskSpec`; ``TypeError``/``ValueError`` naming
     the argument and the fix. ``seq_len`` is the global length (S_local x P). Local: the same on every
     rank for the same arguments (the cross-rank agreement compares :func:`mask_signature`)."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or any(
-            _int(w) is None for w in window_size):
+            as_int(w) is None for w in window_size):
         raise TypeError(f"window_size must be a pair of ints (left, right), -1 = unbounded (flash-attn's "
                         f"convention), got {window_size!r}")
-    left, right = (_int(w) for w in window_size)
+    left, right = (as_int(w) for w in window_size)
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}: a query "
                          f"at global position i sees keys j with i - left <= j <= i + right")
