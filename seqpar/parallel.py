@@ -45,6 +45,7 @@ from seqpar.passes.checkpoint import checkpoint_pass
 from seqpar.passes.compile import compile_pass
 from seqpar.passes.data_parallel import data_parallel_pass
 from seqpar.passes.loss import loss_pass
+from seqpar.passes.router import check_router_loss
 from seqpar.passes.runtime import Runtime
 from seqpar.passes.sync import sync_params
 
@@ -72,6 +73,7 @@ def parallelize(
     """
     dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
                              compile=compile, backend=backend)
+    check_router_loss(model)  # MoE router load-balancing loss: made global, or refused by name (passes/router.py)
     rt = Runtime(cp_mesh(mesh).get_group(), layout, method, backend,
                  # hybrid (and auto, which may pick it) find their sub-groups in the mesh itself
                  attention_group=mesh if method in ("hybrid", "auto") and is_hybrid_mesh(mesh) else None)

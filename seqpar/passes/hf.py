@@ -39,7 +39,7 @@ _IGNORABLE = {"position_ids", "cache_position", "use_cache", "output_attentions"
               "past_key_value", "head_mask", "return_dict",
               # loss bookkeeping transformers (5.x) forwards with the model's kwargs down to attention; the
               # loss pass (passes/loss.py) uses them, attention has nothing to do with them
-              "shift_labels", "num_items_in_batch"}
+              "shift_labels", "num_items_in_batch", "output_router_logits"}  # MoE flag: passes/router.py
 # The mask arguments seqpar implements (check_attention_kwargs turns them into seqpar.attention's).
 _MASK_ARGS = ("sliding_window", "softcap", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "s_aux")
 

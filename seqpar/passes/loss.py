@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqpar.passes.check import ModelKind
+from seqpar.passes.router import router_loss
 from seqpar.passes.runtime import Runtime
 
 __all__ = ["loss_pass", "reduce_forward"]
@@ -59,6 +60,7 @@ def _global_cross_entropy(rt: Runtime):
 def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
     if kind == "sdpa":
         rt.override(model, F.cross_entropy, _global_cross_entropy(rt))
+    router = router_loss(model) if kind == "hf" else None  # MoE load-balancing loss: passes/router.py
 
     def pre(module, args, kwargs):
         if kind == "sdpa":
@@ -69,6 +71,8 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
             cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
             rt.cu_seqlens = cu_q if cu_q is not None else cu_k  # the attention override reads it (checked there)
             return args, kwargs
+        if router is not None:
+            router.check_call(kwargs)
         if kwargs.get("labels") is not None and ("num_items_in_batch" not in kwargs or "shift_labels" not in kwargs):
             raise ValueError("seqpar: labels without shift_labels/num_items_in_batch; build the batch with "
                              "seqpar.shard_batch(batch, mesh, layout=...) so the loss is the global-token mean")
@@ -82,6 +86,8 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
 
     def post(module, args, kwargs, output):
         rt.cu_seqlens = None
+        if router is not None and output is not None:
+            output = router.apply(output, kwargs, rt.group)  # aux_loss global, its share in the local loss
         if kind != "hf" or kwargs.get("labels") is None or output is None:  # None: the forward raised
             return output
         if isinstance(output, tuple):
