@@ -4,7 +4,9 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
 :mod:`seqpar.passes` to it, in place, in this order (each pass only relies on the ones before it)::
 
     0. check      mesh has a "cp" dim, options are known, the model has attention seqpar can take
-                  over (raises ValueError / TypeError before any communication)
+                  over; what seqpar cannot make global is refused by name (MoE router losses it cannot
+                  reproduce, modules that number positions from the local length): ValueError /
+                  TypeError before any communication
     1. sync       parameters and buffers broadcast from the mesh's first rank (all ranks start equal)
     2. attention  Hugging Face model: a per-call "seqpar_<id>" implementation registered through
                   transformers' AttentionInterface / AttentionMaskInterface, model switched to it.
@@ -39,6 +41,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from seqpar.mesh import cp_mesh, flat_mesh, is_hybrid_mesh
+from seqpar.passes import hf
 from seqpar.passes.attention import attention_pass
 from seqpar.passes.check import check
 from seqpar.passes.checkpoint import checkpoint_pass
@@ -74,6 +77,8 @@ def parallelize(
     dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
                              compile=compile, backend=backend)
     check_router_loss(model)  # MoE router load-balancing loss: made global, or refused by name (passes/router.py)
+    if kind == "hf":
+        hf.check_positions(model)  # positions a module derives from the local length: refused by name
     rt = Runtime(cp_mesh(mesh).get_group(), layout, method, backend,
                  # hybrid (and auto, which may pick it) find their sub-groups in the mesh itself
                  attention_group=mesh if method in ("hybrid", "auto") and is_hybrid_mesh(mesh) else None)

@@ -19,7 +19,7 @@ __all__ = ["attention_pass"]
 
 def attention_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
     if kind == "hf":
-        hf.register_attention(model, rt.attention, name=rt.name)
+        hf.register_attention(model, rt.attention, name=rt.name, world=rt.world, layout=rt.layout)
         return
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

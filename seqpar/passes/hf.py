@@ -29,7 +29,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["is_hf_model", "supports_attention_interface", "register_attention", "check_attention_kwargs"]
+from seqpar.passes.hf_masks import MaskPlan, chunk_offsets, read_mask_function
+
+__all__ = ["is_hf_model", "supports_attention_interface", "register_attention", "check_attention_kwargs",
+           "check_positions"]
 
 # What transformers passes to an attention function that seqpar may ignore: the positions (RoPE is
 # already applied to q and k), cache bookkeeping (no KV cache under parallelize), and flags that
@@ -66,7 +69,7 @@ def check_attention_kwargs(kwargs: dict[str, Any], causal: bool) -> dict[str, An
         out["sinks"] = kwargs["s_aux"]  # gpt-oss attention sinks: (Hq,) parameter
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None or cu_k is not None:
-        if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k):
+        if cu_q is None or cu_k is None or (cu_q is not cu_k and not torch.equal(cu_q, cu_k)):  # is: no read
             raise ValueError("seqpar attention got cu_seq_lens_q and cu_seq_lens_k that differ (or only one of "
                              "them): packed self-attention needs the same document offsets for queries and keys")
         out["cu_seqlens"] = cu_q
@@ -74,6 +77,28 @@ def check_attention_kwargs(kwargs: dict[str, Any], causal: bool) -> dict[str, An
         raise ValueError("seqpar attention got max_length_q/k without cu_seq_lens_q/k; pass the document offsets "
                          "(seqpar.shard_batch does)")
     return out
+
+
+# Modules that derive token positions from the *local* sequence length (an arange over the shard) instead of
+# reading position_ids, so seqpar cannot hand them the global ones: (what it is, the test, the way out). Found by
+# reading the installed transformers' modeling code for positions built from a length; the model-zoo test
+# (tests/test_zoo.py) is the backstop that would catch one this table missed (a different loss).
+_LOCAL_POSITIONS: tuple[tuple[str, Callable[[nn.Module], bool], str], ...] = (
+    ("attention temperature tuning on a NoPE layer (Llama 4: queries scaled by log1p(floor((position + 1) / "
+     "floor_scale)), the positions an arange over the local shard)",
+     lambda m: bool(getattr(m, "attn_temperature_tuning", False)) and not getattr(m, "use_rope", True),
+     "attn_temperature_tuning=False in the config (the same model for sequences shorter than floor_scale)"),
+)
+
+
+def check_positions(model: nn.Module) -> None:
+    """Refuse (``ValueError`` naming the model class, the module and the way out) a model with a module that
+    computes positions from its local sequence length; see ``_LOCAL_POSITIONS``."""
+    for path, m in model.named_modules():
+        for what, test, way_out in _LOCAL_POSITIONS:
+            if test(m):
+                raise ValueError(f"seqpar cannot parallelize {type(model).__name__}: {path} ({type(m).__name__}) "
+                                 f"uses {what}, which on a shard would number the tokens from 0. Way out: {way_out}")
 
 
 def _short(value: Any) -> str:
@@ -96,11 +121,12 @@ def supports_attention_interface(model: nn.Module) -> bool:
     return True if check is None else bool(check())
 
 
-def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor], *, name: str) -> str:
+def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor], *, name: str, world: int,
+                       layout: str) -> str:
     """Register ``attention`` under ``name`` (unique per parallelize call) and switch ``model`` to it.
 
     ``attention(q, k, v, *, is_causal, scale, enable_gqa, window_size=, cu_seqlens=, softcap=) -> out`` on
-    (B, H, S_local, D) shards;
+    (B, H, S_local, D) shards of a sequence of ``world * S_local`` tokens laid out by ``layout``.
     Returns ``name``. Raises ``TypeError`` if the model cannot switch.
     """
     from transformers import AttentionInterface
@@ -117,24 +143,59 @@ def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor],
         is_causal: bool | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if attention_mask is not None:
-            raise ValueError("seqpar attention got a materialised attention mask; pass no attention_mask and use "
-                             "seqpar.shard_batch (it turns padding into packed documents)")
+        if attention_mask is not None and not isinstance(attention_mask, MaskPlan):
+            raise ValueError(f"seqpar attention got a materialised attention mask in {type(module).__name__}; pass no "
+                             f"attention_mask and use seqpar.shard_batch (it turns padding into packed documents)")
         if dropout:
             raise ValueError(f"seqpar attention does not implement attention dropout (got {dropout}); set the "
                              f"config's attention_dropout to 0")
-        causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+        if attention_mask is None:  # the model built no mask: the module's own causality (as torch SDPA reads it)
+            causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+        else:  # the mask transformers would have built is the truth (SDPA and eager attend by it)
+            causal = attention_mask.causal
         mask = check_attention_kwargs(kwargs, causal)
+        if attention_mask is not None:
+            mask = _apply_plan(attention_mask, mask, module, query.shape[2])
         out = attention(query, key, value, is_causal=causal, scale=scaling,
-                        enable_gqa=query.shape[1] != key.shape[1], **mask)  # (B, Hq, S_local, D)
-        return out.transpose(1, 2).contiguous(), None  # (B, S_local, Hq, D)
+                        enable_gqa=query.shape[1] != key.shape[1], **mask)  # (B, Hq, S_local, Dv)
+        return out.transpose(1, 2).contiguous(), None  # (B, S_local, Hq, Dv)
 
-    def seqpar_mask(*, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
-        """No mask is built: causality comes from global positions inside the ring."""
+    chunked: dict[tuple, torch.Tensor] = {}  # one entry: the chunk offsets of the current batch, for every layer
+
+    def _apply_plan(plan: MaskPlan, mask: dict[str, Any], module: nn.Module, s_local: int) -> dict[str, Any]:
+        """seqpar.attention's mask arguments from the model's mask (``plan``) and its mask arguments (``mask``)."""
+        if plan.window_size != (-1, -1):
+            if "window_size" in mask and mask["window_size"] != plan.window_size:
+                raise ValueError(f"{type(module).__name__}: the model's mask ({plan.what}) has the window "
+                                 f"{plan.window_size} but its attention got sliding_window giving {mask['window_size']}; "
+                                 f"seqpar cannot tell which one the model means")
+            mask["window_size"] = plan.window_size
+        if plan.chunk is not None:
+            if layout == "packed":
+                raise ValueError(f"{type(module).__name__}: chunked attention (attention_chunk_size={plan.chunk}) "
+                                 f"is not supported with layout='packed' (its shards follow the documents, not the "
+                                 f"chunks); use layout='zigzag', 'striped' or 'contiguous'")
+            cu = mask.get("cu_seqlens")
+            key = (plan.chunk, world * s_local, None if cu is None else (cu.data_ptr(), cu._version, cu.numel()))
+            if key not in chunked:
+                chunked.clear()
+                chunked[key] = chunk_offsets(plan.chunk, world * s_local, cu)
+            mask["cu_seqlens"] = chunked[key]
+        return mask
+
+    def seqpar_mask(*, mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
+                    q_offset: Any = 0, kv_offset: Any = 0, q_length: int | None = None,
+                    kv_length: int | None = None, config: Any = None, **kwargs: Any) -> MaskPlan | None:
+        """No mask is built: the mask function is read as a :class:`MaskPlan` (causal / window / chunks,
+        applied by global position inside the ring), or refused by name."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("seqpar: the model got an attention_mask with zeros (padding); build the batch with "
                              "seqpar.shard_batch, which drops the padding and keeps the rows apart as documents")
-        return None
+        if int(q_offset) or int(kv_offset) or (q_length is not None and kv_length is not None and q_length != kv_length):
+            raise ValueError("seqpar: a mask over a KV cache (past tokens) is not supported on a sharded sequence")
+        if mask_function is None:
+            return None
+        return read_mask_function(mask_function, config=config)
 
     AttentionInterface.register(name, seqpar_attention_forward)
     AttentionMaskInterface.register(name, seqpar_mask)
