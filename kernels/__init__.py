@@ -24,7 +24,12 @@ Backends (each a :class:`KernelBackend`: entry points plus capabilities as data)
 - ``reference``: plain torch math in fp32/fp64: the spec every other backend is tested against.
 - ``aten``: torch's fused kernels that return the logsumexp (CPU flash kernel; CUDA flash for
   fp16/bf16, memory-efficient for fp32).
-- ``triton``: fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``).
+- ``triton``: fused Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``). Self-checked: on
+  first use per (device, dtype) a small tile runs against fp64 math (:mod:`seqpar.kernels.selfcheck`);
+  on failure ``auto`` uses ``aten`` there (one warning) and an explicit ``triton`` raises.
+
+``auto`` is a name the dispatch takes too: the device's preferred backend (triton on CUDA) once it
+passed its self-check for the inputs' device and dtype, else ``aten``.
 
 ``block_attention_accumulate`` merges a tile into a running fp32 ``(out, lse)`` in place: inside the
 kernel where the backend has a ``forward_accumulate`` (triton), else ``block_attention`` +
@@ -43,6 +48,7 @@ import os
 
 import torch
 
+from seqpar.kernels import selfcheck
 from seqpar.kernels.backend import KernelBackend, TileMask, acc_dtype, as_mask, check_tile
 from seqpar.vocab import BACKENDS, Backend, MaskKind, check_choice
 
@@ -81,16 +87,31 @@ def _has_triton_kernels() -> bool:
     return importlib.util.find_spec(_MODULES["triton"]) is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> the best backend for ``device``; checks an explicit one is usable there.
+# Backends that prove themselves on a device and dtype before running there (seqpar.kernels.selfcheck):
+# code that has never run on this GPU is not trusted, whoever asked for it.
+_SELF_CHECKED = frozenset({"triton"})
 
-    Raises ``ValueError`` naming the argument when the backend is unknown or unusable.
+
+def _auto_name(device: torch.device) -> str:
+    """The backend ``auto`` prefers on ``device`` before any self-check: triton on CUDA when installed, else aten."""
+    if device.type == "cuda" and _triton_usable(device)[0] and _has_triton_kernels():
+        return "triton"
+    return "aten"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Checks ``backend`` is usable on ``device``; ``auto`` -> ``aten`` where it can be nothing else.
+
+    Where ``auto`` would pick a self-checked backend (triton on CUDA), it stays ``"auto"``: the kernel
+    dispatch decides per (device, dtype) on first use (triton once it passed its self-check there, else
+    aten with one warning), where the dtype is known and the check runs eagerly, never while
+    ``torch.compile`` traces. Raises ``ValueError`` naming the argument when the backend is unknown or
+    unusable.
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        if device.type == "cuda" and _triton_usable(device)[0] and _has_triton_kernels():
-            return "triton"
-        return "aten"
+        name = _auto_name(device)
+        return "auto" if name in _SELF_CHECKED else name
     if backend == "triton":
         ok, why = _triton_usable(device)
         if not ok:
@@ -101,16 +122,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def get_backend(name: str) -> KernelBackend:
-    """The :class:`KernelBackend` of a resolved backend name (its module is imported on first use)."""
+    """The :class:`KernelBackend` of a concrete backend name (its module is imported on first use)."""
     if name not in _MODULES:
         raise ValueError(f"backend must be resolved first (one of {tuple(_MODULES)}), got {name!r}")
     return importlib.import_module(_MODULES[name]).BACKEND
 
 
-def _for(backend: str, dtype: torch.dtype, scale: float) -> KernelBackend:
-    """The backend that computes these inputs: ``backend``, or ``reference`` for what it cannot."""
-    impl = get_backend(backend)
-    if dtype not in impl.dtypes or (impl.positive_scale_only and scale <= 0):
+def _for(backend: str, q: torch.Tensor, scale: float) -> KernelBackend:
+    """The backend that computes these inputs: ``backend`` (``auto``: the device's preferred backend, once
+    it passed its self-check for q's device and dtype, else aten), or ``reference`` for what it cannot.
+    A self-checked backend named explicitly raises ``RuntimeError`` where it failed its check."""
+    if backend == "auto":
+        impl, fallback = get_backend(_auto_name(q.device)), get_backend("aten")
+    else:
+        impl, fallback = get_backend(backend), None
+    if impl.name in _SELF_CHECKED and q.dtype in impl.dtypes:
+        impl = selfcheck.trusted(impl, q.device, q.dtype, fallback=fallback)
+    if q.dtype not in impl.dtypes or (impl.positive_scale_only and scale <= 0):
         return get_backend("reference")
     return impl
 
@@ -137,7 +165,7 @@ def block_attention(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One tile's attention: ``(out (B,Hq,Sq,D), lse (B,Hq,Sq) fp32)``."""
-    mask, impl = as_mask(mask), _for(backend, q.dtype, scale)
+    mask, impl = as_mask(mask), _for(backend, q, scale)
     if not mask.plain:
         impl, split = _masked(impl, mask, q.shape[2], k.shape[2])
         if split:
@@ -171,7 +199,7 @@ def block_attention_backward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one tile given the global ``out``/``lse``: ``(dq, dk, dv)`` shaped like q, k, v."""
-    mask, impl = as_mask(mask), _for(backend, q.dtype, scale)
+    mask, impl = as_mask(mask), _for(backend, q, scale)
     if not mask.plain:
         impl, split = _masked(impl, mask, q.shape[2], k.shape[2])
         if split:
@@ -226,7 +254,7 @@ def block_attention_accumulate(
 ) -> None:
     """Merge one tile's attention into the running ``(out, lse)`` in place (rows with no visible key
     of this tile are left untouched). Equals ``block_attention`` then :func:`merge_partial`."""
-    mask, impl = as_mask(mask), _for(backend, q.dtype, scale)
+    mask, impl = as_mask(mask), _for(backend, q, scale)
     if mask.plain:
         native = mask.kind in impl.native_masks
     else:
