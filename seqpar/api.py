@@ -33,36 +33,24 @@ import torch
 import seqpar.plan as _plan
 from seqpar import masks as _masks
 from seqpar import methods as _methods
-from seqpar.comm import TransportGroup, agree, gather_ints
+from seqpar.comm import TransportGroup, agree, agreement_failed, gather_ints, gather_rows, judge
 from seqpar.kernels import resolve_backend
+from seqpar.layout import check_offsets, offsets_digest
 from seqpar.mesh import group_rank_size, hybrid_groups, resolve_group
 from seqpar.methods import ops as _ops
+from seqpar.state import find_state, group_key, group_state
 from seqpar.vocab import AUTO, BACKENDS, LAYOUT_CHOICES, METHOD_CHOICES, METHODS, check_choice
 
 __all__ = ["attention", "attend", "AttentionCall", "set_machine", "auto_method"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-# Shape signatures every rank of a group has already agreed on: (id(group), signature). A cache,
-# not configuration: it only saves the agreement collective on repeated calls with the same shapes.
-_AGREED: set[tuple] = set()
-# Attention calls made so far on each group by this rank: id(group) -> count. Bookkeeping, not
-# configuration: it numbers the calls (and their message tags) identically on ranks that make the same calls.
-_CALLS: dict[int, int] = {}
-# method="auto": the method each (group key, signature) resolved to, and each group's Machine (given
-# by set_machine, or probed at the group's first auto call). Caches per group, not options.
-_AUTO: dict[tuple, str] = {}
-_MACHINES: dict[Any, "_plan.Machine"] = {}
+# What seqpar remembers between calls (call numbers, agreed signatures and documents, auto's machine
+# and choices) is per group, owned by the group and bounded: seqpar.state.GroupState, not module state.
 
 
 def _finite_check_on() -> bool:
     return os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0")
-
-
-def _next_call(group) -> int:
-    n = _CALLS.get(id(group), 0)
-    _CALLS[id(group)] = n + 1
-    return n
 
 
 def _check_compilable(group, record, method: str = "ring") -> None:
@@ -110,17 +98,17 @@ def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend,
         raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
     if not (q.ndim == k.ndim == v.ndim):
         raise ValueError(f"q, k, v must have the same number of dims, got {q.ndim}, {k.ndim}, {v.ndim}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, S_local, D), got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:  # v may have its own head dim Dv (MLA: DeepSeek-V2/V3, MiniCPM3)
+        raise ValueError(f"k and v must have the same leading dims (B, Hkv, S_local): k (..., Hkv, S_local, D), "
+                         f"v (..., Hkv, S_local, Dv), got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[:-3] != k.shape[:-3]:
         raise ValueError(f"q and k must have the same batch dims, got {tuple(q.shape[:-3])} and {tuple(k.shape[:-3])}")
     hq, sq, d = q.shape[-3:]
     hkv, sk, dk = k.shape[-3:]
     if hq < 1 or hkv < 1:
         raise ValueError(f"q and k need at least one head (dim -3), got q: {hq}, k/v: {hkv}")
-    if d < 1:
-        raise ValueError(f"q, k, v need a head dim D >= 1 (dim -1), got {d}")
+    if d < 1 or v.shape[-1] < 1:
+        raise ValueError(f"q, k, v need head dims >= 1 (dim -1), got D={d} (q) and Dv={v.shape[-1]} (v)")
     if d != dk:
         raise ValueError(f"q and k must have the same head dim, got {d} and {dk}")
     if sq != sk:
@@ -154,27 +142,94 @@ def _validate(q, k, v, *, is_causal, scale, enable_gqa, layout, method, backend,
     return resolve_backend(backend, q.device)
 
 
-def _signature(q, k, is_causal, layout, method) -> tuple:
-    """9 ints every rank must agree on: (B, Hq, S_local, D, Hkv, dtype, causal, layout, method)."""
-    return (int(math.prod(q.shape[:-3])), *(int(x) for x in q.shape[-3:]), int(k.shape[-3]),
+def _signature(q, k, v, is_causal, layout, method) -> tuple:
+    """10 ints every rank must agree on: (B, Hq, S_local, D, Hkv, Dv, dtype, causal, layout, method)."""
+    return (int(math.prod(q.shape[:-3])), *(int(x) for x in q.shape[-3:]), int(k.shape[-3]), int(v.shape[-1]),
             _DTYPE_CODE[q.dtype], int(is_causal), LAYOUT_CHOICES.index(layout), METHOD_CHOICES.index(method))
 
 
-_SIGNATURE = "(B, Hq, S_local, D, Hkv, dtype, causal, layout, method)"
-_MASK_SIGNATURE = "(window left, window right, softcap, len(cu_seqlens), crc32(cu_seqlens))"
+_SIGNATURE = "(B, Hq, S_local, D, Hkv, Dv, dtype, causal, layout, method)"
+_MASK_SIGNATURE = "(window left, window right, softcap)"
+_DOCS_SIGNATURE = "(len(cu_seqlens), checksum(cu_seqlens), cu_seqlens valid)"
+_WIDTH = _SIGNATURE.count(",") + _MASK_SIGNATURE.count(",") + 2  # ints of a signature (without the documents)
 
 
-def _agree(group, signature: tuple, error: Exception | None) -> None:
-    """Once per new shape signature: all ranks compare signatures; any rank's error fails them all.
-    ``signature``: :func:`_signature`'s 9 ints, optionally followed by the mask's 5 (seqpar.masks)."""
-    key = (id(group), signature)
-    if error is None and key in _AGREED:
-        return
-    names = _SIGNATURE if len(signature) == 9 else f"{_SIGNATURE} + {_MASK_SIGNATURE}"
-    agree(group, list(signature), error, what="seqpar.attention", disagreement=lambda rows: (
+class _Unread:
+    """The offsets of a cu_seqlens tensor not read yet: the agreement reads them (with its own result)."""
+
+
+_UNREAD = _Unread()
+
+
+def _offsets(g, cu_seqlens, seq_len: int, world: int):
+    """A call's ``cu_seqlens`` -> host offsets (a tuple; checked), read at most once per tensor and group:
+    a tensor the ranks already agreed on is found by identity (no read); in a multi-rank group a new
+    tensor is :data:`_UNREAD` (its type checked here, its values read by :func:`_agree`, in the same host
+    read as the agreement's result); with one rank it is read here, once."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        return check_offsets(cu_seqlens, seq_len)  # host values: no read
+    st = group_state(g)
+    known = st.offsets(cu_seqlens, seq_len)
+    if known is not None:
+        return known
+    if cu_seqlens.ndim != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex() \
+            or cu_seqlens.dtype == torch.bool:
+        check_offsets(cu_seqlens, seq_len)  # raises the TypeError (dims / dtype: no read)
+    if world > 1:
+        return _UNREAD
+    offsets = check_offsets(cu_seqlens, seq_len)  # one process: the one read of this tensor
+    st.remember(cu_seqlens, seq_len, offsets)
+    return offsets
+
+
+def _agree(g, signature: tuple | None, error: Exception | None, cu=None, offsets=None, seq_len: int = 0):
+    """Once per new signature and once per new ``cu_seqlens`` (per group): all ranks compare them in one
+    small all-gather, and any rank's error fails them all. ``signature``: :func:`_signature`'s ints and the
+    mask's (seqpar.masks.mask_signature), None on a rank with an ``error``; ``offsets``: :func:`_offsets`'s.
+    The documents travel as :func:`seqpar.layout.offsets_digest` (count, checksum, valid), computed where
+    the tensor lives, and an unread tensor's values come back in the same host read as the gathered rows:
+    at most one host sync per new ``cu_seqlens``, none for a repeated one. Returns the host offsets."""
+    st = group_state(g)
+    unread = error is None and offsets is _UNREAD
+    if error is None and not unread and st.agreed.get(signature) and (cu is None or st.offsets(cu, seq_len)):
+        return offsets
+    keep = None
+    if error is not None:
+        row = torch.zeros(1 + _WIDTH + 3, dtype=torch.int64)
+        row[0] = 1
+    elif unread:
+        keep = cu
+        row = torch.cat([torch.tensor([0, *signature], dtype=torch.int64, device=cu.device),
+                         offsets_digest(cu, seq_len)])
+    else:
+        docs = torch.tensor([0, 0, 1]) if offsets is None else offsets_digest(torch.tensor(offsets), seq_len)
+        row = torch.cat([torch.tensor([0, *signature], dtype=torch.int64), docs])
+    st.agreements += 1
+    try:
+        rows, values = gather_rows(row, g, keep)
+    except RuntimeError as e:
+        agreement_failed("seqpar.attention", error, e)
+    if unread:
+        offsets = tuple(values)
+        if not rows[group_rank_size(g)[0]][-1]:  # the digest found them invalid: the host check says why
+            try:
+                check_offsets(list(values), seq_len)
+                error = ValueError(f"cu_seqlens: invalid offsets {list(values)}")  # not reached: the checks agree
+            except (TypeError, ValueError) as e:
+                error = e
+    for row_ in rows:  # a rank whose offsets are invalid rejected its input
+        if not row_[0] and not row_[-1]:
+            row_[0] = 1
+    names = f"{_SIGNATURE} + {_MASK_SIGNATURE} + {_DOCS_SIGNATURE}"
+    judge(rows, error, what="seqpar.attention", disagreement=lambda rows: (
         f"ranks disagree on {names}: {dict(enumerate(rows))}. Every rank of the group must pass tensors of the "
         f"same shape (the sequence split evenly) and the same mask arguments (cu_seqlens: the global offsets)"))
-    _AGREED.add(key)
+    st.agreed.put(signature, True)
+    if cu is not None:
+        st.remember(cu, seq_len, offsets)
+    return offsets
 
 
 @dataclass(frozen=True)
@@ -218,7 +273,7 @@ def _options(call: AttentionCall) -> dict[str, Any]:
 def attention(
     q: torch.Tensor,  # (B, Hq, S_local, D)
     k: torch.Tensor,  # (B, Hkv, S_local, D)
-    v: torch.Tensor,  # (B, Hkv, S_local, D)
+    v: torch.Tensor,  # (B, Hkv, S_local, Dv)
     *,
     group=None,
     is_causal: bool = False,
@@ -236,8 +291,9 @@ def attention(
     """Exact softmax attention over a sequence sharded across ``group``; drop-in for SDPA.
 
     q, k, v are this rank's shards (``seqpar.shard`` with ``layout``), any leading batch dims,
-    heads, local sequence, head dim; any strides. Returns this rank's shard of the output,
-    (B, Hq, S_local, D) in q's dtype. ``is_causal`` masks by *global* position. GQA/MQA K/V travel
+    heads, local sequence, head dim; any strides. v may have its own head dim Dv (MLA: DeepSeek-V2/V3,
+    MiniCPM3); the default scale is 1/sqrt(D) of q. Returns this rank's shard of the output,
+    (B, Hq, S_local, Dv) in q's dtype. ``is_causal`` masks by *global* position. GQA/MQA K/V travel
     the ring un-repeated. ``backend``: "auto" (Triton on CUDA when available, else aten), "aten",
     "reference", "triton". Bad input raises before any communication. ``return_lse=True`` also
     returns the log-sum-exp of each query row, (B, Hq, S_local) fp32, not differentiable (what
@@ -260,7 +316,7 @@ def attention(
 def attend(
     q: torch.Tensor,  # (..., Hq, S_local, D)
     k: torch.Tensor,  # (..., Hkv, S_local, D)
-    v: torch.Tensor,  # (..., Hkv, S_local, D)
+    v: torch.Tensor,  # (..., Hkv, S_local, Dv)
     call: AttentionCall,
     *,
     return_lse: bool = False,
@@ -274,22 +330,26 @@ def attend(
     _, world = group_rank_size(g)
     opts = _options(call)
     compiling = torch.compiler.is_compiling()
-    error = sub = None  # sub: method="hybrid"'s (ulysses, ring) sub-groups of the mesh passed as group
+    error = sub = offsets = None  # sub: method="hybrid"'s (ulysses, ring) sub-groups of the mesh passed as group
+    seq_len = q.shape[-2] * world if isinstance(q, torch.Tensor) and q.ndim >= 3 else 0
+    mask = lambda cu: _masks.mask_spec(is_causal=call.is_causal, window_size=call.window_size,  # noqa: E731
+                                       cu_seqlens=cu, softcap=call.softcap, seq_len=seq_len)
     try:
         backend = _validate(q, k, v, world=world, **opts)
         if compiling and call.cu_seqlens is not None:
             raise ValueError("cu_seqlens under torch.compile: the document offsets are data the compiled graph "
                              "cannot plan tiles from; run the packed-document attention eagerly")
-        spec = _masks.mask_spec(is_causal=call.is_causal, window_size=call.window_size, cu_seqlens=call.cu_seqlens,
-                                softcap=call.softcap, seq_len=q.shape[-2] * world)
+        offsets = _offsets(g, call.cu_seqlens, seq_len, world)  # a repeated tensor: no read
+        spec = mask(None if offsets is _UNREAD else offsets)
         _check_sinks(call.sinks, q)
         if compiling and call.sinks is not None:
             raise ValueError("sinks under torch.compile: not an op argument yet; run attention sinks eagerly")
         if call.method == "hybrid":  # checked here: before any communication
             sub = _methods.HybridMethod.groups(call.group, hq=q.shape[-3], hkv=k.shape[-3])
-        if kept is not None and (kept[0].shape != q.shape or kept[1].shape != q.shape[:-1]):
+        if kept is not None and (kept[0].shape != (*q.shape[:-1], v.shape[-1]) or kept[1].shape != q.shape[:-1]):
             raise ValueError(f"kept (out, lse) of shapes {tuple(kept[0].shape)}, {tuple(kept[1].shape)} does not "
-                             f"match q {tuple(q.shape)}: replay only the forward call that produced it")
+                             f"match q {tuple(q.shape)} and v {tuple(v.shape)}: replay only the forward call that "
+                             f"produced it")
         if compiling:
             _check_compilable(g, record, call.method)
     except (TypeError, ValueError) as e:
@@ -297,17 +357,19 @@ def attend(
             raise
         error = e
     if world > 1 and not compiling:
-        sig = (_signature(q, k, call.is_causal, call.layout, call.method) + _masks.mask_signature(spec)
-               if error is None else (0,) * 14)
-        _agree(g, sig, error)
+        sig = (_signature(q, k, v, call.is_causal, call.layout, call.method) + _masks.mask_signature(spec)
+               if error is None else None)
+        read = _agree(g, sig, error, call.cu_seqlens, offsets, seq_len)
+        if offsets is _UNREAD:
+            spec = mask(read)
     if call.method == AUTO:
-        call = replace(call, method=_resolve_auto(call.group, g, world, q, k, call, backend, compiling))
+        call = replace(call, method=_resolve_auto(call.group, g, world, q, k, v, call, backend, compiling))
         if call.method == "hybrid":  # chosen only for a mesh with a ulysses degree that splits the heads
             sub = _methods.HybridMethod.groups(call.group, hq=q.shape[-3], hkv=k.shape[-3])
     lead = q.shape[:-3]
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     if kept is not None:
-        kept = (kept[0].reshape(q4.shape), kept[1].reshape(q4.shape[:-1]))
+        kept = (kept[0].reshape(*q4.shape[:-1], v.shape[-1]), kept[1].reshape(q4.shape[:-1]))
     scale = 1.0 / math.sqrt(q.shape[-1]) if call.scale is None else float(call.scale)
     if compiling:  # registered ops: no host-side bookkeeping in the graph (see seqpar.methods.ops)
         args = (call.method, _ops.group_name(g), call.layout, spec.causal, list(spec.window), spec.softcap, scale,
@@ -317,7 +379,7 @@ def attend(
         else:
             out, lse = _ops.attention_replay(q4, k4, v4, *kept, *args), kept[1]
     else:
-        number = _next_call(g)
+        number = group_state(g).next_call()
         check_finite = _finite_check_on()
         if check_finite:
             _check_finite([("q", q), ("k", k), ("v", v)], g, world, number, ValueError)
@@ -337,13 +399,6 @@ def attend(
 _DTYPE_BYTES = {1: 2, 2: 2, 3: 4, 4: 8}  # _DTYPE_CODE -> bytes per element
 
 
-def _group_key(g) -> Any:
-    """A group's key in the auto caches: its registered name (a ProcessGroup: also while compiling)."""
-    if g is None:
-        return ""
-    return g.group_name if isinstance(g, torch.distributed.ProcessGroup) else id(g)
-
-
 def set_machine(machine: "_plan.Machine | None", group=None) -> None:
     """The :class:`seqpar.plan.Machine` that ``method="auto"`` plans with on ``group`` (any ``group=``
     argument of :func:`attention`), instead of probing it; ``None``: probe again at the next auto call.
@@ -351,13 +406,9 @@ def set_machine(machine: "_plan.Machine | None", group=None) -> None:
     it forgets the group's earlier auto choices. With a machine given, auto also resolves under torch.compile."""
     if machine is not None and not isinstance(machine, _plan.Machine):
         raise TypeError(f"machine must be a seqpar.plan.Machine or None, got {type(machine).__name__}")
-    key = _group_key(resolve_group(group))
-    if machine is None:
-        _MACHINES.pop(key, None)
-    else:
-        _MACHINES[key] = machine
-    for k in [k for k in _AUTO if k[0] == key]:
-        del _AUTO[k]
+    st = group_state(resolve_group(group))
+    st.machine = machine
+    st.auto.clear()
 
 
 def _hybrid_sub_group(group_arg, g):
@@ -373,9 +424,10 @@ def _hybrid_sub_group(group_arg, g):
 
 def _choose(sig: tuple, world: int, machine: "_plan.Machine", ulysses: int | None, transport: bool) -> str:
     """The fastest applicable method for the agreed signature on ``world`` ranks (deterministic)."""
-    B, Hq, s, D, Hkv, dtype_code, causal, layout, _ = sig
+    B, Hq, s, D, Hkv, Dv, dtype_code, causal, layout, _ = sig
     names = tuple(m for m in _plan.MODELLED if m in METHODS and not (transport and m in ("ulysses", "hybrid")))
-    c = _plan.compare(_plan.ModelShape(heads=Hq, kv_heads=Hkv, head_dim=D), s * world, world, machine, methods=names,
+    c = _plan.compare(_plan.ModelShape(heads=Hq, kv_heads=Hkv, head_dim=D, v_head_dim=Dv), s * world, world, machine,
+                      methods=names,
                       batch=B, dtype_bytes=_DTYPE_BYTES[dtype_code], causal=bool(causal), layout=LAYOUT_CHOICES[layout],
                       ulysses=ulysses, checkpoint="none")
     return c.best
@@ -386,45 +438,47 @@ def _compiled_choice(key: tuple, world: int) -> str:
     """Under torch.compile: the eager choice of this signature, or one from a machine given with
     :func:`set_machine` (no collective; never hybrid, which runs eagerly only), or "" (refused). Run once
     while tracing, a constant in the graph."""
-    if _AUTO.get(key, "hybrid") != "hybrid":
-        return _AUTO[key]
-    machine = _MACHINES.get(key[0])
-    return "" if machine is None else _choose(key[1], world, machine, None, False)
+    st = find_state(key[0])  # the live group of this name (the trace has the name, not the object)
+    if st is None:
+        return ""
+    if st.auto.get(key[1], "hybrid") != "hybrid":
+        return st.auto.get(key[1])
+    return "" if st.machine is None else _choose(key[1], world, st.machine, None, False)
 
 
-def _resolve_auto(group_arg, g, world: int, q, k, call: AttentionCall, backend: str, compiling: bool) -> str:
+def _resolve_auto(group_arg, g, world: int, q, k, v, call: AttentionCall, backend: str, compiling: bool) -> str:
     """method="auto" -> a method of METHODS, the same on every rank (a collective the first time per signature)."""
     if world == 1:
         return "ring"  # one process: no communication, every method is the same single-device attention
-    sig = _signature(q, k, call.is_causal, call.layout, AUTO)
-    key = (_group_key(g), sig)
+    sig = _signature(q, k, v, call.is_causal, call.layout, AUTO)
     if compiling:
-        choice = _compiled_choice(key, world)
+        choice = _compiled_choice((group_key(g), sig), world)
         if not choice:
             raise ValueError("method='auto' under torch.compile: the choice needs a probe of the group (a collective), "
                              "which cannot run while tracing. Give the machine with seqpar.set_machine(machine, group) "
                              "on every rank, or make one eager call with these shapes first (or seqpar.auto_method), "
                              "or pass a concrete method")
         return choice
-    if key in _AUTO:
-        return _AUTO[key]
+    st = group_state(g)
+    if st.auto.get(sig) is not None:
+        return st.auto.get(sig)
     ulysses, ulysses_group = _hybrid_sub_group(group_arg, g)
-    machine = _MACHINES.get(key[0])
+    machine = st.machine
     if machine is None:
-        machine = _MACHINES[key[0]] = _plan.probe_machine(g, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
-                                                          backend=backend, ulysses_group=ulysses_group)
+        machine = st.machine = _plan.probe_machine(g, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
+                                                   backend=backend, ulysses_group=ulysses_group)
     choice = _choose(sig, world, machine, ulysses, isinstance(g, TransportGroup))
     agree(g, [METHODS.index(choice)], None, what="seqpar.attention(method='auto')", disagreement=lambda rows: (
         f"ranks resolved method='auto' to different methods {[METHODS[r[0]] for r in rows]}: give every rank the "
         f"same machine (seqpar.set_machine), or pass a concrete method"))
-    _AUTO[key] = choice
+    st.auto.put(sig, choice)
     return choice
 
 
 def auto_method(
     q: torch.Tensor,  # (B, Hq, S_local, D)
     k: torch.Tensor,  # (B, Hkv, S_local, D)
-    v: torch.Tensor,  # (B, Hkv, S_local, D)
+    v: torch.Tensor,  # (B, Hkv, S_local, Dv)
     *,
     group=None,
     is_causal: bool = False,
@@ -447,5 +501,6 @@ def auto_method(
             raise
         error, resolved_backend = e, backend
     if world > 1:
-        _agree(g, _signature(q, k, is_causal, layout, AUTO) if error is None else (0,) * 9, error)
-    return _resolve_auto(group, g, world, q, k, call, resolved_backend, False)
+        _agree(g, _signature(q, k, v, is_causal, layout, AUTO) + _masks.mask_signature(_masks.MaskSpec())
+               if error is None else None, error)
+    return _resolve_auto(group, g, world, q, k, v, call, resolved_backend, False)

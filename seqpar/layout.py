@@ -48,6 +48,7 @@ __all__ = [
     "check_layout",
     "as_int",
     "check_offsets",
+    "offsets_digest",
     "packed_chunks",
     "check_dim",
     "check_seq_len",
@@ -107,6 +108,27 @@ def check_offsets(cu_seqlens: object, seq_len: int, name: str = "cu_seqlens") ->
         raise ValueError(f"{name} must be strictly increasing (every document at least one token), got "
                          f"{values[bad - 1]} then {values[bad]} at index {bad}: {short}")
     return tuple(values)
+
+
+_DIGEST_MOD, _DIGEST_MUL = 2**31 - 1, 48271  # a Lehmer (Park-Miller) generator's modulus and multiplier
+
+
+def offsets_digest(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A 1-D integer tensor of offsets -> int64 ``[count, checksum, valid]`` on its device, without reading it
+    to the host (no sync): what ranks gather to agree on their ``cu_seqlens`` without a read per check.
+    ``checksum``: sum of ``(offset mod M) * w_i mod M`` with distinct weights ``w_i`` (M = 2**31 - 1; exact
+    int64, the same on every device); ``valid``: 1 iff :func:`check_offsets` accepts them (start at 0,
+    strictly increasing, end at ``seq_len``)."""
+    x = cu_seqlens.reshape(-1).to(torch.int64)
+    n = x.numel()
+    i = torch.arange(1, n + 1, dtype=torch.int64, device=x.device)
+    w = (i * _DIGEST_MUL) % _DIGEST_MOD + 1
+    checksum = ((x % _DIGEST_MOD) * w % _DIGEST_MOD).sum() % _DIGEST_MOD
+    if n < 2:
+        valid = torch.zeros((), dtype=torch.int64, device=x.device)
+    else:
+        valid = ((x[0] == 0) & (x[-1] == seq_len) & (x[1:] > x[:-1]).all()).to(torch.int64)
+    return torch.stack([torch.full((), n, dtype=torch.int64, device=x.device), checksum, valid])
 
 
 @functools.lru_cache(maxsize=256)

@@ -277,8 +277,7 @@ def mask_spec(*, is_causal: bool, window_size: object, cu_seqlens: object, softc
     return MaskSpec(causal=is_causal, window=(left, right), cu_seqlens=cu, softcap=float(softcap))
 
 
-def mask_signature(spec: MaskSpec) -> tuple[int, int, int, int, int]:
-    """5 ints every rank must agree on: (left, right, crc32 of softcap, #offsets, crc32 of cu_seqlens)."""
-    cu = spec.cu_seqlens or ()
-    return (spec.window[0], spec.window[1], zlib.crc32(struct.pack("<d", spec.softcap)), len(cu),
-            zlib.crc32(struct.pack(f"<{len(cu)}q", *cu)))
+def mask_signature(spec: MaskSpec) -> tuple[int, int, int]:
+    """3 ints every rank must agree on: (left, right, crc32 of softcap). The documents are agreed apart
+    (once per cu_seqlens, see seqpar.layout.offsets_digest): the signature stays the same across batches."""
+    return spec.window[0], spec.window[1], zlib.crc32(struct.pack("<d", spec.softcap))

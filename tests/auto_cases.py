@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import seqpar
-import seqpar.api as api
+from seqpar.state import group_state
 import seqpar.plan as plan_mod
 from seqpar.testing import numerics
 
@@ -31,17 +31,17 @@ def equivalence(rank, size, *, Hq, Hkv, layout, causal, seed=0):
     sh = lambda t: seqpar.shard(t, dim=2, layout=layout)  # noqa: E731
     ql, kl, vl = (sh(t.float()).detach().requires_grad_() for t in (q, k, v))
     g = dist.group.WORLD
-    before = api._CALLS.get(id(g), 0)
+    before = group_state(g).calls
     opts = dict(is_causal=causal, enable_gqa=Hq != Hkv, layout=layout)
     out = seqpar.attention(ql, kl, vl, method="auto", **opts)
-    calls = api._CALLS.get(id(g), 0) - before
+    calls = group_state(g).calls - before
     out.backward(sh(do.float()))
     method = seqpar.auto_method(ql, kl, vl, **opts)  # cached: no collective
     truth = numerics.sdpa_grads(q, k, v, do, causal=causal)
     low = numerics.sdpa_grads(*(t.float() for t in (q, k, v, do)), causal=causal)
     mine = [seqpar.unshard(t.detach(), dim=2, layout=layout) for t in (out, ql.grad, kl.grad, vl.grad)]
     return dict(method=method, errors=numerics.errors(mine, truth, low), calls=calls,
-                machine=api._MACHINES[api._group_key(g)].__dict__)
+                machine=group_state(g).machine.__dict__)
 
 
 def user_machine(rank, size, *, machine, Hq, Hkv, layout="zigzag", causal=True):

@@ -712,7 +712,7 @@ def test_attention_not_a_tensor_on_one_rank(worlds):
 @pytest.mark.xfail(strict=True, reason="bounded by the process-group timeout (60 s here), not immediate",
                    raises=WorldError)
 def test_attention_bad_after_agreed_call(worlds):
-    """A shape signature agreed once is cached (api._AGREED): the next call with it skips the
+    """A shape signature agreed once is cached (the group's seqpar.state.GroupState): the next call skips the
     agreement on the ranks whose input is fine, while a rank whose input is bad (here: fp16 q) joins
     the agreement to report it, and waits there forever; the others wait in the ring."""
     calls = [dict(S_local=4), dict(S_local=4, per_rank={2: {"dtype": "float16"}})]

@@ -22,7 +22,7 @@ Backends: :class:`TorchRing` (torch.distributed: NCCL, gloo) and :class:`LocalRi
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, NoReturn, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,10 @@ __all__ = [
     "make_ring",
     "all_gather_tensor",
     "gather_ints",
+    "gather_rows",
     "agree",
+    "agreement_failed",
+    "judge",
     "control_device",
     "TAG_KV",
     "TAG_DKV",
@@ -196,7 +199,8 @@ def gather_ints(values: list[int], group: dist.ProcessGroup | TransportGroup | N
     if isinstance(group, TransportGroup):
         return group.all_gather_ints(values)
     t = torch.tensor(values, dtype=torch.int64, device=control_device(group))
-    return [g.tolist() for g in all_gather_tensor(t, group)]
+    flat, n = torch.cat(all_gather_tensor(t, group)).tolist(), len(values)  # one read, not one per rank
+    return [flat[i:i + n] for i in range(0, len(flat), n)]
 
 
 def agree(group, signature: list[int], error: Exception | None, *, what: str, disagreement: Callable,
@@ -216,10 +220,22 @@ def agree(group, signature: list[int], error: Exception | None, *, what: str, di
     try:
         rows = gather_ints([0 if error is None else code, *signature], group)
     except RuntimeError as e:
-        if error is not None:
-            raise error from e
-        raise CommError(f"{what}: the cross-rank agreement failed (the other ranks did not join it: they skipped or "
-                        f"repeated a call, or one of them stopped). Transport: {type(e).__name__}: {e}") from e
+        agreement_failed(what, error, e)
+    judge(rows, error, what=what, disagreement=disagreement, names=names)
+
+
+def agreement_failed(what: str, error: Exception | None, e: RuntimeError) -> NoReturn:
+    """The gather of an agreement failed: this rank's own ``error`` if it has one, else :class:`CommError`."""
+    if error is not None:
+        raise error from e
+    raise CommError(f"{what}: the cross-rank agreement failed (the other ranks did not join it: they skipped or "
+                    f"repeated a call, or one of them stopped). Transport: {type(e).__name__}: {e}") from e
+
+
+def judge(rows: list[list[int]], error: Exception | None, *, what: str, disagreement: Callable,
+          names: tuple[str, ...] = ()) -> None:
+    """:func:`agree`'s verdict on gathered ``rows`` (``[error code, *signature]`` per rank, in rank order):
+    this rank's ``error``, else the other ranks' rejection, else a disagreement, else nothing."""
     if error is not None:
         raise error
     bad = {r: row[0] for r, row in enumerate(rows) if row[0]}
@@ -229,6 +245,24 @@ def agree(group, signature: list[int], error: Exception | None, *, what: str, di
         raise ValueError(f"{what}: rank(s) {sorted(bad)} rejected their input{args}; no rank runs")
     if any(row[1:] != rows[0][1:] for row in rows):
         raise ValueError(f"{what}: {disagreement([row[1:] for row in rows])}")
+
+
+def gather_rows(row: torch.Tensor, group: dist.ProcessGroup | TransportGroup | None,
+                keep: torch.Tensor | None = None) -> tuple[list[list[int]], list[int]]:
+    """All-gather the 1-D int64 ``row`` (the same length on every rank; on any device) -> (every rank's row in
+    rank order, this rank's ``keep`` as ints), read to the host in **one** read: one host sync on a GPU,
+    where :func:`gather_ints` reads each rank's row. ``keep`` (1-D int, any length) rides along the read
+    without being gathered (the agreement on ``cu_seqlens`` gathers their checksum and keeps their values)."""
+    keep = torch.zeros(0, dtype=torch.int64) if keep is None else keep.reshape(-1).to(torch.int64)
+    n = row.numel()
+    if isinstance(group, TransportGroup):  # a host transport: read first, then gather the ints
+        flat = torch.cat([row.cpu(), keep.cpu()]).tolist()
+        return group.all_gather_ints(flat[:n]), flat[n:]
+    dev = control_device(group)
+    local = torch.cat([row, keep.to(row.device)]).to(dev)  # one copy to the control device (a sync only off it)
+    parts = all_gather_tensor(local[:n], group)
+    flat = torch.cat([*parts, local[n:]]).tolist()
+    return [flat[i * n:(i + 1) * n] for i in range(len(parts))], flat[len(parts) * n:]
 
 
 def all_to_all(x: torch.Tensor, group: dist.ProcessGroup | None, scatter_dim: int, gather_dim: int) -> torch.Tensor:
