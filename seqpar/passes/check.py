@@ -9,9 +9,10 @@ from torch import nn
 
 from seqpar.mesh import check_mesh
 from seqpar.passes import hf
+from seqpar.passes.mixers import ArchitectureNotSupported, architecture_problems, find_mixers, refuse_unsupported
 from seqpar.vocab import BACKENDS, LAYOUT_CHOICES, METHOD_CHOICES, check_choice
 
-__all__ = ["ModelKind", "check", "find_blocks", "model_kind"]
+__all__ = ["ArchitectureNotSupported", "ModelKind", "check", "find_blocks", "model_kind"]
 
 ModelKind = Literal["hf", "sdpa"]
 
@@ -37,12 +38,24 @@ def _calls_sdpa(model: nn.Module) -> bool:
 
 
 def model_kind(model: nn.Module) -> ModelKind:
+    """"hf" or "sdpa", or a refusal that says why, before any communication.
+
+    ``TypeError``: not a module, or no attention seqpar takes over (``nn.MultiheadAttention``, no SDPA call).
+    :class:`~seqpar.passes.mixers.ArchitectureNotSupported` (a ``NotImplementedError``, also a ``TypeError``):
+    the model has something sequence parallelism does not cover yet, each named with its path and class
+    (:mod:`seqpar.passes.mixers`): a sequence mixer besides attention (conv1d, SSM, linear attention,
+    recurrence), attention computed outside transformers' AttentionInterface, ALiBi.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if hf.is_hf_model(model):
+        refuse_unsupported(model, architecture_problems(model, hf_model=True))
         if not hf.supports_attention_interface(model):
-            raise TypeError(f"model ({type(model).__name__}) does not dispatch attention through transformers' "
-                            f"AttentionInterface, so seqpar cannot take it over; use a model class that does")
+            raise ArchitectureNotSupported(
+                f"seqpar.parallelize: {type(model).__name__} does not dispatch attention through transformers' "
+                f"AttentionInterface (its modeling module {type(model).__module__} computes attention in its own "
+                f"code; transformers' _can_set_attn_implementation() is False), so seqpar cannot take it over. "
+                f"Way out: a model class whose attention uses the interface (most recent decoder-only classes)")
         return "hf"
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         raise TypeError("model uses nn.MultiheadAttention, which seqpar cannot shard; call "
@@ -51,6 +64,7 @@ def model_kind(model: nn.Module) -> ModelKind:
         raise TypeError(f"model ({type(model).__name__}) has no supported attention: seqpar takes over Hugging Face "
                         f"models using AttentionInterface and models calling "
                         f"torch.nn.functional.scaled_dot_product_attention")
+    refuse_unsupported(model, find_mixers(model))
     return "sdpa"
 
 

@@ -1,0 +1,380 @@
+"""The model zoo of the installed transformers, built tiny, and a numerical oracle for sequence mixing.
+
+Testing support (like :mod:`seqpar.testing.numerics`) for ``tests/test_mixers.py`` and
+``benchmarks/zoo_table.py``:
+
+- :func:`causal_lm_types` lists every ``model_type`` of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``;
+- :func:`tiny_config` shrinks a config class's defaults (sizes, experts, layer patterns) so the model
+  has a couple of layers, hidden ~32, and still at least one layer of each kind its pattern names;
+- :func:`build` constructs the model (fixed seed, eval mode) or says why it cannot;
+- :func:`mixes_outside_attention` is the oracle: with attention made token-local (every attention
+  call returns its values, each token its own), does a change of one token change the model's output
+  at any *other* position? If yes, something besides attention mixes the sequence.
+
+The oracle does not look at module classes, parameter names or the config: it runs the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["causal_lm_types", "tiny_config", "build", "Built", "mixes_outside_attention", "NotBuildable", "Row",
+           "survey"]
+
+VOCAB = 96
+SIZES: dict[str, int] = {
+    # widths
+    "hidden_size": 32, "d_model": 32, "n_embd": 32, "embed_dim": 32, "dim": 32, "embedding_size": 32, "embedding_dim": 32,
+    "word_embed_proj_dim": 32, "input_embedding_size": 32, "output_embedding_size": 32, "emb_dim": 32,
+    "attention_hidden_size": 32, "lru_width": 32, "backbone_hidden_size": 32, "ple_embed_dim": 8,
+    "hidden_size_per_layer_input": 8, "intermediate_size": 64, "ffn_dim": 64, "decoder_ffn_dim": 64,
+    "encoder_ffn_dim": 64, "ffn_hidden_size": 64, "dim_ff": 64, "dff": 64, "d_inner": 64, "n_inner": 64,
+    "feed_forward_size": 64, "intermediate_size_mlp": 64, "dense_intermediate_size": 64,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "shared_intermediate_size": 32,
+    "shared_experts_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32,
+    "expert_ffn_hidden_size": 32,
+    # heads
+    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4, "decoder_attention_heads": 4,
+    "encoder_attention_heads": 4, "attention_heads": 4, "num_key_value_heads": 2, "num_kv_heads": 2,
+    "head_dim": 8, "d_head": 8, "dim_head": 8, "attention_head_dim": 8, "attention_head_size": 8, "kv_channels": 8,
+    "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 8, "num_query_groups": 2,
+    # MLA / sparse attention indexers
+    "q_lora_rank": 16, "kv_lora_rank": 16, "o_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+    "qk_head_dim": 8, "v_head_dim": 8, "index_head_dim": 8, "index_n_heads": 2, "rotary_dim": 4,
+    # experts
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "n_group": 1, "topk_group": 1,
+    # state-space / linear attention
+    "state_size": 4, "mamba_d_state": 4, "ssm_state_size": 4, "mamba_n_heads": 8, "mamba_num_heads": 8,
+    "mamba_d_head": 8, "mamba_head_dim": 8, "mamba_headdim": 8, "mamba_d_ssm": 64, "time_step_rank": 4,
+    "mamba_dt_rank": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2, "linear_head_dim": 8, "linear_num_heads": 4, "n_groups": 1, "mamba_n_groups": 1,
+    # lengths (a probe is a few tokens)
+    "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64, "max_target_positions": 64,
+    "max_source_positions": 64, "context_length": 64, "max_seq_len": 64,
+    # vocabularies
+    "vocab_size": VOCAB, "decoder_vocab_size": VOCAB, "vocab_size_per_layer_input": VOCAB,
+    "unpadded_vocab_size": VOCAB,
+}
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers",
+                "num_blocks")
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "decoder_start_token_id")
+# Per-layer pattern attributes whose entries name the kind of each layer.
+PATTERNS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern", "attention_layers",
+            "attn_layers")
+
+
+class NotBuildable(Exception):
+    """This class cannot be built tiny here (reason in the message)."""
+
+
+def causal_lm_types() -> list[tuple[str, str]]:
+    """``[(model_type, class name), ...]`` of every causal LM the installed transformers maps."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items())
+
+
+def _keep(pattern) -> list[int]:
+    """Indices of the first layer of each kind in ``pattern``, at least two (a reduced layer pattern)."""
+    first: dict = {}
+    for i, p in enumerate(pattern):
+        first.setdefault(p if not isinstance(p, list) else str(p), i)
+    keep = sorted(first.values())
+    return keep if len(keep) >= 2 else [0, 1][:len(pattern)]
+
+
+def _select(v, keep: list[int], n: int):
+    """``v`` restricted to the layers ``keep`` if it is per layer (a list/string of length n, or a dict
+    keyed by layer index), else ``v``."""
+    if isinstance(v, list) and len(v) == n:
+        return [v[i] for i in keep]
+    if isinstance(v, dict) and v and all(isinstance(k, str) and k.isdigit() or isinstance(k, int) for k in v):
+        width = max(len(str(k)) for k in v)
+        new = {i: v[k] for k in v for i, j in enumerate(keep) if int(k) == j}
+        return {(str(i).zfill(width) if isinstance(next(iter(v)), str) else i): x for i, x in new.items()}
+    return v
+
+
+def _small(k: str, v):
+    size = SIZES.get(k, next((s for key, s in SIZES.items() if k.startswith(key + "_per_layer")), None))
+    if size is None:
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return min(v, size)
+    if isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return [min(x, size) for x in v]
+    return v
+
+
+def _shrink(cfg, depth: int = 0) -> None:
+    """Overwrite the size attributes of ``cfg`` (and its sub-configs) in place."""
+    from transformers import PretrainedConfig
+
+    d = cfg.__dict__
+    for k in list(d):
+        if isinstance(d[k], PretrainedConfig) and depth < 3:
+            _shrink(d[k], depth + 1)
+        else:
+            d[k] = _small(k, d[k])
+    for k in FILL_NONE:
+        if k in d and d[k] is None:
+            d[k] = SIZES[k]
+    if isinstance(d.get("qk_rope_head_dim"), int) and "head_dim" in d:
+        d["head_dim"] = d["qk_rope_head_dim"]  # MLA: the rotary part is the model's head_dim
+    n_key = next((k for k in LAYER_COUNTS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)), None)
+    if n_key is not None:
+        n = d[n_key]
+        pattern = next((d[k] for k in PATTERNS if isinstance(d.get(k), (list, str)) and len(d[k]) == n), None)
+        keep = _keep(pattern) if pattern is not None else list(range(min(n, 2)))
+        for k in list(d):
+            if k in PATTERNS and isinstance(d[k], str) and len(d[k]) == n:
+                d[k] = "".join(d[k][i] for i in keep)
+            elif k not in LAYER_COUNTS:
+                d[k] = _select(d[k], keep, n)
+        for k in LAYER_COUNTS:
+            if d.get(k) == n:
+                d[k] = len(keep)
+    for k in TOKEN_IDS:
+        v = d.get(k)
+        if isinstance(v, int) and v >= VOCAB:
+            d[k] = VOCAB - 1 - TOKEN_IDS.index(k)
+        elif isinstance(v, list):
+            d[k] = [t if t < VOCAB else VOCAB - 1 for t in v]
+    for k, v in list(d.items()):  # special-token ids of multimodal configs (image_token_id, ...)
+        if k.endswith(("_token_id", "_token_index")) and k not in TOKEN_IDS and isinstance(v, int) and v >= VOCAB:
+            d[k] = VOCAB - 10
+    for k in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
+        if isinstance(d.get(k), float):
+            d[k] = 0.0
+    for k in ("sliding_window", "attention_window_size", "sliding_window_size", "local_attention_window_len"):
+        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 4:
+            d[k] = 4  # a window shorter than the probe, so windowed layers see a window
+
+
+# Classes whose layer pattern lives in attributes the generic shrink does not know, or whose defaults
+# have no layer of some kind: attribute -> value, set after the shrink.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "jamba": {"num_hidden_layers": 2, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+              "expert_layer_offset": 1},
+    "bamba": {"num_hidden_layers": 2, "attn_layer_indices": [1]},
+    "zamba": {"num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 1, "attention_hidden_size": 64,
+              "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"]},
+    "zamba2": {"num_hidden_layers": 2, "hybrid_layer_ids": [1], "attention_hidden_size": 64},
+    "recurrent_gemma": {"num_hidden_layers": 3},
+    "gpt_neo": {"num_layers": 2, "attention_types": [[["global", "local"], 1]]},
+    "lfm2": {"num_hidden_layers": 2, "layer_types": ["conv", "full_attention"], "full_attn_idxs": [1]},
+    "lfm2_moe": {"num_hidden_layers": 2, "layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "mamba2": {"num_heads": 8},
+    "ernie4_5_moe": {"moe_k": 2},
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "gemma3n": {"num_kv_shared_layers": 0},
+    "dory": {"num_hidden_layers": 4, "n_input_layers": 1, "n_recurrent_layers": 2, "n_output_layers": 1,
+             "layer_types": ["sliding_attention", "mlp", "full_attention", "mlp"]},
+    "reformer": {"is_decoder": True, "axial_pos_shape": [4, 16], "axial_pos_embds_dim": [16, 16],
+                 "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4, "attn_layers": ["local", "lsh"]},
+    "xmod": {"default_language": "en_XX"},
+}
+for _t in ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "gemma4_assistant",
+           "gemma4_unified_assistant"):
+    OVERRIDES[_t] = {"global_head_dim": 8}
+# derived by the config from its layer pattern: left out when the shrunk config is rebuilt
+DERIVED = ("per_layer_config",)
+FILL_NONE = ("head_dim", "num_key_value_heads", "num_experts_per_tok")
+
+
+def _apply(cfg, model_type: str) -> None:
+    for k, v in OVERRIDES.get(model_type, {}).items():
+        if hasattr(cfg, "get_text_config") and cfg.get_text_config() is not cfg:
+            setattr(cfg.get_text_config(), k, v)
+        setattr(cfg, k, v)
+
+
+def tiny_config(model_type: str, model_class=None):
+    """The default config of ``model_class`` (``model_type``'s), shrunk (see :data:`SIZES`, :data:`OVERRIDES`)."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    try:
+        cfg = cls()
+    except Exception as e:  # noqa: BLE001 - a config that cannot be built with its own defaults
+        raise NotBuildable(f"{cls.__name__}() fails: {type(e).__name__}: {_first(e)}") from e
+    want = getattr(model_class, "config_class", None)
+    if want is not None and not isinstance(cfg, want) and cfg.get_text_config() is not cfg:
+        cfg = cfg.get_text_config()  # a causal LM built on the text part of a composite config
+        cls = type(cfg)
+    _shrink(cfg)
+    _apply(cfg, model_type)
+    # re-run the config's own derivations (layer patterns from counts, head dims, ...) on the new sizes
+    try:
+        cfg = cls(**{k: v for k, v in cfg.to_dict().items() if k not in ("transformers_version", *DERIVED)})
+    except Exception as e:  # noqa: BLE001
+        raise NotBuildable(f"{cls.__name__} rejects the tiny sizes: {type(e).__name__}: {_first(e)}") from e
+    _shrink(cfg)  # derivations may have grown things back (e.g. a pattern cycled to the layer count)
+    _apply(cfg, model_type)
+    return cfg
+
+
+def _first(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:200]
+
+
+@dataclass
+class Built:
+    model_type: str
+    class_name: str
+    model: nn.Module | None = None
+    reason: str = ""  # why it could not be built
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def build(model_type: str, class_name: str) -> Built:
+    """The tiny model (fp32, eval, seed 0), or ``Built(reason=...)`` when it cannot be built."""
+    import transformers
+
+    t0 = time.perf_counter()
+    out = Built(model_type, class_name)
+    try:
+        cls = getattr(transformers, class_name)
+        cfg = tiny_config(model_type, cls)
+        torch.manual_seed(0)
+        model = cls(cfg)
+        model.eval()
+        out.model = model
+    except NotBuildable as e:
+        out.reason = str(e)
+    except Exception as e:  # noqa: BLE001
+        out.reason = f"{class_name}(tiny config) fails: {type(e).__name__}: {_first(e)}"
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+# -- the oracle
+
+_LOCAL = "seqpar_zoo_token_local"
+
+
+def _token_local_attention(module, query, key, value, attention_mask, **kwargs):
+    """Every query gets its own token's value: attention that mixes nothing (cross-attention, with
+    other keys than queries, contributes nothing)."""
+    hq, hkv = query.shape[1], value.shape[1]
+    if query.shape[2] != value.shape[2]:
+        return query.new_zeros(query.shape[0], query.shape[2], hq, value.shape[3]), None
+    v = value.repeat_interleave(hq // hkv, dim=1) if hq != hkv else value  # (B, Hq, S, Dv)
+    return v.transpose(1, 2).contiguous(), None  # (B, S, Hq, Dv)
+
+
+def _register_local() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(_LOCAL, _token_local_attention)
+    AttentionMaskInterface.register(_LOCAL, lambda **kw: None)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, use_cache=False)
+    t = out.logits if hasattr(out, "logits") else out[0]
+    return t.float()
+
+
+def mixes_outside_attention(model: nn.Module, *, seq: int = 12, t: int = 5) -> dict[str, Any]:
+    """The oracle. Model made token-local in its attention (a copy; ``model`` is untouched), two inputs
+    that differ at position ``t`` only: ``{"mixes": bool, "changed": positions != t whose logits changed,
+    "error": text if the model cannot run that way}``. Needs an HF model on transformers' attention
+    interface (otherwise ``error`` says so). The copy's parameters get a little noise first: a mixer
+    initialised as the identity (a delta-initialised short conv) would otherwise look token-local."""
+    _register_local()
+    m = copy.deepcopy(model)
+    try:
+        m.set_attn_implementation(_LOCAL)
+    except Exception as e:  # noqa: BLE001
+        return {"mixes": None, "changed": [], "error": f"set_attn_implementation: {type(e).__name__}: {e}"[:200]}
+    if getattr(m.config, "_attn_implementation", None) != _LOCAL:
+        return {"mixes": None, "changed": [], "error": "the model did not switch its attention"}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # some mixers start as the identity (a delta-initialised conv): make them not
+        for p in m.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+    vocab = m.get_input_embeddings().weight.shape[0] if m.get_input_embeddings() is not None else VOCAB
+    hi = min(vocab, VOCAB) - 12  # below the special-token ids the tiny configs moved to the top of the vocabulary
+    a = torch.randint(3, hi, (1, seq), generator=g)
+    b = a.clone()
+    b[0, t] = 3 + (int(a[0, t]) - 3 + 7) % (hi - 3)
+    state = torch.random.get_rng_state()
+    try:
+        with torch.no_grad():
+            la, lb = _logits(m, a), _logits(m, b)
+    except Exception as e:  # noqa: BLE001
+        return {"mixes": None, "changed": [], "error": f"forward: {type(e).__name__}: {str(e)[:200]}"}
+    finally:
+        torch.random.set_rng_state(state)
+    diff = (la - lb).abs().flatten(2).amax(-1)[0]  # (S,)
+    scale = la.abs().amax().clamp_min(1e-6)
+    changed = [i for i in range(seq) if i != t and float(diff[i]) > 1e-5 * float(scale)]
+    return {"mixes": bool(changed), "changed": changed, "error": None}
+
+
+# -- the survey: every causal LM, built, judged by the oracle and by parallelize's check
+
+
+@dataclass
+class Row:
+    model_type: str
+    class_name: str
+    built: str  # "" when built, else why not
+    oracle: dict  # mixes_outside_attention's answer ({} when not built)
+    verdict: str  # "supported", or the refusal's class and message
+    findings: list = field(default_factory=list)  # seqpar.passes.mixers.Finding of the refusal
+    seconds: float = 0.0
+    model: nn.Module | None = None  # the tiny model, kept for checks of the refusal's module paths
+
+    @property
+    def truth(self) -> str:
+        """The oracle's answer: "mixes", "local", or "unjudged" (could not build / run it)."""
+        if self.built or not self.oracle or self.oracle.get("error"):
+            return "unjudged"
+        return "mixes" if self.oracle["mixes"] else "local"
+
+
+_SURVEY: list[Row] | None = None
+
+
+def survey() -> list[Row]:
+    """One :class:`Row` per causal LM of the installed transformers (computed once per process: ~20 s)."""
+    global _SURVEY
+    if _SURVEY is None:
+        _SURVEY = [_survey_one(mt, cn) for mt, cn in causal_lm_types()]
+    return _SURVEY
+
+
+def _survey_one(model_type: str, class_name: str) -> Row:
+    from seqpar.passes.check import model_kind
+    from seqpar.passes.mixers import ArchitectureNotSupported, architecture_problems
+
+    b = build(model_type, class_name)
+    row = Row(model_type, class_name, b.reason, {}, "", seconds=b.seconds)
+    if b.model is None:
+        row.verdict = "not built"
+        return row
+    t0 = time.perf_counter()
+    row.oracle = mixes_outside_attention(b.model)
+    try:
+        row.verdict = f"supported ({model_kind(b.model)})"
+    except ArchitectureNotSupported as e:
+        row.verdict = f"{type(e).__name__}: {e}"
+        row.findings = architecture_problems(b.model, hf_model=True)
+    except (TypeError, ValueError) as e:
+        row.verdict = f"{type(e).__name__}: {e}"
+    row.seconds += time.perf_counter() - t0
+    row.model = b.model
+    return row
