@@ -122,7 +122,12 @@ def shard_batch(
       row (B=1) of their tokens, each row its own document(s), as DataCollatorWithFlattening does; a
       length that does not divide is padded at the end with one extra document of ignored tokens.
       Outputs and loss of the real tokens equal the single-device ones (padded tokens neither attend
-      nor are attended to by real tokens, and their targets are ignored).
+      nor are attended to by real tokens, and their targets are ignored);
+    - only when that end padding was added: ``seqpar_tokens``, this rank's (B, S_local) bool shard of
+      the padded sequence, True for a real token, False for the padding. A model made by
+      ``seqpar.parallelize`` takes it out of the forward's arguments (it never reaches the model) and
+      leaves the padding out of the MoE router load-balancing loss; a model that is not parallelized
+      does not accept it.
 
     Bad input raises ``ValueError``/``TypeError`` naming the key; there is no communication, so only
     the ranks with bad input raise.
@@ -203,6 +208,10 @@ def shard_batch(
     if target is not None:
         out["labels"] = out["shift_labels"] = local(target)
         out["num_items_in_batch"] = (target != ignore_index).sum()
+    if pad:  # which tokens are real: the router loss (passes/router.py) leaves the padding out
+        real = torch.ones(B, S, dtype=torch.bool, device=dev)
+        real[:, S - pad:] = False
+        out["seqpar_tokens"] = local(real)
     if cu is not None and len(cu) > 2:
         offsets = torch.tensor(cu, dtype=torch.int32, device=dev)
         longest = max(b - a for a, b in zip(cu, cu[1:]))  # from the host list: no read of the device tensor

@@ -666,8 +666,9 @@ def shard_batch_reference(batch: dict, cp: int, rank: int, layout: str, ign: int
     ignored); documents start where position_ids restart (a position 0, or below its predecessor) or at
     the given cu_seq_lens_q; rows with padding (or B > 1 rows with documents) become one row of the real
     tokens, each row its own document(s); a length that does not divide is padded at the end with an
-    extra document of id 0, continuing positions and ignored targets; then every tensor is this rank's
-    shard by the layout's definition (ref_indices)."""
+    extra document of id 0, continuing positions and ignored targets, and only then ``seqpar_tokens``
+    (bool, False at the last ``pad`` positions of every row); then every tensor is this rank's shard by the
+    layout's definition (ref_indices)."""
     ids = batch["input_ids"]
     B, S = ids.shape
     pos = batch.get("position_ids")
@@ -718,6 +719,8 @@ def shard_batch_reference(batch: dict, cp: int, rank: int, layout: str, ign: int
     if target is not None:
         want["labels"] = want["shift_labels"] = local(target, batch["labels"].dtype)
         want["num_items_in_batch"] = torch.tensor(sum(t != ign for row in target for t in row))
+    if pad:
+        want["seqpar_tokens"] = local([[i < S - pad for i in range(S)]] * B, torch.bool)
     if cu is not None and len(cu) > 2:
         longest = max(b - a for a, b in zip(cu, cu[1:]))
         want.update(cu_seq_lens_q=torch.tensor(cu, dtype=torch.int32),

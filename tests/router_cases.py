@@ -84,17 +84,22 @@ def _worst(got: dict, want: dict) -> tuple[float, int]:
 
 
 def router_equivalence(rank, size, *, model_type, dp, cp, layout="zigzag", B=2, S=32):
-    """loss, aux_loss, the gradient of the loss and the gradient of aux_loss alone: seqpar vs single process."""
+    """loss, aux_loss, the gradient of the loss and the gradient of aux_loss alone: seqpar vs single process.
+    The reference always runs on the unpadded (B, S) batch: with an S that is not a multiple of the layout's
+    unit, shard_batch's end padding must not count in the router statistics (``pad``: this rank's padded
+    tokens, from ``seqpar_tokens``)."""
     mesh = mesh_for(dp, cp)
     replica = mesh.get_local_rank("dp")
     ref = make_moe(model_type)
     model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout=layout, fsdp=False)
     batches = [make_batch(d, B, S, vocab=VOCAB) for d in range(dp)]
     outs = [ref(input_ids=b["input_ids"], labels=b["labels"]) for b in batches]
-    out = model(**seqpar.shard_batch(batches[replica], mesh, layout=layout))
+    sharded = seqpar.shard_batch(batches[replica], mesh, layout=layout)
+    tokens = sharded.get("seqpar_tokens")  # only when S is padded to the layout's unit: False = padding
+    out = model(**sharded)
     res = dict(loss=_rel(out.loss.detach(), outs[replica].loss.detach()),
                aux=_rel(out.aux_loss.detach(), outs[replica].aux_loss.detach()),
-               aux_value=float(out.aux_loss))
+               aux_value=float(out.aux_loss), pad=0 if tokens is None else int((~tokens).sum()))
     # gradients: the mean over dp replicas (the data-parallel pass averages over dp, sums over cp)
     (sum(o.loss for o in outs) / dp).backward(retain_graph=True)
     out.loss.backward(retain_graph=True)

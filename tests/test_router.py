@@ -30,6 +30,20 @@ def test_router_loss_is_global(worlds):
             _check(res, f"{model_type} dp={dp} cp={cp} rank {rank}")
 
 
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_router_loss_excludes_end_padding(worlds, layout):
+    """S=30 on cp=4 is not a multiple of the layout's unit (8 zigzag, 4 contiguous): shard_batch pads 2 ignored
+    tokens at the end of each row, and the router statistics must leave them out: loss, aux_loss (rel < 1e-5)
+    and every gradient (rel < 1e-4) equal the single process' on the unpadded sequence (B=2: the rows of the
+    router logits are batch-major)."""
+    w = worlds(P)
+    for model_type in ("mixtral", "qwen2_moe"):
+        res = w.run(rc.router_equivalence, model_type=model_type, dp=1, cp=4, layout=layout, B=2, S=30)
+        for rank, r in enumerate(res):
+            _check(r, f"{model_type} {layout} S=30 rank {rank}")
+        assert sum(r["pad"] for r in res) == 2 * 2, (model_type, layout, res)  # 2 padded tokens x B rows
+
+
 def test_router_logits_without_loss(worlds):
     """A model that returns router logits but adds no router loss: output_router_logits=True is a flag on its
     way to attention, not an unknown attention argument."""

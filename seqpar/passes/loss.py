@@ -63,6 +63,7 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
     router = router_loss(model) if kind == "hf" else None  # MoE load-balancing loss: passes/router.py
 
     def pre(module, args, kwargs):
+        rt.tokens = kwargs.pop("seqpar_tokens", None)  # shard_batch's end padding (False): for the router loss
         if kind == "sdpa":
             kwargs.pop("shift_labels", None)
             kwargs.pop("num_items_in_batch", None)
@@ -86,8 +87,10 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
 
     def post(module, args, kwargs, output):
         rt.cu_seqlens = None
+        tokens, rt.tokens = rt.tokens, None
         if router is not None and output is not None:
-            output = router.apply(output, kwargs, rt.group)  # aux_loss global, its share in the local loss
+            # aux_loss global over the real tokens, its share in the local loss
+            output = router.apply(output, kwargs, rt.group, tokens)
         if kind != "hf" or kwargs.get("labels") is None or output is None:  # None: the forward raised
             return output
         if isinstance(output, tuple):

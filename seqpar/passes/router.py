@@ -34,6 +34,14 @@ its config turns the router loss on, and at forward time when ``output_router_lo
 ``output_router_logits=False`` or ``router_aux_loss_coef=0`` are the way out. Models that return
 router logits without an auxiliary loss (DeepSeek-V3, GLM-4-MoE, ...) need nothing: their loss does
 not depend on them.
+
+The tokens ``seqpar.shard_batch`` appends to a length that is not a multiple of the layout's unit run
+through the model, so their rows are in the router logits (and in the model's local ``aux_loss``,
+which the check above still compares with all rows). The batch's ``seqpar_tokens`` ((B, S_local)
+bool, False = padding; the loss pass takes it out of the forward's arguments) selects the rows of
+the global statistics: ``C_e``, ``Q_e`` and ``N`` sum over the real tokens only, as the single-device
+model does on the unpadded sequence. The rows of each layer's logits are the (B, S_local) tokens
+flattened batch-major (``hidden.view(-1, H)``); logits with another number of rows are refused.
 """
 
 from __future__ import annotations
@@ -81,9 +89,10 @@ class RouterLoss:
         if self.has_loss and self.refusal is not None and self.coef != 0 and self.enabled(kwargs):
             raise self.error()
 
-    def apply(self, output: Any, kwargs: dict[str, Any], group) -> Any:
+    def apply(self, output: Any, kwargs: dict[str, Any], group, tokens: torch.Tensor | None = None) -> Any:
         """``output`` with ``aux_loss`` global and ``loss`` holding ``coef * aux_r`` instead of the local term
-        (``loss`` is then reduced over cp by the loss pass)."""
+        (``loss`` is then reduced over cp by the loss pass). ``tokens``: the batch's ``seqpar_tokens`` (False:
+        shard_batch's end padding, left out of the global statistics) or None (every token is real)."""
         from seqpar.passes.loss import reduce_forward  # (loss.py imports this module)
 
         if isinstance(output, tuple):
@@ -100,23 +109,37 @@ class RouterLoss:
                                  "it returns an aux_loss without a load_balancing_loss_func seqpar could verify")
             output["aux_loss"] = None  # coef 0: not in the loss; a local value would pass for the global one
             return output
-        sums = _sums(output.get("router_logits"), self.num_experts, self.top_k)
+        logits = output.get("router_logits")
+        sums = _sums(logits, self.num_experts, self.top_k)
+        misfit = torch.zeros((), device=aux.device)
         if sums is None:  # not the (tokens, E) per-layer logits load_balancing_loss_func takes
             counts, probs, rows = (torch.zeros(self.num_experts, device=aux.device), None,
                                    torch.zeros((), device=aux.device))
             bad = torch.ones((), device=aux.device)
         else:
-            counts, probs, rows = sums
+            counts, probs, rows = sums  # every row, as the model's own aux_loss
             mine = self.num_experts * torch.sum((counts / rows) * (probs.detach() / rows))
             ref = aux.detach().float()
             bad = ((mine - ref).abs() > _TOL * ref.abs() + 1e-12).float()  # the model's function is ours?
-        stats = torch.cat([counts, torch.stack([rows, bad])])  # (E + 2,) fp32
-        dist.all_reduce(stats, group=group)  # [C_e global..., N global, ranks whose aux_loss differs]
-        if stats[-1].item() > 0:
+            if tokens is not None:  # the global statistics: the real tokens only
+                real = _sums(logits, self.num_experts, self.top_k, tokens)
+                if real is None:
+                    misfit = torch.ones((), device=aux.device)
+                else:
+                    counts, probs, rows = real
+        stats = torch.cat([counts, torch.stack([rows, bad, misfit])])  # (E + 3,) fp32
+        # [C_e global..., N global, ranks whose aux_loss differs, ranks whose logits do not match the tokens]
+        dist.all_reduce(stats, group=group)
+        if stats[-2].item() > 0:
             raise self.error(f"the model's aux_loss differs from load_balancing_loss_func with {self.num_experts} "
                              f"experts and top-{self.top_k}, the Switch-Transformer form seqpar makes global, on "
-                             f"{int(stats[-1].item())} rank(s)")
-        c_global, n_global = stats[:-2], stats[-2]
+                             f"{int(stats[-2].item())} rank(s)")
+        if stats[-1].item() > 0:
+            raise self.error(f"its router logits do not have one row per token of the batch (B * S_local, "
+                             f"batch-major) on {int(stats[-1].item())} rank(s), so the padding shard_batch adds to "
+                             f"a length that is not a multiple of the layout's unit (cp, 2 cp for zigzag) cannot be "
+                             f"left out of them; pass a sequence length that is a multiple of it")
+        c_global, n_global = stats[:-3], stats[-3]
         aux_r = (self.num_experts * torch.sum((c_global / n_global) * (probs / n_global))).to(aux.dtype)
         loss = output.get("loss")
         if loss is not None and kwargs.get("labels") is not None and self.coef != 0:
@@ -126,19 +149,25 @@ class RouterLoss:
         return output
 
 
-def _sums(gates: Any, num_experts: int, top_k: int):
+def _sums(gates: Any, num_experts: int, top_k: int, tokens: torch.Tensor | None = None):
     """Per-expert sums over this rank's tokens and every layer: (routed (token, slot) counts (E,) fp32 no grad,
     router probability sums (E,) fp32 with grad, rows () fp32) -- or None if the logits are not a tuple of
-    (tokens, E) tensors (the form load_balancing_loss_func takes)."""
+    (tokens, E) tensors (the form load_balancing_loss_func takes), or, given ``tokens`` ((B, S_local) bool,
+    True = a real token), do not have one row per token (B * S_local): then only the rows of real tokens count."""
     if not isinstance(gates, (tuple, list)) or not gates:
         return None
     if any(not isinstance(g, torch.Tensor) or g.ndim != 2 or g.shape[-1] != num_experts for g in gates):
         return None
     device = gates[0].device
+    keep = None if tokens is None else tokens.reshape(-1).to(device=device, dtype=torch.bool)  # batch-major
+    if keep is not None and any(g.shape[0] != keep.numel() for g in gates):
+        return None
     counts = torch.zeros(num_experts, dtype=torch.float32, device=device)
     probs = torch.zeros(num_experts, dtype=torch.float32, device=device)
     rows = 0
     for g in gates:  # (T_local, E)
+        if keep is not None:
+            g = g[keep.to(g.device)]  # the real tokens' rows
         weights = torch.softmax(g.to(device), dim=-1)
         chosen = torch.topk(weights.detach(), top_k, dim=-1).indices  # (T_local, k)
         counts += torch.bincount(chosen.reshape(-1), minlength=num_experts).float()

@@ -57,6 +57,9 @@ class Runtime:
         # plain models: the batch's document offsets during one forward (the loss pass sets and clears it;
         # Hugging Face models get them as attention arguments instead)
         self.cu_seqlens: torch.Tensor | None = None
+        # the batch's seqpar_tokens during one forward (shard_batch's end padding, False; the loss pass sets
+        # and clears it): the router loss leaves the padded tokens out
+        self.tokens: torch.Tensor | None = None
         self._handlers: dict[Callable, Callable] = {}
         self._mode: _Overrides | None = None
         self._mode_depth = 0
