@@ -16,13 +16,18 @@ dq/dk/dv, each piece's backward run against the global out/lse of its rows. Mask
 ``out`` and the gradients in the accumulation dtype. Soft-capped tiles (``softcap > 0``) have no
 aten piece: the dispatcher sends them to the ``reference`` backend, which computes them exactly in
 chunks of query rows (at most 64 MiB of scores per chunk).
+
+MLA (v with its own head dim Dv != D: DeepSeek-V2/V3, MiniCPM3). The fused kernels take one head dim, so
+q, k and v are zero-padded to max(D, Dv) once per tile and the output (gradients) cut back
+(:func:`seqpar.kernels.backend.forward_padded`): exact, since zero columns of q / k add nothing to a score
+and zero columns of v only give zero output columns; the cost is the padded columns' flops and one copy.
 """
 
 from __future__ import annotations
 
 import torch
 
-from seqpar.kernels.backend import KernelBackend, TileMask, acc_dtype, split_mask
+from seqpar.kernels.backend import KernelBackend, TileMask, acc_dtype, backward_padded, forward_padded, split_mask
 
 __all__ = ["forward", "backward", "forward_pieces", "backward_pieces", "split_params", "BACKEND", "CPU_LEAF",
            "CPU_CHUNK_FRACTION", "CPU_MIN_CHUNK"]
@@ -199,7 +204,12 @@ def backward_pieces(plain_backward, dout, q, k, v, out, lse, *, mask: TileMask, 
 
 
 def forward(q, k, v, *, mask: TileMask, scale: float):
-    """-> out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32 (fp64 for fp64); band / documents by pieces."""
+    """-> out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32 (fp64 for fp64); band / documents by pieces. torch's fused
+    kernels take one head dim: a v with its own (Dv != D, MLA) runs zero-padded (:func:`forward_padded`)."""
+    return forward_padded(_forward, q, k, v, mask=mask, scale=scale)
+
+
+def _forward(q, k, v, *, mask: TileMask, scale: float):
     if mask.plain:
         return _plain_forward(q, k, v, mask=mask, scale=scale)
     if mask.softcap:
@@ -208,7 +218,11 @@ def forward(q, k, v, *, mask: TileMask, scale: float):
 
 
 def backward(dout, q, k, v, out, lse, *, mask: TileMask, scale: float):
-    """-> dq, dk, dv shaped like q, k, v; band / documents by pieces."""
+    """-> dq, dk, dv shaped like q, k, v; band / documents by pieces; Dv != D zero-padded as in :func:`forward`."""
+    return backward_padded(_backward, dout, q, k, v, out, lse, mask=mask, scale=scale)
+
+
+def _backward(dout, q, k, v, out, lse, *, mask: TileMask, scale: float):
     if mask.plain:
         return _plain_backward(dout, q, k, v, out, lse, mask=mask, scale=scale)
     if mask.softcap:

@@ -17,7 +17,7 @@ import torch
 from seqpar.vocab import MASK_KINDS, MaskKind, check_choice
 
 __all__ = ["TileMask", "Segment", "as_mask", "KernelBackend", "acc_dtype", "FEATURES", "UNBOUNDED", "check_tile",
-           "doc_ids", "visible_rows", "Piece", "split_mask"]
+           "doc_ids", "visible_rows", "Piece", "split_mask", "pad_head_dim", "forward_padded", "backward_padded"]
 
 FEATURES = frozenset({"band", "docs", "softcap"})  # what TileMask.features may hold
 UNBOUNDED = 1 << 30  # an "unbounded" band edge as an int (kernels take ints: lo = -UNBOUNDED, hi = UNBOUNDED)
@@ -132,6 +132,39 @@ class KernelBackend:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of out, lse and dK/dV for inputs of ``dtype``: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# v with its own head dim (MLA: DeepSeek-V2/V3, MiniCPM3) on kernels that take one head dim
+# ----------------------------------------------------------------------------------------------------------------
+
+def pad_head_dim(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``x`` with zero columns appended to its last dim up to ``d`` (``x`` itself when it has ``d``)."""
+    return x if x.shape[-1] == d else torch.nn.functional.pad(x, (0, d - x.shape[-1]))
+
+
+def forward_padded(forward: Callable, q, k, v, **kw):
+    """``forward(q, k, v, **kw) -> (out, lse)`` of a kernel that needs one head dim, for a v with its own head
+    dim Dv != D (MLA): q, k and v zero-padded to max(D, Dv), the output's first Dv columns returned
+    (contiguous). Exact: zero columns of q and k add nothing to the scores (the scale is explicit), zero
+    columns of v only give zero output columns."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D == Dv:
+        return forward(q, k, v, **kw)
+    m = max(D, Dv)
+    out, lse = forward(pad_head_dim(q, m), pad_head_dim(k, m), pad_head_dim(v, m), **kw)
+    return out[..., :Dv].contiguous(), lse
+
+
+def backward_padded(backward: Callable, dout, q, k, v, out, lse, **kw):
+    """The backward of :func:`forward_padded`: ``dout`` and ``out`` (Dv columns) padded with zero columns
+    too (``rowsum(dO * O)`` unchanged), the gradients cut back to q's, k's and v's head dims."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D == Dv:
+        return backward(dout, q, k, v, out, lse, **kw)
+    m = max(D, Dv)
+    dq, dk, dv = backward(*(pad_head_dim(x, m) for x in (dout, q, k, v, out)), lse, **kw)
+    return dq[..., :D], dk[..., :D], dv[..., :Dv]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ fp32 ``(out, lse)`` inside the kernel.
 Shapes::
 
     q          (B, Hq,  Sq, D)    fp16 / bf16 / fp32, any strides
-    k, v       (B, Hkv, Sk, D)    Hq % Hkv == 0; q head h reads kv head h // (Hq // Hkv) (by index)
-    out        (B, Hq,  Sq, D)    fp32
+    k, v       (B, Hkv, Sk, D), (B, Hkv, Sk, Dv)   Hq % Hkv == 0; q head h reads kv head h // (Hq // Hkv)
+    out        (B, Hq,  Sq, Dv)   fp32
     lse        (B, Hq,  Sq)       fp32, natural log, -inf for a row that sees no key
     dq, dk, dv like q, k, v       fp32 (the ring accumulates gradients in fp32)
 
-D is 1..256, any value: tiles are padded to BLOCK_D = max(16, next_pow2(D)) with masked loads.
+D is 1..256, any value: tiles are padded to BLOCK_D = max(16, next_pow2(D)) with masked loads. A v with its
+own head dim Dv != D (MLA: DeepSeek-V2/V3's 192 / 128) is not a kernel parameter: the entry points zero-pad
+q, k, v (and dout, out) to max(D, Dv) and cut the results back (exact; the padded columns cost flops).
 fp64 inputs (no fast Triton path) go to the ``reference`` backend: ``BACKEND.dtypes`` leaves fp64 out,
 and the dispatcher in :mod:`seqpar.kernels` routes by it.
 
@@ -53,7 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from seqpar.kernels.backend import UNBOUNDED, KernelBackend, TileMask, check_tile, doc_ids
+from seqpar.kernels.backend import (UNBOUNDED, KernelBackend, TileMask, backward_padded, check_tile, doc_ids,
+                                    forward_padded, pad_head_dim)
 
 __all__ = [
     "forward",
@@ -653,14 +656,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: TileMask) ->
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"triton backend: q, k, v must be 4-D (B, H, S, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"triton backend: need q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"triton backend: need q (B, Hq, Sq, D), k (B, Hkv, Sk, D) and v (B, Hkv, Sk, Dv); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"triton backend: Hq={q.shape[1]} must be a multiple of Hkv={k.shape[1]}")
     check_tile(mask, q.shape[2], k.shape[2])
-    if q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"triton backend: head dim {q.shape[3]} > {MAX_HEAD_DIM}; use backend='aten'")
+    if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"triton backend: head dim {max(q.shape[3], v.shape[3])} > {MAX_HEAD_DIM}; use "
+                         f"backend='aten'")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOATS:
         raise TypeError(f"triton backend: q, k, v must share one of {_FLOATS}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device.type != "cuda" and not INTERPRET:
@@ -714,13 +718,18 @@ def _launch_forward(q, k, v, out, lse, mask: TileMask, scale: float, accumulate:
 def forward(
     q: torch.Tensor,  # (B, Hq, Sq, D)
     k: torch.Tensor,  # (B, Hkv, Sk, D)
-    v: torch.Tensor,  # (B, Hkv, Sk, D)
+    v: torch.Tensor,  # (B, Hkv, Sk, Dv)
     *,
     mask: TileMask,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> out (B, Hq, Sq, D) fp32, lse (B, Hq, Sq) fp32; rows with no visible key: out 0, lse -inf."""
+    """-> out (B, Hq, Sq, Dv) fp32, lse (B, Hq, Sq) fp32; rows with no visible key: out 0, lse -inf.
+    A v with its own head dim (Dv != D, MLA) runs zero-padded to max(D, Dv) (:func:`forward_padded`)."""
     _check(q, k, v, mask)
+    return forward_padded(_forward, q, k, v, mask=mask, scale=scale)
+
+
+def _forward(q, k, v, *, mask: TileMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, Hq, Sq, D = q.shape
     out = torch.zeros(B, Hq, Sq, D, dtype=torch.float32, device=q.device)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
@@ -732,8 +741,8 @@ def forward(
 def forward_accumulate(
     q: torch.Tensor,  # (B, Hq, Sq, D)
     k: torch.Tensor,  # (B, Hkv, Sk, D)
-    v: torch.Tensor,  # (B, Hkv, Sk, D)
-    out_acc: torch.Tensor,  # (B, Hq, Sq, D) fp32, any strides (a view of the ring's running output)
+    v: torch.Tensor,  # (B, Hkv, Sk, Dv)
+    out_acc: torch.Tensor,  # (B, Hq, Sq, Dv) fp32, any strides (a view of the ring's running output)
     lse_acc: torch.Tensor,  # (B, Hq, Sq)    fp32, any strides
     *,
     mask: TileMask,
@@ -741,31 +750,48 @@ def forward_accumulate(
 ) -> None:
     """In place: merge this tile's attention into the running ``(out_acc, lse_acc)``.
 
-    Rows that see no key of this tile are left untouched (bit for bit)."""
+    Rows that see no key of this tile are left untouched (bit for bit). A v with its own head dim (Dv != D,
+    MLA): q, k, v zero-padded to max(D, Dv); when Dv < D the running output is merged in a padded copy and
+    its first Dv columns copied back."""
     _check(q, k, v, mask)
     B, Hq, Sq, D = q.shape
-    if out_acc.shape != (B, Hq, Sq, D) or lse_acc.shape != (B, Hq, Sq):
-        raise ValueError(f"forward_accumulate: out_acc must be {(B, Hq, Sq, D)} and lse_acc {(B, Hq, Sq)}; got "
+    Dv = v.shape[3]
+    if out_acc.shape != (B, Hq, Sq, Dv) or lse_acc.shape != (B, Hq, Sq):
+        raise ValueError(f"forward_accumulate: out_acc must be {(B, Hq, Sq, Dv)} and lse_acc {(B, Hq, Sq)}; got "
                          f"{tuple(out_acc.shape)}, {tuple(lse_acc.shape)}")
     if out_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
         raise TypeError(f"forward_accumulate: out_acc and lse_acc must be fp32, got {out_acc.dtype}, {lse_acc.dtype}")
-    if Sq and k.shape[2] and B * Hq:
+    if not (Sq and k.shape[2] and B * Hq):
+        return
+    if D == Dv:
         _launch_forward(q, k, v, out_acc, lse_acc, mask, scale, accumulate=True)
+        return
+    m = max(D, Dv)
+    o = pad_head_dim(out_acc, m)  # out_acc itself when Dv > D
+    _launch_forward(pad_head_dim(q, m), pad_head_dim(k, m), pad_head_dim(v, m), o, lse_acc, mask, scale,
+                    accumulate=True)
+    if o is not out_acc:
+        out_acc.copy_(o[..., :Dv])
 
 
 def backward(
-    dout: torch.Tensor,  # (B, Hq, Sq, D)
+    dout: torch.Tensor,  # (B, Hq, Sq, Dv)
     q: torch.Tensor,  # (B, Hq, Sq, D)
     k: torch.Tensor,  # (B, Hkv, Sk, D)
-    v: torch.Tensor,  # (B, Hkv, Sk, D)
-    out: torch.Tensor,  # (B, Hq, Sq, D) the global output of these rows
+    v: torch.Tensor,  # (B, Hkv, Sk, Dv)
+    out: torch.Tensor,  # (B, Hq, Sq, Dv) the global output of these rows
     lse: torch.Tensor,  # (B, Hq, Sq)    the global lse of these rows (natural log)
     *,
     mask: TileMask,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), all fp32."""
+    """-> dq (B, Hq, Sq, D), dk (B, Hkv, Sk, D), dv (B, Hkv, Sk, Dv), all fp32 (Dv != D: zero-padded as in
+    :func:`forward`)."""
     _check(q, k, v, mask)
+    return backward_padded(_backward, dout, q, k, v, out, lse, mask=mask, scale=scale)
+
+
+def _backward(dout, q, k, v, out, lse, *, mask: TileMask, scale: float):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq = torch.zeros(B, Hq, Sq, D, dtype=torch.float32, device=q.device)

@@ -81,6 +81,7 @@ class ModelShape:
     layers: int = 1
     hidden: int = 0  # model width, for activation memory
     params: float = 0.0  # non-embedding parameters, for the linear-layer FLOPs (6 N per token)
+    v_head_dim: int | None = None  # v's (and the output's) head dim when it differs (MLA); None = head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,17 +333,18 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
           dtype_bytes: int, causal: bool, checkpoint: Checkpoint, ulysses: int | None, layout: str) -> Plan:
     P, s, B, e = ranks, seq_len // ranks, batch, dtype_bytes
     Hq, Hkv, D = model.heads, model.kv_heads, model.head_dim
+    Dv = model.v_head_dim or D  # MLA: v / out / dv have their own head dim (then 2 D below is D + Dv)
     f = 0.5 if causal else 1.0
     lat, ov = machine.latency, machine.overlap
     Ff = machine.attn_flops
     Fb = machine.attn_bwd_flops or Ff
     Fdf = machine.diag_flops or Ff
     Fdb = machine.diag_bwd_flops or Fb
-    kv_bytes = 2 * B * Hkv * s * D * e  # this rank's K/V block
-    dkv_bytes = 2 * B * Hkv * s * D * 4
-    flops_f = 4 * B * Hq * s * s * D * f  # one (balanced) ring tile
-    flops_b = 10 * B * Hq * s * s * D * f
-    qkvo = B * s * (2 * Hq + 2 * Hkv) * D * e
+    kv_bytes = B * Hkv * s * (D + Dv) * e  # this rank's K/V block
+    dkv_bytes = B * Hkv * s * (D + Dv) * 4
+    flops_f = 2 * B * Hq * s * s * (D + Dv) * f  # one (balanced) ring tile: q k^T (D), p v (Dv)
+    flops_b = 2 * B * Hq * s * s * (3 * D + 2 * Dv) * f  # recompute q k^T, dq, dk (D); dv, dp (Dv)
+    qkvo = B * s * ((Hq + Hkv) * D + (Hq + Hkv) * Dv) * e
     lse_dq = B * Hq * s * (D + 1) * 4  # fp32 dq accumulator and lse
     U = 1
 
@@ -353,7 +355,7 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
         U = 1 if method == "ring" else int(ulysses)
         R = P // U
         hkv_u = Hkv if Hkv % U == 0 else U  # kv heads per super-block: Hkv/U or 1 head, U s tokens
-        step_kv, step_dkv = 2 * B * hkv_u * s * D * e, 2 * B * hkv_u * s * D * 4
+        step_kv, step_dkv = B * hkv_u * s * (D + Dv) * e, B * hkv_u * s * (D + Dv) * 4
         bw = machine.ring_bw(P)
 
         def comm(nbytes: float) -> float:
@@ -367,25 +369,26 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
         a2a_in_f = a2a_out_f = a2a_in_b = a2a_out_b = 0.0
         if U > 1:
             a2a = lambda n: machine.all_to_all(n, U, whole_group=False)  # noqa: E731  the U adjacent ranks
-            a2a_in_f = a2a(B * (Hq + 2 * hkv_u) * s * D * e)
-            a2a_out_f = a2a(B * Hq * s * (D + 1) * 4)
-            a2a_in_b = a2a(B * Hq * s * D * e)  # dout: the forward's gathered q, k, v, out, lse are kept
-            a2a_out_b = a2a(B * (Hq + 2 * hkv_u) * s * D * 4)
+            a2a_in_f = a2a(B * ((Hq + hkv_u) * D + hkv_u * Dv) * s * e)
+            a2a_out_f = a2a(B * Hq * s * (Dv + 1) * 4)
+            a2a_in_b = a2a(B * Hq * s * Dv * e)  # dout: the forward's gathered q, k, v, out, lse are kept
+            a2a_out_b = a2a(B * ((Hq + hkv_u) * D + hkv_u * Dv) * s * 4)
         attn_fwd = a2a_in_f + (R - 1) * fwd.time + diag_f + a2a_out_f
         attn_bwd = a2a_in_b + (R - 1) * bwd.time + diag_b + comm(step_dkv) + a2a_out_b
         working = 2 * step_kv + 2 * step_dkv  # KV double buffer + dK/dV in flight (fp32)
         if U > 1:  # the all-to-all'd backward inputs and fp32 gradients (as many elements as the local ones)
             # the kept gathered q, k, v, out (+ lse), dout, and the fp32 gradients
-            working += B * (3 * Hq + 2 * hkv_u) * s * D * e + B * Hq * s * 4 + B * (Hq + 2 * hkv_u) * s * D * 4
+            working += (B * ((Hq + hkv_u) * D + (2 * Hq + hkv_u) * Dv) * s * e + B * Hq * s * 4
+                        + B * ((Hq + hkv_u) * D + hkv_u * Dv) * s * 4)
     elif method == "ulysses":
         U = P
         hkv_p = Hkv if Hkv % P == 0 else P  # kv heads sent (copies when Hkv < P)
         a2a = lambda n: machine.all_to_all(n, P)  # noqa: E731
-        in_f, out_f = B * (Hq + 2 * hkv_p) * s * D * e, B * Hq * s * (D + 1) * 4
-        in_b = B * Hq * s * D * e  # dout only: the forward's gathered q, k, v, out, lse are kept
-        out_b = B * (Hq + 2 * hkv_p) * s * D * 4
+        in_f, out_f = B * ((Hq + hkv_p) * D + hkv_p * Dv) * s * e, B * Hq * s * (Dv + 1) * 4
+        in_b = B * Hq * s * Dv * e  # dout only: the forward's gathered q, k, v, out, lse are kept
+        out_b = B * ((Hq + hkv_p) * D + hkv_p * Dv) * s * 4
         S = seq_len
-        ff, fb = 4 * B * (Hq // P) * S * S * D * f, 10 * B * (Hq // P) * S * S * D * f
+        ff, fb = 2 * B * (Hq // P) * S * S * (D + Dv) * f, 2 * B * (Hq // P) * S * S * (3 * D + 2 * Dv) * f
         # one kernel on the whole sequence, H/P heads: cut into P x P blocks of the ring's size s it is the
         # ring's mix, P causal diagonal blocks (1/P of the causal flops, at the diagonal rate) and full
         # blocks (at the full rate), so its compute equals the ring's per rank
@@ -394,7 +397,7 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
         fwd = StepPlan(cf, a2a(in_f) + a2a(out_f), in_f + out_f, ff, "none")
         bwd = StepPlan(cb, a2a(in_b) + a2a(out_b), in_b + out_b, fb, "none")
         attn_fwd, attn_bwd = fwd.time, bwd.time
-        kept = B * (2 * Hq + 2 * hkv_p) * s * D * e + B * Hq * s * 4  # gathered q, k, v, out, lse
+        kept = B * ((Hq + hkv_p) * D + (Hq + hkv_p) * Dv) * s * e + B * Hq * s * 4  # gathered q, k, v, out, lse
         working = kept + in_b + out_b + out_f
     elif method == "allgather":
         gather, scatter = machine.ring_collective(kv_bytes, P), machine.ring_collective(dkv_bytes, P)

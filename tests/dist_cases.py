@@ -103,8 +103,8 @@ def bad_input(rank, size, *, case):
         q, k, v = q.long(), k.long(), v.long()
     elif case == "not_tensor":
         q = q.tolist()
-    elif case == "kv_shape_mismatch":
-        v = v[..., :8]
+    elif case == "kv_shape_mismatch":  # v may have its own head dim (MLA), not its own heads / length
+        v = v[:, :2]
     elif case == "local_len_disagrees":  # only rank 1 holds a different length: every rank must fail
         if rank == 1:
             q, k, v = (torch.randn(1, 4, S_local + 2, D) for _ in range(3))

@@ -15,7 +15,7 @@ CASES = {
     "unknown_backend": ("ValueError", "backend must be one of"),
     "int_dtype": ("TypeError", "fp16, bf16, fp32 or fp64"),
     "not_tensor": ("TypeError", "q must be a torch.Tensor"),
-    "kv_shape_mismatch": ("ValueError", "k and v must have the same shape"),
+    "kv_shape_mismatch": ("ValueError", "k and v must have the same leading dims"),
     "local_len_disagrees": ("ValueError", "disagree"),
     "one_rank_bad_dtype": ("TypeError", "dtype"),
     # the masks: window_size, cu_seqlens (global offsets, S = 16 here), softcap

@@ -34,7 +34,7 @@ import torch
 from seqpar.comm import all_gather_tensor, reduce_scatter_tensor
 from seqpar.kernels import acc_dtype
 from seqpar.methods.base import CollectiveMethod
-from seqpar.methods.tiles import backward_tile, block_order, forward_tile
+from seqpar.methods.tiles import backward_tile, block_order, forward_tile, fuse_kv, split_kv
 
 __all__ = ["AllGatherMethod"]
 
@@ -53,7 +53,7 @@ class AllGatherMethod(CollectiveMethod):
         """All-gather takes any head counts and local lengths the layout allows."""
 
     def _gather(self, k: torch.Tensor, v: torch.Tensor, phase: str) -> list[torch.Tensor]:
-        kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one fused buffer, GQA heads not repeated
+        kv = fuse_kv(k, v)  # (2, B, Hkv, S_local, D) or, MLA, (B, Hkv, S_local, D + Dv): GQA heads not repeated
         return self._collective(lambda: all_gather_tensor(kv, self.group), f"{phase}, in the K/V all-gather")
 
     def _tiles(self, s_local: int):
@@ -78,9 +78,10 @@ class AllGatherMethod(CollectiveMethod):
         blocks = self._gather(k, v, "backward")
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         # every block's dK/dV; P leads so that rank j's block is one contiguous chunk of the reduce-scatter
-        dkv = torch.zeros((self.size, 2, *k.shape), dtype=acc, device=k.device)  # (P, 2, B, Hkv, S_local, D)
+        dkv = torch.zeros((self.size, *blocks[0].shape), dtype=acc, device=k.device)  # (P, *fused K/V)
         for j, t in self._tiles(q.shape[2]):
             backward_tile(dout, q, blocks[j], out, lse, t, dq, dkv[j], record=self.record, step=j, **opts)
         del blocks
         mine = self._collective(lambda: reduce_scatter_tensor(dkv, self.group), "backward, in the dK/dV reduce-scatter")
-        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
+        dk, dv = split_kv(mine, k.shape[-1])
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -3,7 +3,8 @@
 Note
 ----
 P ranks each hold a query block Q_r and a key/value block KV_r (one fused buffer, K and V stacked,
-never repeated for GQA). At step s rank r computes its tile against KV_{r-s} while KV_{r-s-1} is
+never repeated for GQA; a v with its own head dim Dv != D, MLA, is concatenated to K along the head dim
+instead: :func:`seqpar.methods.tiles.fuse_kv`). At step s rank r computes its tile against KV_{r-s} while KV_{r-s-1} is
 already on the wire::
 
     step 0          step 1          step 2          ...  step P-1
@@ -49,7 +50,7 @@ from seqpar.comm import Ring, call_tags, make_ring
 from seqpar.kernels import acc_dtype
 from seqpar.methods.base import CallOptions, guarded
 from seqpar.masks import last_step
-from seqpar.methods.tiles import Step, backward_tile, block_order, forward_tile
+from seqpar.methods.tiles import Step, backward_tile, block_order, forward_tile, fuse_kv, split_kv
 
 __all__ = ["RingMethod"]
 
@@ -103,7 +104,7 @@ class RingMethod(CallOptions):
         ring, opts = self.ring, dict(scale=self.scale, backend=self.backend)
         tag_kv, _ = call_tags(self.call)
         acc = acc_dtype(q.dtype)
-        kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D): one message per step
+        kv = fuse_kv(k, v)  # (2, B, Hkv, S_local, D) or, MLA, (B, Hkv, S_local, D + Dv): one message per step
         spare = torch.empty_like(kv) if ring.size > 2 else None
         out = lse = None
         plan = self._tiles(q.shape[2])
@@ -135,14 +136,14 @@ class RingMethod(CallOptions):
         tag_kv, tag_dkv = call_tags(self.call)
         acc = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv = torch.stack([k, v])  # (2, B, Hkv, S_local, D)
+        kv = fuse_kv(k, v)  # (2, B, Hkv, S_local, D) or (B, Hkv, S_local, D + Dv)
         spare = torch.empty_like(kv) if ring.size > 2 else None
         dkv_pending = None
         plan = self._tiles(q.shape[2])
         last = len(plan) - 1
         for step, _, tiles in plan:
             kv_pending = self._post(kv, spare, tag_kv, "backward", step, "K/V") if step < last else None
-            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, S_local, D)
+            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # like kv
             for t in tiles:
                 backward_tile(dout, q, kv, out, lse, t, dq, dkv, record=self.record, step=step, **opts)
             if dkv_pending is not None:
@@ -156,4 +157,4 @@ class RingMethod(CallOptions):
         if last > 0:
             dkv = self._wait(self._post(dkv, None, tag_dkv, "backward", last, "dK/dV", hops=ring.size - last),
                              "backward", last, "dK/dV")
-        return dq, dkv[0], dkv[1]
+        return (dq, *split_kv(dkv, q.shape[-1]))

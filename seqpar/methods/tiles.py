@@ -11,7 +11,12 @@ query / kv slices that have work. The ring (:mod:`seqpar.methods.ring`) and the 
     backward_tile  block_attention_backward against the global (out, lse); adds into dq (at home)
                    and into the block's fused dK/dV buffer (2, B, Hkv, S_local, D)
 
-``kv`` is always the fused (2, B, Hkv, S_local, D) block (K and V stacked, GQA heads never repeated).
+``kv`` is always one fused block (:func:`fuse_kv`, GQA heads never repeated): K and V stacked,
+(2, B, Hkv, S_local, D); or, when v has its own head dim Dv != D (MLA: DeepSeek-V2/V3, MiniCPM3), K and V
+concatenated along the head dim, (B, Hkv, S_local, D + Dv). :func:`split_kv` gives the K and V views of
+either (and of a dK/dV buffer of the same shape)::
+
+    D == Dv:  kv[0] = K, kv[1] = V               D != Dv:  kv[..., :D] = K, kv[..., D:] = V
 
 :func:`block_order` is the ring's plan with a list of tiles per step, from the call's mask
 (:func:`seqpar.masks.plan_tile`: the layouts' tiles, or the pieces of a window / document mask,
@@ -30,9 +35,21 @@ from seqpar.layout import Tile
 from seqpar.masks import MaskSpec, plan_tile
 from seqpar.methods.base import Recorder, step_timer
 
-__all__ = ["forward_tile", "backward_tile", "block_order", "Step"]
+__all__ = ["forward_tile", "backward_tile", "block_order", "Step", "fuse_kv", "split_kv"]
 
 Step = tuple[int, int, list[Tile]]  # (ring step, kv block, the tiles of that step: [] = no work)
+
+
+def fuse_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> one buffer (one message per ring step): (2, B, Hkv, S, D) when
+    Dv == D, else (B, Hkv, S, D + Dv) (MLA)."""
+    return torch.stack([k, v]) if k.shape == v.shape else torch.cat([k, v], dim=-1)
+
+
+def split_kv(kv: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (K, V) views of a :func:`fuse_kv` buffer (or a dK/dV buffer of its shape); ``d``: K's head dim.
+    Unambiguous: a stacked buffer's last dim is D, a concatenated one's D + Dv > D."""
+    return (kv[0], kv[1]) if kv.shape[-1] == d else (kv[..., :d], kv[..., d:])
 
 
 def block_order(mask: MaskSpec, layout: str, rank: int, size: int, s_local: int, grid: int = 1) -> list[Step]:
@@ -61,9 +78,9 @@ def _shift(part: slice, start: int, n: int) -> slice:
 
 def forward_tile(
     q: torch.Tensor,  # (B, Hq, S_local, D)
-    kv: torch.Tensor,  # (2, B, Hkv, S_local, D)
+    kv: torch.Tensor,  # fused K/V (fuse_kv): (2, B, Hkv, S_local, D) or (B, Hkv, S_local, D + Dv)
     t: Tile,
-    out: torch.Tensor | None,  # running (B, Hq, S_local, D) in acc; None before the first tile
+    out: torch.Tensor | None,  # running (B, Hq, S_local, Dv) in acc; None before the first tile
     lse: torch.Tensor | None,  # running (B, Hq, S_local) in acc
     *,
     scale: float,
@@ -78,13 +95,14 @@ def forward_tile(
     tile's values in the merge. Every row must be seen by some tile (its diagonal) before the caller uses
     the result; fully masked rows of a tile (lse_t = -inf) are no-ops."""
     opts = dict(scale=scale, backend=backend)
-    qt, kt, vt = q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv]  # views (zigzag: half tiles)
+    k, v = split_kv(kv, q.shape[-1])
+    qt, kt, vt = q[:, :, t.q], k[:, :, t.kv], v[:, :, t.kv]  # views (zigzag: half tiles)
     with step_timer(record, "forward", step):
         if out is None:
             if t.whole:
                 o, l = block_attention(qt, kt, vt, mask=t.mask, **opts)
                 return o.to(acc), l.to(acc)
-            out = torch.zeros((*q.shape[:-1], kv.shape[-1]), dtype=acc, device=q.device)  # (B, Hq, S_local, D)
+            out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=acc, device=q.device)  # (B, Hq, S_local, Dv)
             lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)  # (B, Hq, S_local)
         # merged into strided views of the running (out, lse): in-kernel where the backend can
         block_attention_accumulate(qt, kt, vt, out[:, :, t.q], lse[:, :, t.q], mask=t.mask, **opts)
@@ -92,14 +110,14 @@ def forward_tile(
 
 
 def backward_tile(
-    dout: torch.Tensor,  # (B, Hq, S_local, D)
+    dout: torch.Tensor,  # (B, Hq, S_local, Dv)
     q: torch.Tensor,
-    kv: torch.Tensor,  # (2, B, Hkv, S_local, D)
+    kv: torch.Tensor,  # fused K/V (fuse_kv)
     out: torch.Tensor,  # global out
     lse: torch.Tensor,  # global lse
     t: Tile,
     dq: torch.Tensor,  # (B, Hq, S_local, D) in acc: added into
-    dkv: torch.Tensor,  # (2, B, Hkv, S_local, D) in acc, this block's: added into
+    dkv: torch.Tensor,  # like kv, in acc, this block's: added into
     *,
     scale: float,
     backend: str,
@@ -107,11 +125,14 @@ def backward_tile(
     step: int,
 ) -> None:
     """Tile ``t``'s gradients, recomputed against the global (out, lse), added into ``dq`` and ``dkv``."""
+    d = q.shape[-1]
+    k, v = split_kv(kv, d)
     with step_timer(record, "backward", step):
         gq, gk, gv = block_attention_backward(
-            dout[:, :, t.q], q[:, :, t.q], kv[0][:, :, t.kv], kv[1][:, :, t.kv], out[:, :, t.q],
+            dout[:, :, t.q], q[:, :, t.q], k[:, :, t.kv], v[:, :, t.kv], out[:, :, t.q],
             lse[:, :, t.q], mask=t.mask, scale=scale, backend=backend,
         )
+    dk, dv = split_kv(dkv, d)
     dq[:, :, t.q] += gq
-    dkv[0][:, :, t.kv] += gk
-    dkv[1][:, :, t.kv] += gv
+    dk[:, :, t.kv] += gk
+    dv[:, :, t.kv] += gv

@@ -32,11 +32,14 @@ Messages: forward 2 all-to-alls (q, k, v fused in one; out and lse fused back in
 for the backward of the same call, as DeepSpeed-Ulysses keeps its activations (memory: one more copy
 of q, k, v, out per attention call until its backward). A backward without them (a checkpoint replay,
 where the forward did not run; attention sinks merged after the forward) scatters q, k, v, dout, out
-and lse again: 3 all-to-alls. ``Hq`` must divide by P (see :meth:`check`).
+and lse again: 3 all-to-alls. ``Hq`` must divide by P (see :meth:`check`). A v with its own head dim
+Dv != D (MLA) travels in the same messages: tensors whose trailing dims differ are flattened per
+destination rank into one message row (:meth:`_scatter_flat` / :meth:`_gather_flat`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -124,6 +127,8 @@ class UlyssesMethod(CollectiveMethod):
         P = self.size
         if P == 1:
             return list(ts)
+        if len({t.shape[2:] for t in ts}) > 1:  # MLA: v (dout, out) with its own head dim
+            return self._scatter_flat(ts, what)
         x = torch.cat([t.unflatten(1, (P, t.shape[1] // P)) for t in ts], dim=2)  # (B, P, sum H_i/P, s, ...)
         y = self._all_to_all(x, 1, 3, what).squeeze(1)  # (B, sum H_i/P, S, ...)
         S = y.shape[2]
@@ -134,11 +139,38 @@ class UlyssesMethod(CollectiveMethod):
         P = self.size
         if P == 1:
             return list(ts)
+        if len({t.shape[2:] for t in ts}) > 1:  # MLA: dv with its own head dim
+            return self._gather_flat(ts, what)
         S = ts[0].shape[2]
         x = torch.cat([self._to_layout(t, S) for t in ts], dim=1)  # (B, sum H_i/P, S, ...)
         y = self._all_to_all(x, 2, 1, what)  # (B, P * sum H_i/P, S/P, ...)
         y = y.unflatten(1, (P, x.shape[1]))
         return [part.flatten(1, 2) for part in y.split([t.shape[1] for t in ts], dim=2)]
+
+    def _scatter_flat(self, ts: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """:meth:`_scatter_heads` for tensors whose trailing dims differ (v's head dim Dv != D): each rank's
+        chunk of every tensor flattened into one message row, (B, P, sum H_i/P s D_i) -> the same from each rank."""
+        P = self.size
+        x = torch.cat([t.unflatten(1, (P, t.shape[1] // P)).flatten(2) for t in ts], dim=2)  # (B, P, sum n_i)
+        y = self._all_to_all(x, 1, 1, what)  # (B, P (source rank), sum n_i)
+        out = []
+        for t, part in zip(ts, y.split([t.shape[1] // P * math.prod(t.shape[2:]) for t in ts], dim=2)):
+            h = t.shape[1] // P
+            part = part.unflatten(2, (h, *t.shape[2:])).transpose(1, 2).flatten(2, 3)  # (B, h, P s, ...)
+            out.append(self._to_global(part, part.shape[2]))
+        return out
+
+    def _gather_flat(self, ts: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """Inverse of :meth:`_scatter_flat`: (B, H_i/P, S, D_i) in global order -> (B, H_i, S/P, D_i)."""
+        P = self.size
+        S = ts[0].shape[2]
+        parts = [self._to_layout(t, S).unflatten(2, (P, S // P)).transpose(1, 2) for t in ts]  # (B, P, h, s, D_i)
+        x = torch.cat([p.flatten(2) for p in parts], dim=2)  # (B, P (destination rank), sum n_i)
+        y = self._all_to_all(x, 1, 1, what)  # (B, P (source rank: its heads), sum n_i)
+        out = []
+        for p, part in zip(parts, y.split([math.prod(p.shape[2:]) for p in parts], dim=2)):
+            out.append(part.unflatten(2, p.shape[2:]).flatten(1, 2))  # (B, P h, s, D_i)
+        return out
 
     def _all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int, what: str) -> torch.Tensor:
         """:func:`seqpar.comm.all_to_all`; a transport failure becomes a :class:`CommError` saying where."""
