@@ -17,7 +17,10 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
                   tokens, its value all-reduced over cp (the gradient stays local: the cp ranks'
                   gradients sum to the single-device one). HF: needs the batch of
                   seqpar.shard_batch (shift_labels, num_items_in_batch, global position_ids).
-                  Plain model: its mean F.cross_entropy becomes sum / global count
+                  Plain model: its mean F.cross_entropy becomes sum / global count. Given labels, a
+                  causal LM's head + cross-entropy run in chunks of tokens, the logits recomputed in
+                  backward (passes/lm_loss.py; loss="auto": where a probe at parallelize proves it
+                  equal to the model's own, loss="chunked": always or refused by name, "full": never)
     4. checkpoint (checkpoint=True) every transformer block runs under non-reentrant
                   torch.utils.checkpoint; the ring attention's (out, lse) of the first forward are
                   kept, so the recomputation does not run the ring again (no K/V exchange)
@@ -47,6 +50,8 @@ from seqpar.passes.check import check
 from seqpar.passes.checkpoint import checkpoint_pass
 from seqpar.passes.compile import compile_pass
 from seqpar.passes.data_parallel import data_parallel_pass
+from seqpar.passes.lm_loss import LossMode
+from seqpar.passes.lm_loss import plan as plan_lm_loss
 from seqpar.passes.loss import loss_pass
 from seqpar.passes.router import check_router_loss
 from seqpar.passes.runtime import Runtime
@@ -65,6 +70,8 @@ def parallelize(
     checkpoint: bool = False,
     compile: bool = False,
     backend: str = "auto",
+    loss: LossMode = "auto",
+    loss_chunk: int | None = None,
 ) -> nn.Module:
     """Apply sequence parallelism (and FSDP2 / activation checkpointing) to ``model`` in place.
 
@@ -75,7 +82,7 @@ def parallelize(
     data-parallel gradients (see the module docstring). Returns ``model``.
     """
     dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
-                             compile=compile, backend=backend)
+                             compile=compile, backend=backend, loss=loss, loss_chunk=loss_chunk)
     check_router_loss(model)  # MoE router load-balancing loss: made global, or refused by name (passes/router.py)
     if kind == "hf":
         hf.check_positions(model)  # positions a module derives from the local length: refused by name
@@ -83,8 +90,9 @@ def parallelize(
                  # hybrid (and auto, which may pick it) find their sub-groups in the mesh itself
                  attention_group=mesh if method in ("hybrid", "auto") and is_hybrid_mesh(mesh) else None)
     sync_params(model, flat_mesh(mesh).get_group())
+    lm = plan_lm_loss(model, kind, loss, loss_chunk, flat_mesh(mesh).get_group())  # chunked LM head + loss, or None
     attention_pass(model, kind, rt)
-    loss_pass(model, kind, rt)
+    loss_pass(model, kind, rt, lm)
     if checkpoint:
         checkpoint_pass(model, blocks, rt, compiled=compile)
     if compile:

@@ -64,8 +64,10 @@ from typing import Literal
 from seqpar.vocab import AUTO, METHODS, check_choice
 
 __all__ = ["ModelShape", "Machine", "StepPlan", "Plan", "Comparison", "plan", "compare", "applicable", "probe_machine",
-           "MODELLED", "PROBE_TAG", "LLAMA3_8B", "H100"]
+           "MODELLED", "PROBE_TAG", "LLAMA3_8B", "H100", "TIME_RESOLUTION"]
 Checkpoint = Literal["none", "full"]
+# predicted attention times closer than this (relative) are a tie: auto then takes the least memory
+TIME_RESOLUTION = 0.05
 Overlap = Literal["full", "none"]
 # the methods with a cost model here: seqpar.vocab.METHODS and the hybrid (modelled even before it lands there)
 MODELLED: tuple[str, ...] = tuple(dict.fromkeys((*METHODS, "hybrid")))
@@ -82,6 +84,24 @@ class ModelShape:
     hidden: int = 0  # model width, for activation memory
     params: float = 0.0  # non-embedding parameters, for the linear-layer FLOPs (6 N per token)
     v_head_dim: int | None = None  # v's (and the output's) head dim when it differs (MLA); None = head_dim
+    intermediate: int = 0  # MLP width (gate/up/down), for seqpar.plan_memory (0 = attention-only shape)
+    vocab: int = 0  # vocabulary size: embedding, LM head and logits
+    tied: bool = False  # LM head shares the embedding's weight
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+
+    def block_param_count(self) -> float:
+        """Parameters of one Llama-style block: q/k/v/o projections, gate/up/down, two norms (+ qk-norms)."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qv, kvv = self.heads * (self.v_head_dim or self.head_dim), self.kv_heads * (self.v_head_dim or self.head_dim)
+        return h * (q + kv + kvv) + qv * h + 3 * h * self.intermediate + 2 * h + (2 * self.head_dim if self.qk_norm
+                                                                                  else 0)
+
+    def param_count(self) -> float:
+        """Every parameter: blocks, embedding, final norm and (untied) LM head; ``params`` when the shape
+        is attention-only (no ``intermediate`` / ``vocab``)."""
+        if not (self.hidden and self.intermediate and self.vocab):
+            return self.params
+        return self.layers * self.block_param_count() + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +232,8 @@ class Plan:
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """Every modelled method for one shape on one mesh: ``plans`` (the applicable ones), ``not_applicable``
-    (method -> why), ``best`` (the fastest attention fwd+bwd; ties go to the earlier of :data:`MODELLED`)."""
+    (method -> why), ``best`` (the least memory among those within :data:`TIME_RESOLUTION` of the fastest
+    attention fwd+bwd; ties go to the earlier of :data:`MODELLED`)."""
 
     plans: dict  # method -> Plan
     not_applicable: dict  # method -> reason
@@ -222,7 +243,7 @@ class Comparison:
         lines = [f"{'method':<10} {'U':>4} {'fwd ms':>10} {'bwd ms':>10} {'fwd+bwd ms':>11} {'hidden':>6} "
                  f"{'mem GB':>7}"]
         for name, p in sorted(self.plans.items(), key=lambda kv: kv[1].attn_time):
-            mark = "  <- fastest" if name == self.best else ""
+            mark = "  <- chosen" if name == self.best else ""
             lines.append(f"{name:<10} {p.ulysses:>4} {p.attn_fwd * 1e3:>10.3f} {p.attn_bwd * 1e3:>10.3f} "
                          f"{p.attn_time * 1e3:>11.3f} {str(p.comm_hidden):>6} {p.memory['total'] / 1e9:>7.2f}{mark}")
         for name, why in self.not_applicable.items():
@@ -272,6 +293,7 @@ def plan(
     checkpoint: Checkpoint = "full",
     ulysses: int | None = None,
     layout: str = "zigzag",
+    memory: dict | None = None,
 ) -> Plan:
     """Predicted per-step costs of ``seqpar.attention`` (``method``) and of a training step.
 
@@ -282,12 +304,15 @@ def plan(
     activations while it is recomputed); ``"none"``: every layer keeps ~34 bytes x hidden per token
     (Megatron's count for fp16 with fused attention). Parameters, gradients and Adam state (16 bytes
     per parameter) are sharded over all ranks (FSDP). Logits are assumed computed in chunks.
+    A whole model shape (``intermediate`` and ``vocab`` set, e.g. ``seqpar.plan_memory.model_shape(
+    "llama-3.1-8b")``) gets :func:`seqpar.plan_memory.memory_plan`'s per-item bytes instead, with
+    ``memory``: its options (``loss``, ``mlp``, ``offload``, ``precision``, ``dp``, ...).
     """
     check_choice("method", method, (*MODELLED, AUTO))
     if seq_len % ranks:
         raise ValueError(f"seq_len={seq_len} must be a multiple of ranks={ranks}")
     opts = dict(batch=batch, dtype_bytes=dtype_bytes, causal=causal, checkpoint=checkpoint, ulysses=ulysses,
-                layout=layout)
+                layout=layout, memory=memory)
     if method == AUTO:
         c = compare(model, seq_len, ranks, machine, **opts)
         return dataclasses.replace(c.plans[c.best], choice=c)
@@ -301,14 +326,17 @@ def plan(
 
 def compare(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, batch: int = 1, dtype_bytes: int = 2,
             causal: bool = True, checkpoint: Checkpoint = "full", ulysses: int | None = None, layout: str = "zigzag",
-            methods: tuple[str, ...] | None = None) -> Comparison:
+            methods: tuple[str, ...] | None = None, memory: dict | None = None) -> Comparison:
     """Every method of ``methods`` (default :data:`MODELLED`) for these shapes on P = ``ranks``: the
     plans of those that apply, the reason for those that do not (shapes, no Ulysses degree, or more
-    memory than ``machine.memory``), and the fastest. The other arguments as in :func:`plan`."""
+    memory than ``machine.memory``), and the best: among the methods within :data:`TIME_RESOLUTION`
+    of the fastest predicted attention time (the model cannot rank closer), the one with the least
+    memory per rank (ring / hybrid's O(S/P) buffers over all-gather's O(S) K/V); ties in order of
+    :data:`MODELLED`. The other arguments as in :func:`plan`."""
     if seq_len % ranks:
         raise ValueError(f"seq_len={seq_len} must be a multiple of ranks={ranks}")
     opts = dict(batch=batch, dtype_bytes=dtype_bytes, causal=causal, checkpoint=checkpoint, ulysses=ulysses,
-                layout=layout)
+                layout=layout, memory=memory)
     plans, why = {}, {}
     for m in methods or MODELLED:
         reason = applicable(m, heads=model.heads, kv_heads=model.kv_heads, s_local=seq_len // ranks, ranks=ranks,
@@ -325,12 +353,15 @@ def compare(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, ba
         plans[m] = p
     if not plans:
         raise ValueError(f"no method runs these shapes on {ranks} ranks: {why}")
-    best = min(plans, key=lambda m: (plans[m].attn_time, MODELLED.index(m)))
+    fastest = min(p.attn_time for p in plans.values())
+    close = [m for m in plans if plans[m].attn_time <= fastest * (1 + TIME_RESOLUTION)]
+    best = min(close, key=lambda m: (plans[m].memory["total"], MODELLED.index(m)))
     return Comparison(plans, why, best)
 
 
 def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, method: str, batch: int,
-          dtype_bytes: int, causal: bool, checkpoint: Checkpoint, ulysses: int | None, layout: str) -> Plan:
+          dtype_bytes: int, causal: bool, checkpoint: Checkpoint, ulysses: int | None, layout: str,
+          memory: dict | None = None, memory_model: bool = True) -> Plan:
     P, s, B, e = ranks, seq_len // ranks, batch, dtype_bytes
     Hq, Hkv, D = model.heads, model.kv_heads, model.head_dim
     Dv = model.v_head_dim or D  # MLA: v / out / dv have their own head dim (then 2 D below is D + Dv)
@@ -419,12 +450,21 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
         acts = model.layers * B * s * h * dtype_bytes + per_layer_full
     else:
         acts = model.layers * per_layer_full
-    memory = dict(
-        params_grads_optim=16 * model.params / P,
-        activations=acts,
-        attention_working=qkvo + working + lse_dq,
-    )
-    memory["total"] = sum(memory.values())
+    if memory_model and model.hidden and model.intermediate and model.vocab:  # a whole model: every byte
+        from seqpar.plan_memory import memory_plan
+
+        opts = dict(precision="bf16" if dtype_bytes == 2 else "fp32", **(memory or {}))
+        mp = memory_plan(model, seq_len, cp=P, batch=B, method=method, ulysses=ulysses, checkpoint=checkpoint,
+                         **opts)
+        memory = dict(mp.items, total=mp.total)
+    else:
+        memory = dict(
+            params_grads_optim=16 * model.params / P,
+            activations=acts,
+            attention_working=qkvo + working + lse_dq,
+        )
+        memory["total"] = sum(memory.values())
+    memory["method_working"] = working + lse_dq  # the method's own buffers (not in the total's sum)
     return Plan(method, seq_len, P, s, fwd, bwd, attn_fwd, attn_bwd, linear, step_time, memory, U)
 
 
@@ -441,7 +481,10 @@ def probe_machine(group=None, *, device=None, dtype=None, head_dim: int = 64, ba
     (full and causal, ``dtype``/``device``/``backend`` as the attention call's), a ring exchange of a large
     block (bandwidth) and of 4 KiB (latency), an all-to-all over the group (torch.distributed groups), an
     all-to-all over ``ulysses_group`` (hybrid's intra-node sub-group; its bandwidth becomes ``link_bw``)
-    and the ranks' host names (``ranks_per_node``). Every rank's times are combined by their maximum
+    and the ranks' host names (``ranks_per_node``), and the memory a rank can still allocate (``memory``: the
+    device's free memory on CUDA, the host's available memory shared by the node's ranks on CPU, the
+    least over ranks; :func:`compare` rules out a method whose working set exceeds it). Every rank's times
+    are combined by their maximum
     (one small all-gather), so every rank returns the same machine. Attention call numbers and message
     tags are not touched (ring messages carry :data:`PROBE_TAG`). ``overlap`` is "full" on CUDA, else "none".
     """
@@ -503,7 +546,8 @@ def probe_machine(group=None, *, device=None, dtype=None, head_dim: int = 64, ba
                 y = torch.zeros(U, big // 4 // U, dtype=torch.float32, device=device)
                 comm[3] = timed(lambda: all_to_all(y, ulysses_group, 0, 0))
     host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
-    rows = gather_ints([*kern, *comm, host], g) if P > 1 else [[*kern, *comm, host]]
+    free = _free_mib(device)
+    rows = gather_ints([*kern, *comm, free, host], g) if P > 1 else [[*kern, *comm, free, host]]
     worst = [max(r[i] for r in rows) for i in range(len(kern) + len(comm))]
     hosts = [r[-1] for r in rows]
     s = lambda ns: ns * 1e-9  # noqa: E731
@@ -511,6 +555,9 @@ def probe_machine(group=None, *, device=None, dtype=None, head_dim: int = 64, ba
     lat = s(worst[5]) if P > 1 else 0.0
     ring_bw = big / max(s(worst[4]) - lat, 1e-9) if P > 1 else 50e9
     per_node = hosts.count(hosts[0])
+    free_bytes = min(r[-2] for r in rows) * float(1 << 20)
+    if not cuda:  # CPU ranks of a node share its memory
+        free_bytes /= per_node
     multi = P > 1 and per_node < P
     link = ring_bw
     if worst[7]:
@@ -522,4 +569,28 @@ def probe_machine(group=None, *, device=None, dtype=None, head_dim: int = 64, ba
         link_bw=link if multi else max(link, ring_bw), inter_node_bw=ring_bw if multi else None,
         ranks_per_node=per_node if multi else 0, latency=lat, overlap="full" if cuda else "none",
         all_to_all_bw=(a2a_bytes * (P - 1) / P / max(s(worst[6]) - lat, 1e-9)) if worst[6] else None,
+        memory=free_bytes,
     )
+
+
+def _free_mib(device) -> int:
+    """MiB this rank can still allocate: the device's free memory (CUDA), the host's MemAvailable (CPU);
+    0 when unknown (then no method is ruled out for memory)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] >> 20)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) >> 10
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":  # python -m seqpar.plan: the memory breakdown and the longest sequence that fits
+    from seqpar.plan_memory import main
+
+    main()

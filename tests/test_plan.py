@@ -126,8 +126,8 @@ def test_auto_explains_the_choice_and_what_cannot_run():
     assert p.method == c.best and set(c.plans) == {"ring", "allgather"} and p.method in c.plans
     assert "Hq=6, P=4" in c.not_applicable["ulysses"] and "init_mesh(cp, ulysses=U)" in c.not_applicable["hybrid"]
     text = p.explain()
-    assert "<- fastest" in text and "not applicable" in text and p.method in text
-    assert p.attn_time == min(x.attn_time for x in c.plans.values())
+    assert "<- chosen" in text and "not applicable" in text and p.method in text
+    assert p.attn_time <= min(x.attn_time for x in c.plans.values()) * 1.05  # within the model's resolution
     # with a Ulysses degree hybrid is ranked too; with too little memory a method is listed, not chosen
     c2 = compare(SHAPE, 1 << 14, 8, Machine(attn_flops=1e12, link_bw=1e9, memory=7e7), ulysses=2)
     assert "hybrid" in c2.plans and "GB per rank" in c2.not_applicable["allgather"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from seqpar.mesh import check_mesh
 from seqpar.passes import hf
+from seqpar.passes.lm_loss import check_loss
 from seqpar.passes.mixers import ArchitectureNotSupported, architecture_problems, find_mixers, refuse_unsupported
 from seqpar.vocab import BACKENDS, LAYOUT_CHOICES, METHOD_CHOICES, check_choice
 
@@ -69,12 +70,14 @@ def model_kind(model: nn.Module) -> ModelKind:
 
 
 def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, checkpoint: bool,
-          compile: bool = False, backend: str = "auto") -> tuple[int, ModelKind, list[nn.Module]]:
+          compile: bool = False, backend: str = "auto", loss: str = "auto",
+          loss_chunk: int | None = None) -> tuple[int, ModelKind, list[nn.Module]]:
     """-> (dp, model kind, blocks); raises ValueError / TypeError naming what to change."""
     dp, _ = check_mesh(mesh)
     check_choice("layout", layout, LAYOUT_CHOICES)
     check_choice("method", method, METHOD_CHOICES)  # "auto": resolved per shape by seqpar.attention
     check_choice("backend", backend, BACKENDS)
+    check_loss(loss, loss_chunk)  # the chunked LM head + loss (passes/lm_loss.py)
     for name, flag in (("fsdp", fsdp), ("checkpoint", checkpoint), ("compile", compile)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool (True or False), got {type(flag).__name__} {flag!r}")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqpar.passes.check import ModelKind
+from seqpar.passes.lm_loss import LMLoss
 from seqpar.passes.router import router_loss
 from seqpar.passes.runtime import Runtime
 
@@ -39,17 +40,23 @@ def reduce_forward(x: torch.Tensor, group) -> torch.Tensor:
     return _ReduceForward.apply(x, group)
 
 
-def _global_cross_entropy(rt: Runtime):
+def _global_cross_entropy(rt: Runtime, lm: LMLoss | None = None):
     def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                       reduction="mean", label_smoothing=0.0):
-        if reduction != "mean" or target.is_floating_point() or size_average is not None or reduce is not None:
+        chunked = lm is not None and lm.owns(input)  # the LM head's placeholder: the chunked loss (lm_loss.py)
+        if lm is not None and not chunked:
+            lm.refuse_transformed(input)
+        if not chunked and (reduction != "mean" or target.is_floating_point() or size_average is not None or
+                            reduce is not None):
             return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                                    label_smoothing)
         if weight is not None:
             raise ValueError("seqpar: a class-weighted mean cross_entropy cannot be made global; compute the loss "
                              "with reduction='sum' and divide by batch['num_items_in_batch']")
-        total = F.cross_entropy(input, target, ignore_index=ignore_index, reduction="sum",
-                                label_smoothing=label_smoothing)
+        total = lm.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) if chunked else \
+            F.cross_entropy(input, target, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
+        if reduction == "sum":  # (chunked only) the local sum, as F.cross_entropy's
+            return total
         count = (target != ignore_index).sum().to(total.dtype)  # this rank's tokens
         dist.all_reduce(count, group=rt.group)  # the global count
         return reduce_forward(total / count, rt.group)
@@ -57,9 +64,10 @@ def _global_cross_entropy(rt: Runtime):
     return cross_entropy
 
 
-def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
+def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime, lm: LMLoss | None = None) -> None:
+    """``lm``: the chunked LM head + loss of :func:`seqpar.passes.lm_loss.plan` (None: the model's own)."""
     if kind == "sdpa":
-        rt.override(model, F.cross_entropy, _global_cross_entropy(rt))
+        rt.override(model, F.cross_entropy, _global_cross_entropy(rt, lm))
     router = router_loss(model) if kind == "hf" else None  # MoE load-balancing loss: passes/router.py
 
     def pre(module, args, kwargs):
@@ -71,6 +79,8 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
                 kwargs.pop(key, None)
             cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
             rt.cu_seqlens = cu_q if cu_q is not None else cu_k  # the attention override reads it (checked there)
+            if lm is not None:
+                lm.start_plain(args, kwargs)
             return args, kwargs
         if router is not None:
             router.check_call(kwargs)
@@ -83,11 +93,15 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
         if kwargs.get("past_key_values") is not None:
             raise ValueError("seqpar: past_key_values (KV cache) is not supported on a sharded sequence")
         kwargs.setdefault("use_cache", False)
+        if lm is not None:
+            lm.start(kwargs)  # labels out of the arguments: the loss is computed in chunks from lm_head's input
         return args, kwargs
 
     def post(module, args, kwargs, output):
         rt.cu_seqlens = None
         tokens, rt.tokens = rt.tokens, None
+        if lm is not None:
+            output = lm.finish(output, kwargs)  # the chunked loss in output.loss, the labels back in kwargs
         if router is not None and output is not None:
             # aux_loss global over the real tokens, its share in the local loss
             output = router.apply(output, kwargs, rt.group, tokens)
