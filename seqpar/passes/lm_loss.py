@@ -197,9 +197,9 @@ class _Call:
     targets: torch.Tensor | None
     num_items: Any
     ignore_index: int
-    loss: torch.Tensor | None = None  # HF: the loss sum; plain: the captured hidden states' placeholder
-    hidden: torch.Tensor | None = None
-    placeholder: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # HF: the loss sum the head's pre-hook computed
+    hidden: torch.Tensor | None = None  # plain: the hidden states that entered lm_head
+    placeholder: torch.Tensor | None = None  # plain: lm_head's (..., 0, V) output, recognised at F.cross_entropy
     consumed: bool = False
     head_calls: int = 0
 
