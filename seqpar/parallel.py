@@ -31,7 +31,9 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
                   cp, so cp ranks share the sharding): fsdp=True: FSDP2 ``fully_shard`` per block,
                   then the root; fsdp=False: full parameters, a post-accumulate-grad hook per
                   parameter all-reduces. Either way the gradient is summed over cp and averaged
-                  over dp (FSDP: SUM reduce-scatter + post-divide by dp, since gloo lacks PREMUL_SUM)
+                  over dp (FSDP: SUM reduce-scatter + post-divide by dp, since gloo lacks PREMUL_SUM).
+                  FSDP's memory options (seqpar/fsdp_options.py): ``precision`` (MixedPrecisionPolicy,
+                  fp32 reduction), ``reshard`` (reshard_after_forward), ``fsdp_offload`` (CPUOffloadPolicy)
 
 Semantics: each dp replica trains on its own batch; ``model(**shard_batch(batch))`` returns that
 batch's single-device loss on every cp rank; gradients after ``backward`` are the mean over dp
@@ -43,6 +45,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from seqpar.fsdp_options import FSDPOffload, FSDPOptions, Precision, Reshard
 from seqpar.mesh import cp_mesh, flat_mesh, is_hybrid_mesh
 from seqpar.passes import hf
 from seqpar.passes.attention import attention_pass
@@ -72,6 +75,9 @@ def parallelize(
     backend: str = "auto",
     loss: LossMode = "auto",
     loss_chunk: int | None = None,
+    precision: Precision = "fp32",
+    reshard: Reshard = "after_forward",
+    fsdp_offload: FSDPOffload = "none",
 ) -> nn.Module:
     """Apply sequence parallelism (and FSDP2 / activation checkpointing) to ``model`` in place.
 
@@ -80,9 +86,17 @@ def parallelize(
     with the same layout (:func:`seqpar.shard_batch`). ``compile=True`` compiles each block
     (``torch.compile``). Passes, in order: check, sync, attention, loss, checkpoint, compile,
     data-parallel gradients (see the module docstring). Returns ``model``.
+
+    FSDP2's memory options (``fsdp=True`` only; :mod:`seqpar.fsdp_options`): ``precision`` "fp32" (no
+    casting) | "bf16" | "fp16" (parameters gathered and computed in that dtype, gradients reduced in
+    fp32, fp32 sharded parameters for the optimizer); ``reshard`` "after_forward" (blocks free their
+    gathered parameters after forward) | "keep" (kept until their backward); ``fsdp_offload`` "none" |
+    "cpu" (sharded parameters, gradients and optimizer state in host memory).
     """
+    fsdp_options = FSDPOptions(precision=precision, reshard=reshard, fsdp_offload=fsdp_offload)
     dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
-                             compile=compile, backend=backend, loss=loss, loss_chunk=loss_chunk)
+                             compile=compile, backend=backend, loss=loss, loss_chunk=loss_chunk,
+                             fsdp_options=fsdp_options)
     check_router_loss(model)  # MoE router load-balancing loss: made global, or refused by name (passes/router.py)
     if kind == "hf":
         hf.check_positions(model)  # positions a module derives from the local length: refused by name
@@ -97,5 +111,5 @@ def parallelize(
         checkpoint_pass(model, blocks, rt, compiled=compile)
     if compile:
         compile_pass(blocks)
-    data_parallel_pass(model, blocks, mesh, dp, fsdp)
+    data_parallel_pass(model, blocks, mesh, dp, fsdp, fsdp_options)
     return model

@@ -7,8 +7,10 @@ from typing import Literal
 
 from torch import nn
 
+from seqpar.fsdp_options import FSDPOptions
 from seqpar.mesh import check_mesh
 from seqpar.passes import hf
+from seqpar.passes.data_parallel import check_fsdp_options
 from seqpar.passes.lm_loss import check_loss
 from seqpar.passes.mixers import ArchitectureNotSupported, architecture_problems, find_mixers, refuse_unsupported
 from seqpar.vocab import BACKENDS, LAYOUT_CHOICES, METHOD_CHOICES, check_choice
@@ -71,7 +73,8 @@ def model_kind(model: nn.Module) -> ModelKind:
 
 def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, checkpoint: bool,
           compile: bool = False, backend: str = "auto", loss: str = "auto",
-          loss_chunk: int | None = None) -> tuple[int, ModelKind, list[nn.Module]]:
+          loss_chunk: int | None = None,
+          fsdp_options: FSDPOptions = FSDPOptions()) -> tuple[int, ModelKind, list[nn.Module]]:
     """-> (dp, model kind, blocks); raises ValueError / TypeError naming what to change."""
     dp, _ = check_mesh(mesh)
     check_choice("layout", layout, LAYOUT_CHOICES)
@@ -82,6 +85,7 @@ def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, check
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool (True or False), got {type(flag).__name__} {flag!r}")
     kind = model_kind(model)
+    check_fsdp_options(model, fsdp, fsdp_options)  # precision / reshard / fsdp_offload (their values: FSDPOptions)
     if compile and checkpoint and kind == "sdpa":
         raise ValueError("compile=True with checkpoint=True is not supported for plain PyTorch models: inside a "
                          "compiled activation checkpoint the override that turns F.scaled_dot_product_attention "
