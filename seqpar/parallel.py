@@ -7,6 +7,9 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
                   over; what seqpar cannot make global is refused by name (MoE router losses it cannot
                   reproduce, modules that number positions from the local length): ValueError /
                   TypeError before any communication
+       mlp        (mlp="auto" / "tiled") each block's MLP (or a MoE's experts) proven per-token by a
+                  probe, then run over chunks of tokens with recompute (passes/tiled_mlp.py); before
+                  sync and before the plain-model overrides (no communication, no hooks of seqpar's)
     1. sync       parameters and buffers broadcast from the mesh's first rank (all ranks start equal)
     2. attention  Hugging Face model: a per-call "seqpar_<id>" implementation registered through
                   transformers' AttentionInterface / AttentionMaskInterface, model switched to it.
@@ -23,7 +26,8 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
                   equal to the model's own, loss="chunked": always or refused by name, "full": never)
     4. checkpoint (checkpoint=True) every transformer block runs under non-reentrant
                   torch.utils.checkpoint; the ring attention's (out, lse) of the first forward are
-                  kept, so the recomputation does not run the ring again (no K/V exchange)
+                  kept, so the recomputation does not run the ring again (no K/V exchange);
+                  offload="cpu": the checkpointed block inputs wait on the host (passes/offload.py)
     5. compile    (compile=True) every transformer block's forward (with its checkpoint) under
                   torch.compile, before data parallelism (torchtitan's order); seqpar attention is a
                   registered op there, saved by the selective checkpoint policy
@@ -56,9 +60,11 @@ from seqpar.passes.data_parallel import data_parallel_pass
 from seqpar.passes.lm_loss import LossMode
 from seqpar.passes.lm_loss import plan as plan_lm_loss
 from seqpar.passes.loss import loss_pass
+from seqpar.passes.offload import OffloadMode, offload_pass
 from seqpar.passes.router import check_router_loss
 from seqpar.passes.runtime import Runtime
 from seqpar.passes.sync import sync_params
+from seqpar.passes.tiled_mlp import MLPMode, tiled_mlp_pass
 
 __all__ = ["parallelize"]
 
@@ -78,6 +84,9 @@ def parallelize(
     precision: Precision = "fp32",
     reshard: Reshard = "after_forward",
     fsdp_offload: FSDPOffload = "none",
+    mlp: MLPMode = "auto",
+    mlp_chunk: int | None = None,
+    offload: OffloadMode = "none",
 ) -> nn.Module:
     """Apply sequence parallelism (and FSDP2 / activation checkpointing) to ``model`` in place.
 
@@ -92,14 +101,21 @@ def parallelize(
     fp32, fp32 sharded parameters for the optimizer); ``reshard`` "after_forward" (blocks free their
     gathered parameters after forward) | "keep" (kept until their backward); ``fsdp_offload`` "none" |
     "cpu" (sharded parameters, gradients and optimizer state in host memory).
+
+    ``mlp``: "auto" tiles a block MLP's call over chunks of tokens (recomputed in backward) when its
+    intermediates would exceed 64 MiB, "tiled" always, "full" never; ``mlp_chunk``: tokens per chunk
+    (default: what keeps a chunk's intermediates under 64 MiB). ``offload`` (``checkpoint=True`` only):
+    "cpu" keeps the checkpointed block inputs in host memory until their backward.
     """
     fsdp_options = FSDPOptions(precision=precision, reshard=reshard, fsdp_offload=fsdp_offload)
     dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
                              compile=compile, backend=backend, loss=loss, loss_chunk=loss_chunk,
-                             fsdp_options=fsdp_options)
+                             fsdp_options=fsdp_options,
+                             mlp=mlp, mlp_chunk=mlp_chunk, offload=offload)
     check_router_loss(model)  # MoE router load-balancing loss: made global, or refused by name (passes/router.py)
     if kind == "hf":
         hf.check_positions(model)  # positions a module derives from the local length: refused by name
+    tiled_mlp_pass(model, blocks, mlp, mlp_chunk)  # probes and wraps each block's MLP (no communication)
     rt = Runtime(cp_mesh(mesh).get_group(), layout, method, backend,
                  # hybrid (and auto, which may pick it) find their sub-groups in the mesh itself
                  attention_group=mesh if method in ("hybrid", "auto") and is_hybrid_mesh(mesh) else None)
@@ -109,6 +125,8 @@ def parallelize(
     loss_pass(model, kind, rt, lm)
     if checkpoint:
         checkpoint_pass(model, blocks, rt, compiled=compile)
+    if offload != "none":
+        offload_pass(model, blocks)  # around each checkpointed block: its saved inputs to the host
     if compile:
         compile_pass(blocks)
     data_parallel_pass(model, blocks, mesh, dp, fsdp, fsdp_options)

@@ -13,6 +13,8 @@ from seqpar.passes import hf
 from seqpar.passes.data_parallel import check_fsdp_options
 from seqpar.passes.lm_loss import check_loss
 from seqpar.passes.mixers import ArchitectureNotSupported, architecture_problems, find_mixers, refuse_unsupported
+from seqpar.passes.offload import check_offload
+from seqpar.passes.tiled_mlp import check_mlp
 from seqpar.vocab import BACKENDS, LAYOUT_CHOICES, METHOD_CHOICES, check_choice
 
 __all__ = ["ArchitectureNotSupported", "ModelKind", "check", "find_blocks", "model_kind"]
@@ -74,7 +76,8 @@ def model_kind(model: nn.Module) -> ModelKind:
 def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, checkpoint: bool,
           compile: bool = False, backend: str = "auto", loss: str = "auto",
           loss_chunk: int | None = None,
-          fsdp_options: FSDPOptions = FSDPOptions()) -> tuple[int, ModelKind, list[nn.Module]]:
+          fsdp_options: FSDPOptions = FSDPOptions(), mlp: str = "auto", mlp_chunk: int | None = None,
+          offload: str = "none") -> tuple[int, ModelKind, list[nn.Module]]:
     """-> (dp, model kind, blocks); raises ValueError / TypeError naming what to change."""
     dp, _ = check_mesh(mesh)
     check_choice("layout", layout, LAYOUT_CHOICES)
@@ -84,6 +87,8 @@ def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, check
     for name, flag in (("fsdp", fsdp), ("checkpoint", checkpoint), ("compile", compile)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool (True or False), got {type(flag).__name__} {flag!r}")
+    check_mlp(mlp, mlp_chunk, compile)  # tiled MLP (passes/tiled_mlp.py)
+    check_offload(offload, checkpoint, compile)  # checkpoint offload (passes/offload.py)
     kind = model_kind(model)
     check_fsdp_options(model, fsdp, fsdp_options)  # precision / reshard / fsdp_offload (their values: FSDPOptions)
     if compile and checkpoint and kind == "sdpa":
