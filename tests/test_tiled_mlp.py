@@ -11,7 +11,7 @@ import torch
 
 import tiled_mlp_cases as tc
 from seqpar.passes.check import find_blocks
-from seqpar.passes.tiled_mlp import AUTO_BYTES, TiledMLP, check_mlp, probe, tile, tiled_mlp_pass
+from seqpar.passes.tiled_mlp import AUTO_BYTES, TiledMLP, check_mlp, probe, tiled_mlp_pass
 
 pytest.importorskip("transformers")
 

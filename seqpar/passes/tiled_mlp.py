@@ -3,7 +3,8 @@
 A per-token module (the MLP, a MoE's experts) called on ``x  # (..., T, H)`` holds intermediates of
 ``T x intermediate_size`` per projection until the backward. Tiled, it keeps only its input::
 
-    forward  (no grad)   x = [x_0 | x_1 | ... | x_n-1]  (chunks of dim -2)  ->  cat(f(x_i))   (intermediates freed per chunk)
+    forward  (no grad)   x = [x_0 | x_1 | ... | x_n-1]  (chunks of dim -2)  ->  cat(f(x_i))
+                         (each chunk's intermediates freed before the next)
     backward (per chunk) y_i = f(x_i) again, with grad;  autograd.grad(y_i, (x_i, params), dy_i)
                          dx = cat(dx_i);  d params = sum_i d params_i, returned once
 
