@@ -1,7 +1,9 @@
 """The "Architectures" table of docs/usage.md: every causal LM class of the installed transformers, built
-tiny (seqpar.testing.zoo), with what parallelize does with it and the oracle's word on sequence mixing.
+tiny (seqpar.testing.zoo), run under parallelize on 4 gloo ranks against itself in one process
+(:func:`seqpar.testing.zoo.exact_or_refused`, what tests/test_zoo.py asserts), with the reason of each
+refusal and the mixing oracle's word.
 
-    python benchmarks/zoo_table.py > /tmp/table.md
+    python benchmarks/zoo_table.py > /tmp/table.md        (~3-5 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -25,28 +27,54 @@ def _why(row) -> str:
     return f"{text}: {detail}" if detail else text
 
 
+def _short(why: str) -> str:
+    """The first sentence of a refusal, without the model-class prefix, for a table cell."""
+    why = why.split(": ", 1)[1] if why.startswith(("ValueError", "NotImplementedError", "TypeError",
+                                                   "ArchitectureNotSupported")) else why
+    why = re.sub(r"^seqpar(\.parallelize)?( cannot parallelize \w+)?:\s*", "", why)
+    return why.replace("|", "/").replace("\n", " ").split(". ")[0][:150]
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     import torch
     import transformers
 
     from seqpar.testing import zoo
+    from seqpar.testing.worlds import World, WorldError
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
-    rows = zoo.survey()
-    order = {"supported": 0, "refused": 1, "not built": 2}
-    def status(r):
-        return "not built" if r.built else ("supported" if r.verdict.startswith("supported") else "refused")
-    rows = sorted(rows, key=lambda r: (order[status(r)], r.model_type))
-    counts = {s: sum(status(r) == s for r in rows) for s in order}
-    print(f"transformers {transformers.__version__}: {len(rows)} causal LM classes; "
-          + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".\n")
-    print("| model_type | class | parallelize | why | oracle: mixes outside attention |")
+    rows = {r.model_type: r for r in zoo.survey()}
+    world = World(4)
+    verdicts = {}
+    try:
+        for model_type, class_name in zoo.causal_lm_types():
+            try:
+                res = world.run(zoo.exact_or_refused, model_type=model_type, class_name=class_name, timeout=240)
+                statuses = {r["status"] for r in res}
+                verdicts[model_type] = res[0] if len(statuses) == 1 else {"status": "ranks differ", "why": ""}
+            except WorldError as e:
+                verdicts[model_type] = {"status": "world broke", "why": str(e)[-200:]}
+                world.close()
+                world = World(4)
+    finally:
+        world.close()
+    order = {"exact": 0, "refused": 1, "reference fails": 2, "unbuilt": 3}
+    names = dict(zoo.causal_lm_types())
+    keys = sorted(verdicts, key=lambda k: (order.get(verdicts[k]["status"], 9), k))
+    counts = {s: sum(v["status"] == s for v in verdicts.values()) for s in {v["status"] for v in verdicts.values()}}
+    print(f"transformers {transformers.__version__}: {len(keys)} causal LM classes; "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda x: order.get(x[0], 9))) + ".\n")
+    print("| model_type | class | under parallelize | why | oracle: mixes outside attention |")
     print("| --- | --- | --- | --- | --- |")
-    for r in rows:
-        oracle = {"mixes": "yes", "local": "no", "unjudged": "—"}[r.truth]
-        print(f"| {r.model_type} | {r.class_name} | {status(r)} | {_why(r)} | {oracle} |")
+    for k in keys:
+        v = verdicts[k]
+        why = _short(str(v.get("why", ""))) if v["status"] != "exact" else ""
+        if v["status"] == "refused" and k in rows and rows[k].findings:
+            why = _why(rows[k])
+        oracle = {"mixes": "yes", "local": "no", "unjudged": "—"}[rows[k].truth] if k in rows else "—"
+        print(f"| {k} | {names[k]} | {v['status']} | {why} | {oracle} |")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
                   registered op there, saved by the selective checkpoint policy
     6. data-parallel gradients, over the dp x cp ranks flattened (parameters are replicated over
                   cp, so cp ranks share the sharding): fsdp=True: FSDP2 ``fully_shard`` per block,
-                  then the root; fsdp=False: full parameters, a post-accumulate-grad hook per
-                  parameter all-reduces. Either way the gradient is summed over cp and averaged
+                  then the root; fsdp=False: full parameters, each backward's gradients
+                  all-reduced at its end in one collective per dtype (the same collectives on every
+                  rank, whatever experts its tokens used). Either way the gradient is summed over cp and averaged
                   over dp (FSDP: SUM reduce-scatter + post-divide by dp, since gloo lacks PREMUL_SUM).
                   FSDP's memory options (seqpar/fsdp_options.py): ``precision`` (MixedPrecisionPolicy,
                   fp32 reduction), ``reshard`` (reshard_after_forward), ``fsdp_offload`` (CPUOffloadPolicy)

@@ -88,12 +88,24 @@ _LOCAL_POSITIONS: tuple[tuple[str, Callable[[nn.Module], bool], str], ...] = (
      "floor_scale)), the positions an arange over the local shard)",
      lambda m: bool(getattr(m, "attn_temperature_tuning", False)) and not getattr(m, "use_rope", True),
      "attn_temperature_tuning=False in the config (the same model for sequences shorter than floor_scale)"),
+    ("default positions counted from padding_idx + 1 over the non-pad tokens (RoBERTa-style embeddings), where "
+     "seqpar.shard_batch's default positions count from 0",
+     lambda m: callable(getattr(type(m), "create_position_ids_from_input_ids", None)),
+     "none yet for this embedding (a model with positions from 0, e.g. Llama, GPT-2, BERT)"),
 )
 
 
 def check_positions(model: nn.Module) -> None:
     """Refuse (``ValueError`` naming the model class, the module and the way out) a model with a module that
     computes positions from its local sequence length; see ``_LOCAL_POSITIONS``."""
+    import inspect
+
+    forward = inspect.signature(type(model).forward).parameters
+    if "position_ids" not in forward:
+        raise ValueError(f"seqpar cannot parallelize {type(model).__name__}: its forward takes no position_ids, so it "
+                         f"numbers positions itself from the local length (an arange over the shard, e.g. learned "
+                         f"position embeddings of BART-style decoders); seqpar hands every model the global positions "
+                         f"through position_ids. Use a model class that takes position_ids")
     for path, m in model.named_modules():
         for what, test, way_out in _LOCAL_POSITIONS:
             if test(m):

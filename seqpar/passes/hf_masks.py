@@ -62,6 +62,26 @@ class MaskPlan:
     chunk: int | None = None
     what: str = ""
 
+    # A model that treats its attention mask as a tensor (slices it, reads its dtype, adds to it) would do so to
+    # a mask seqpar never built: refused here, by name, rather than failing somewhere inside the model.
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NotImplementedError(f"seqpar: the model reads attention_mask.{name}, treating its mask as a tensor; "
+                                  f"under parallelize the mask is applied by global position inside the ring and "
+                                  f"no mask tensor exists, so this model is not supported")
+
+    def __getitem__(self, index):
+        raise NotImplementedError("seqpar: the model slices its attention mask; under parallelize the mask is applied "
+                                  "by global position inside the ring and no mask tensor exists, so this model is "
+                                  "not supported")
+
+    def _as_tensor(self, *args):
+        raise NotImplementedError("seqpar: the model computes with its attention mask as a tensor; under parallelize "
+                                  "no mask tensor exists, so this model is not supported")
+
+    __add__ = __radd__ = __mul__ = __rmul__ = __sub__ = __rsub__ = __and__ = __or__ = __invert__ = _as_tensor
+
 
 class _Refused(ValueError):
     pass

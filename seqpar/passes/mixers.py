@@ -250,6 +250,12 @@ def _config_findings(model: nn.Module, mods: list[tuple[str, nn.Module]]) -> lis
             else:
                 out.append(Finding("", type(model).__name__, f"config.{attr}[{i}] = {k!r} (not an attention layer)",
                                    "mixer"))
+    # token n-gram embeddings (Blt's hashed byte groups: each position's embedding reads the tokens before it)
+    for name in ("encoder_hash_byte_group_size", "hash_byte_group_size", "ngram_sizes"):
+        sizes = getattr(cfg, name, None)
+        if isinstance(sizes, (list, tuple)) and any(isinstance(n, int) and n > 1 for n in sizes):
+            out.append(Finding("", type(model).__name__, f"config.{name} = {list(sizes)}: embeddings of token "
+                               f"n-grams (each position reads the n-1 tokens before it)", "mixer"))
     return out
 
 

@@ -17,7 +17,9 @@ The oracle does not look at module classes, parameter names or the config: it ru
 from __future__ import annotations
 
 import copy
+import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,3 +380,109 @@ def _survey_one(model_type: str, class_name: str) -> Row:
     row.seconds += time.perf_counter() - t0
     row.model = b.model
     return row
+
+
+# -- exact or refused: the model under parallelize against itself in one process
+
+EQ_SEQ = 40  # 4 ranks x zigzag: shard chunks of 5 tokens; windows of 6 and chunks of 7 (not multiples of 5, < S)
+EQ_WINDOW, EQ_CHUNK = 6, 7
+_SEQPAR_DIRS = (f"{os.sep}seqpar{os.sep}", f"{os.sep}kernels{os.sep}")
+_MESHES: dict = {}
+
+
+def _equivalence_config(config) -> None:
+    """Windows and chunks shorter than the sequence, no dropout: set before the model is built (attention
+    modules copy their window from the config at construction)."""
+    cfgs = [config] + ([config.get_text_config()] if hasattr(config, "get_text_config") else [])
+    for cfg in cfgs:
+        for k, v in list(vars(cfg).items()):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if k in ("sliding_window", "attention_window_size", "sliding_window_size") and isinstance(v, int):
+                setattr(cfg, k, EQ_WINDOW)
+            elif k == "attention_chunk_size" and isinstance(v, int):
+                setattr(cfg, k, EQ_CHUNK)
+            elif "dropout" in k or k.endswith("_pdrop"):
+                setattr(cfg, k, 0.0 if isinstance(v, float) else 0)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    return float((a.double() - b.double()).abs().max() / max(float(b.abs().max()), floor, 1e-30))
+
+
+def _raised_in_seqpar(e: BaseException) -> bool:
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and any(d in frames[-1].filename for d in _SEQPAR_DIRS)
+
+
+def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str) -> dict[str, Any]:
+    """One causal LM class on this rank of a ``size``-rank gloo world: ``{"status": ...}`` with status
+
+    - ``"exact"``: ``parallelize(model, layout="zigzag")`` + ``shard_batch`` gives the single-process
+      model's loss (``loss`` rel <= 1e-5) and every gradient (``grad`` rel <= 1e-4 of the parameter's own
+      gradient, floored at 1e-4 of the model's largest gradient entry: a key bias's gradient is zero in
+      exact arithmetic and its float noise has no relative error);
+    - ``"refused"``: a ValueError / NotImplementedError / TypeError raised inside seqpar (``why``);
+    - ``"mismatch"`` / ``"crash"`` (an exception raised elsewhere): what must never happen;
+    - ``"unbuilt"`` / ``"reference fails"``: the class cannot be built tiny or run in one process here.
+
+    The model: :func:`tiny_config` with windows of 6 and chunks of 7 tokens, no dropout, matrices scaled
+    x2 (so a dropped mask shows), train mode; a batch of 40 tokens with labels.
+    """
+    import copy
+
+    import transformers
+
+    import seqpar
+
+    try:
+        cls = getattr(transformers, class_name)
+        cfg = tiny_config(model_type, cls)
+        _equivalence_config(cfg)
+        torch.manual_seed(0)
+        ref = cls(cfg).float()
+    except Exception as e:  # noqa: BLE001 - reported, not judged
+        return {"status": "unbuilt", "why": f"{type(e).__name__}: {_first(e)}"}
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.ndim > 1 and "embed" not in name:
+                p.mul_(2.0)
+    ref.train()
+    vocab = ref.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, max(4, min(vocab, VOCAB) - 12), (1, EQ_SEQ), generator=torch.Generator().manual_seed(7))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if size not in _MESHES:
+        _MESHES[size] = seqpar.init_mesh(cp=size)
+    mesh = _MESHES[size]
+
+    def failed(e: BaseException) -> dict[str, Any]:
+        if isinstance(e, (ValueError, NotImplementedError, TypeError)) and _raised_in_seqpar(e):
+            return {"status": "refused", "why": f"{type(e).__name__}: {e}"}
+        return {"status": "crash", "why": f"{type(e).__name__}: {str(e)[:300]}", "where": traceback.format_exc()[-1200:]}
+
+    try:  # refusals at parallelize come first (no communication): no reference is needed for them
+        model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout="zigzag", fsdp=False)
+    except Exception as e:  # noqa: BLE001
+        return failed(e)
+    try:
+        torch.manual_seed(0)
+        want = ref(**batch, use_cache=False).loss  # use_cache=False: with a cache transformers ignores documents
+        want.backward()
+        if not torch.isfinite(want):
+            return {"status": "reference fails", "why": f"loss {want.item()}"}
+    except Exception as e:  # noqa: BLE001 - the model does not run in one process at this size
+        return {"status": "reference fails", "why": f"{type(e).__name__}: {_first(e)}"}
+    try:
+        torch.manual_seed(0)
+        got = model(**seqpar.shard_batch(batch, mesh, layout="zigzag")).loss
+        got.backward()
+    except Exception as e:  # noqa: BLE001
+        return failed(e)
+    params = dict(model.named_parameters())
+    grads = [(n, p.grad) for n, p in ref.named_parameters() if p.grad is not None]
+    floor = max(float(g.abs().max()) for _, g in grads) * 1e-4 if grads else 0.0
+    grad = max((_rel(params[n].grad, g, floor) for n, g in grads if params[n].grad is not None), default=0.0)
+    missing = [n for n, _ in grads if params[n].grad is None]
+    loss = _rel(got.detach(), want.detach())
+    ok = loss <= 1e-5 and grad <= 1e-4 and not missing
+    return {"status": "exact" if ok else "mismatch", "loss": loss, "grad": grad, "missing": missing[:3]}
