@@ -294,7 +294,7 @@ def attention(
     heads, local sequence, head dim; any strides. v may have its own head dim Dv (MLA: DeepSeek-V2/V3,
     MiniCPM3); the default scale is 1/sqrt(D) of q. Returns this rank's shard of the output,
     (B, Hq, S_local, Dv) in q's dtype. ``is_causal`` masks by *global* position. GQA/MQA K/V travel
-    the ring un-repeated. ``backend``: "auto" (Triton on CUDA when available, else aten), "aten",
+    the ring un-repeated. ``backend``: "auto" (Triton on CUDA when available and its self-check on this device and dtype passed, else aten), "aten",
     "reference", "triton". Bad input raises before any communication. ``return_lse=True`` also
     returns the log-sum-exp of each query row, (B, Hq, S_local) fp32, not differentiable (what
     ``seqpar.parallelize`` keeps so activation checkpointing need not re-run the ring).

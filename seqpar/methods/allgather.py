@@ -42,7 +42,7 @@ __all__ = ["AllGatherMethod"]
 @dataclass(frozen=True)
 class AllGatherMethod(CollectiveMethod):
     """All-gather attention over ``group`` (a resolved group: ProcessGroup, transport group or ``None``)
-    with one call's options; a :class:`seqpar.methods.Method`. ``backend`` is resolved (not "auto");
+    with one call's options; a :class:`seqpar.methods.Method`. ``backend`` as :class:`~seqpar.methods.base.CallOptions` has it;
     ``call`` is the call's number on the group (named in errors; collectives carry no tags).
     ``record`` gets one :class:`~seqpar.methods.StepRecord` per computed tile, ``step`` = the kv rank."""
 

@@ -89,7 +89,9 @@ class CallOptions:
     layout: str
     mask: MaskSpec  # causal, window, documents, soft-cap (seqpar.masks)
     scale: float
-    backend: str  # resolved (not "auto")
+    # "aten" | "reference" | "triton", or "auto" on CUDA: the kernel dispatch picks per (device, dtype),
+    # after the Triton self-check
+    backend: str
     record: Recorder | None = None
     call: int = 0  # the call's number on the group (the ring tags its messages with it)
 
