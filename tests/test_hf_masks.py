@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 from transformers import masking_utils as mu  # noqa: E402
 
 import hf_mask_cases as hc  # noqa: E402
+from seqpar.masks import MaskSpec, visible_pairs  # noqa: E402
 from seqpar.passes.hf_masks import MaskPlan, chunk_offsets, read_mask_function  # noqa: E402
 from seqpar.vocab import LAYOUTS  # noqa: E402
 
@@ -43,21 +44,13 @@ def test_reads_transformers_masks(fn, want):
 
 
 def _check_plan_is_the_mask(fn, n=20):
-    """The plan's visibility equals the mask function's on every index pair (the independent truth)."""
+    """What seqpar runs for the plan (its MaskSpec, chunks as documents) sees exactly the key/query pairs the
+    mask function allows, on every index pair (the function is the independent truth)."""
     plan = read_mask_function(fn)
     q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
     want = fn(torch.tensor(0), torch.tensor(0), q, k).expand(n, n)
-    got = torch.ones(n, n, dtype=torch.bool)
-    if plan.causal:
-        got &= k <= q
-    left, right = plan.window_size
-    if left >= 0:
-        got &= k >= q - left
-    if right >= 0:
-        got &= k <= q + right
-    if plan.chunk is not None:
-        cu = chunk_offsets(plan.chunk, n, None)
-        got &= torch.bucketize(q, cu, right=True) == torch.bucketize(k, cu, right=True)
+    cu = None if plan.chunk is None else tuple(chunk_offsets(plan.chunk, n, None).tolist())
+    got = visible_pairs(MaskSpec(causal=plan.causal, window=plan.window_size, cu_seqlens=cu), range(n), range(n))
     assert torch.equal(got, want)
 
 
