@@ -24,6 +24,7 @@ models parallelized differently in one process do not interfere.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -172,7 +173,10 @@ def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor],
                         enable_gqa=query.shape[1] != key.shape[1], **mask)  # (B, Hq, S_local, Dv)
         return out.transpose(1, 2).contiguous(), None  # (B, S_local, Hq, Dv)
 
-    chunked: dict[tuple, torch.Tensor] = {}  # one entry: the chunk offsets of the current batch, for every layer
+    # one entry: the chunk offsets of the current batch, made once and handed to every layer (one tensor per
+    # batch: the agreement reads each new documents tensor once). Keyed by the batch's document tensor itself
+    # (a weak reference and its version), never by its address, which a later batch's tensor may reuse.
+    chunked: list = [None]  # [(chunk, total, weakref to cu or None, cu._version, offsets)]
 
     def _apply_plan(plan: MaskPlan, mask: dict[str, Any], module: nn.Module, s_local: int) -> dict[str, Any]:
         """seqpar.attention's mask arguments from the model's mask (``plan``) and its mask arguments (``mask``)."""
@@ -188,11 +192,15 @@ def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor],
                                  f"is not supported with layout='packed' (its shards follow the documents, not the "
                                  f"chunks); use layout='zigzag', 'striped' or 'contiguous'")
             cu = mask.get("cu_seqlens")
-            key = (plan.chunk, world * s_local, None if cu is None else (cu.data_ptr(), cu._version, cu.numel()))
-            if key not in chunked:
-                chunked.clear()
-                chunked[key] = chunk_offsets(plan.chunk, world * s_local, cu)
-            mask["cu_seqlens"] = chunked[key]
+            last = chunked[0]
+            same = last is not None and last[:2] == (plan.chunk, world * s_local) and (
+                (cu is None and last[2] is None) or (cu is not None and last[2] is not None and last[2]() is cu
+                                                     and last[3] == cu._version))
+            if not same:
+                offsets = chunk_offsets(plan.chunk, world * s_local, cu)
+                chunked[0] = (plan.chunk, world * s_local, None if cu is None else weakref.ref(cu),
+                              None if cu is None else cu._version, offsets)
+            mask["cu_seqlens"] = chunked[0][4]
         return mask
 
     def seqpar_mask(*, mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
