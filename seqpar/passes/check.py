@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqpar.fsdp_options import FSDPOptions
@@ -31,14 +33,71 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return [b for _, ml in lists for b in ml]
 
 
+_SDPA_IDS = frozenset(id(f) for f in (F.scaled_dot_product_attention,
+                                      getattr(torch._C._nn, "scaled_dot_product_attention", None)) if f is not None)
+
+
+def _code_objects(code):
+    """``code`` and the code objects nested in it (lambdas, inner functions, comprehensions)."""
+    yield code
+    for c in code.co_consts:
+        if inspect.iscode(c):
+            yield from _code_objects(c)
+
+
+def _refers_to_sdpa(fn, seen: set[int], depth: int = 0) -> bool:
+    """Whether the function ``fn`` (or a Python function it names, up to 3 calls deep) reaches
+    ``F.scaled_dot_product_attention``: the objects its code names are resolved (globals, closure cells and
+    attribute chains of modules such as ``F.x`` / ``torch.nn.functional.x``) and compared by identity, so an
+    import under another name counts and a comment or string does not."""
+    fn = inspect.unwrap(getattr(fn, "__func__", fn))
+    code = getattr(fn, "__code__", None)
+    if code is None or id(code) in seen or depth > 3:
+        return False
+    seen.add(id(code))
+    glb = getattr(fn, "__globals__", {})
+    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if _has_contents(c)]
+    for co in _code_objects(code):
+        names = set(co.co_names)
+        values = [glb[n] for n in names if n in glb] + cells
+        frontier = list(values)
+        for _ in range(3):  # attribute chains through modules: torch -> nn -> functional -> sdpa
+            nxt = []
+            for v in frontier:
+                if id(v) in _SDPA_IDS:
+                    return True
+                if inspect.ismodule(v):
+                    nxt += [getattr(v, n) for n in names if hasattr(v, n)]
+            frontier = nxt
+        for v in values:  # Python helpers the code names (not torch's own)
+            if inspect.isfunction(v) and not (v.__module__ or "").startswith("torch"):
+                if _refers_to_sdpa(v, seen, depth + 1):
+                    return True
+    return False
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
 def _calls_sdpa(model: nn.Module) -> bool:
+    """Whether some module of ``model`` computes attention with ``F.scaled_dot_product_attention``: declared
+    (a class attribute ``seqpar_attention = "sdpa"``), or found structurally in what its methods call
+    (:func:`_refers_to_sdpa`: the objects the code names, resolved; never the source text)."""
+    seen: set[int] = set()
     for m in model.modules():
-        try:
-            src = inspect.getsource(type(m))
-        except (OSError, TypeError):
-            continue
-        if "scaled_dot_product_attention" in src:
+        if getattr(type(m), "seqpar_attention", None) == "sdpa":
             return True
+        for cls in type(m).__mro__:
+            if (cls.__module__ or "").startswith("torch."):
+                continue  # nn.Module's own methods
+            for fn in vars(cls).values():
+                if inspect.isfunction(fn) and _refers_to_sdpa(fn, seen):
+                    return True
     return False
 
 
