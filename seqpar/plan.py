@@ -453,7 +453,16 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
     if memory_model and model.hidden and model.intermediate and model.vocab:  # a whole model: every byte
         from seqpar.plan_memory import memory_plan
 
-        opts = dict(precision="bf16" if dtype_bytes == 2 else "fp32", **(memory or {}))
+        # 2-byte activations: parallelize's precision="bf16" on an fp32 model (FSDP2 mixed precision: fp32
+        # shards, gradients and AdamW state), or a model cast to bf16 without FSDP; ``memory`` may say which
+        opts = dict(memory or {})
+        if dtype_bytes == 2 and "precision" not in opts and "param_dtype" not in opts:
+            if opts.get("fsdp", True):
+                opts["precision"] = "bf16"
+            else:
+                opts.update(precision="fp32", param_dtype="bf16")
+        elif dtype_bytes != 2:
+            opts.setdefault("precision", "fp32")
         mp = memory_plan(model, seq_len, cp=P, batch=B, method=method, ulysses=ulysses, checkpoint=checkpoint,
                          **opts)
         memory = dict(mp.items, total=mp.total)

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from seqpar.fsdp_options import FSDPOptions
 from seqpar.plan import Machine, ModelShape, compare, plan
-from seqpar.plan_memory import (MODELS, block_saved_bytes, from_hf_config, max_seq_len, memory_plan,
+from seqpar.plan_memory import (MODELS, block_saved_bytes, from_hf_config, main, max_seq_len, memory_plan,
                                 model_shape)
 
 TINY = ModelShape(heads=4, kv_heads=2, head_dim=16, layers=2, hidden=64, intermediate=128, vocab=256)
@@ -41,6 +42,73 @@ def test_tiny_shape_by_hand():
     assert q.items["params"] == 106816 and q.tokens == S // 4
 
 
+def test_layer_backward_phases_by_hand():
+    # one block's backward in two halves (measured per op on CPU ranks, benchmarks/memory.py): the MLP's
+    # gradients on the whole saved set, then the attention's buffers once the MLP half freed its part
+    S, n = 1024, 106816
+    acts = S * (2 * 4376 + 24 + 128)  # every block's saved set + ids/labels/positions + cos/sin
+    p = memory_plan(TINY, S, checkpoint="none", loss="full", mlp="full", precision="fp32", fsdp=False)
+    # d(out), d(norm out): 2*4*64; d(act*up), d(act), d(up) less the freed act*up: 2*4*128 (the final
+    # norm's saved set is gone by then)
+    assert p.phases["MLP backward"] == 12 * n + acts + S * (512 + 1024)
+    # the attention half: MLP (2048), second norm (516) and x + attn (256) freed; stream 512, dout 256,
+    # fp32 dq/dk/dv 512 and their casts 512, + the method's working set (the only method-dependent term)
+    att = p.phases["attention backward"] - (12 * n + acts - S * (2048 + 516 + 256) + S * 1792)
+    assert att > 0
+    for cp in (4, 8):  # all-gather's O(S) K/V + dK/dV over the ring's two blocks (equal at cp=2)
+        r, a = (memory_plan(TINY, S, cp=cp, method=m, checkpoint="none", loss="full", mlp="full") for m in
+                ("ring", "allgather"))
+        assert r.phases["MLP backward"] == a.phases["MLP backward"]
+        assert a.phases["attention backward"] > r.phases["attention backward"]
+    # checkpointed: the recomputed block re-creates its set except its input (256) and the replayed
+    # (out, lse) (272), which the checkpoint holds for every block
+    c = memory_plan(TINY, S, checkpoint="full", loss="full", mlp="full", precision="fp32", fsdp=False)
+    kept = S * (2 * (256 + 272) + 24 + 128)
+    assert c.phases["MLP backward"] == 12 * n + kept + S * (4376 - 528) + S * (512 + 1024)
+    assert c.phases["attention backward"] - p.phases["attention backward"] == kept - acts + S * (4376 - 528)
+
+
+def test_precision_is_fsdp_mixed_precision():
+    m = model_shape("llama-3.1-8b")
+    S, P = 1 << 18, 8
+    n, nb = int(m.param_count()), int(m.block_param_count())
+    root = n - m.layers * nb
+    f32, b16, f16 = (memory_plan(m, S, cp=P, precision=x) for x in ("fp32", "bf16", "fp16"))
+    for x, p in (("fp32", f32), ("bf16", b16), ("fp16", f16)):
+        st = FSDPOptions(precision=x).state_bytes(params=n, ranks=P, largest_block=nb, root=root)
+        # fp32 shards, gradients and AdamW state whatever the compute dtype: the state_bytes of parallelize's option
+        assert p.items["params"] == st["params"] == 4 * -(-n // P)
+        assert p.items["optimizer"] == st["optimizer"] == 8 * -(-n // P)
+        assert p.items["unsharded params (FSDP)"] == st["gathered"] + st["staging"]
+        assert p.phases["optimizer step"] == 16 * -(-n // P) + 4 * n / P
+    assert b16.phases == f16.phases  # both 2-byte compute
+    assert b16.items["unsharded params (FSDP)"] == f32.items["unsharded params (FSDP)"] / 2
+    assert b16.total < f32.total
+    # a model cast to bf16 (parallelize's precision="fp32": nothing to cast): bf16 parameters, gradients
+    # and AdamW state, the same activations as mixed precision
+    cast = memory_plan(m, S, cp=P, precision="fp32", param_dtype="bf16")
+    assert cast.items["params"] == b16.items["params"] / 2 and cast.items["optimizer"] == b16.items["optimizer"] / 2
+    assert cast.items["activations (saved)"] == b16.items["activations (saved)"]
+    assert cast.total < b16.total
+    nof = memory_plan(m, S, cp=P, fsdp=False, precision="fp32", param_dtype="bf16")
+    assert nof.items["params"] == 2 * n and nof.items["optimizer"] == 4 * n  # replicated, nothing gathered
+    assert nof.peak_phase == "optimizer step" and nof.total == (2 + 2 + 4) * n + 2 * n
+    # what parallelize refuses is refused here, naming the fix
+    with pytest.raises(ValueError, match="param_dtype='bf16'"):
+        memory_plan(m, S, cp=P, precision="bf16", param_dtype="bf16")
+    with pytest.raises(ValueError, match="fsdp=True"):
+        memory_plan(m, S, cp=P, precision="bf16", fsdp=False)
+    with pytest.raises(TypeError, match="precision='bf16'"):
+        memory_plan(m, S, cp=P, precision=True)
+    with pytest.raises(ValueError, match="param_dtype"):
+        memory_plan(m, S, cp=P, precision="fp32", param_dtype="fp8")
+    # seqpar.plan's 2-byte memory is the mixed-precision plan (fp32 state), or a cast model without FSDP
+    shape = plan(m, S, P, Machine(attn_flops=1e12), method="ring", dtype_bytes=2).memory
+    assert shape["total"] == b16.total
+    shape = plan(m, S, P, Machine(attn_flops=1e12), method="ring", dtype_bytes=2, memory=dict(fsdp=False)).memory
+    assert shape["total"] == memory_plan(m, S, cp=P, fsdp=False, precision="fp32", param_dtype="bf16").total
+
+
 def test_presets_and_hf_config():
     assert set(MODELS or {}) <= {"llama-3.1-8b", "llama-3-8b", "qwen3-8b", "llama-3-70b", "tiny"}
     llama = model_shape("llama-3.1-8b")
@@ -56,7 +124,10 @@ def test_presets_and_hf_config():
 def test_monotonic_in_cp_loss_mlp_checkpoint_offload():
     m = model_shape("llama-3.1-8b")
     S = 1 << 18
-    acts = [memory_plan(m, S, cp=cp, checkpoint="none").items["activations (saved)"] for cp in (1, 2, 4, 8)]
+    # (the full loss peaks every time: the item then holds the same things, every block's saved set)
+    acts = [memory_plan(m, S, cp=cp, checkpoint="none", loss="full") for cp in (1, 2, 4, 8)]
+    assert {a.peak_phase for a in acts} == {"loss"}
+    acts = [a.items["activations (saved)"] for a in acts]
     assert acts == sorted(acts, reverse=True) and acts[0] / acts[-1] == pytest.approx(8, rel=0.01)
     full = memory_plan(m, S, cp=8, loss="full", mlp="full", checkpoint="none")
     assert memory_plan(m, S, cp=8, loss="chunked", mlp="full", checkpoint="none").total < full.total
@@ -87,6 +158,20 @@ def test_cli_prints_the_python_api_numbers():
     assert total == pytest.approx(p.total / 1e9, abs=0.006)
     assert longest == max_seq_len(model_shape("llama-3.1-8b"), 80e9, **kw)
     assert "activations (saved)" in out and "host: checkpointed block inputs" in out
+
+
+def test_cli_precision_and_param_dtype(capsys):
+    def total(*argv):
+        main(["--model", "llama-3.1-8b", "--seq", "262144", "--gpus", "8", *argv])
+        return float(re.search(r"total: ([\d.]+) GB", capsys.readouterr().out).group(1))
+
+    m = model_shape("llama-3.1-8b")
+    assert total() == pytest.approx(memory_plan(m, 1 << 18, cp=8, precision="bf16").total / 1e9, abs=0.006)
+    cast = memory_plan(m, 1 << 18, cp=8, precision="fp32", param_dtype="bf16").total / 1e9
+    assert total("--param-dtype", "bf16") == pytest.approx(cast, abs=0.006)  # precision defaults to fp32 then
+    with pytest.raises(SystemExit):
+        main(["--param-dtype", "bf16", "--precision", "bf16"])
+    assert "param_dtype='bf16'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- auto
