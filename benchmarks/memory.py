@@ -24,14 +24,14 @@ threshold to 32 MiB after the first free, and freed heap memory then stays resid
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import inspect
 import os
 import sys
 import time
 
 from common import RESULTS, pyplot, save_figure, write_json
+
+import seqpar.testing.memory as _mem
 
 TOLERANCE = 0.15
 VOCAB = 32000
@@ -63,26 +63,7 @@ def shape_of(name: str):
     return ModelShape(heads=H, kv_heads=Hkv, head_dim=h // H, layers=L, hidden=h, intermediate=I, vocab=VOCAB)
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def run_config(rank: int, size: int, cfg: tuple, seed: int = 0) -> dict:
@@ -127,20 +108,20 @@ def run_config(rank: int, size: int, cfg: tuple, seed: int = 0) -> dict:
     step(batch(256 * cp), opt)  # one-time allocations of a first step (and AdamW's states), short sequence
     model.zero_grad(set_to_none=True)
     b = batch(S)
-    _trim()
-    base = _reset_peak()
+    _mem.trim()
+    base = _mem.reset_peak()
     t0 = time.perf_counter()
     out = model(**b)
     loss_ = out.loss
     del out  # the usual `loss = model(**batch).loss`: the logits are not held through the backward
-    fwd = _status("VmHWM") - base
-    _reset_peak()
+    fwd = _mem.status("VmHWM") - base
+    _mem.reset_peak()
     loss_.backward()
-    bwd = _status("VmHWM") - base
+    bwd = _mem.status("VmHWM") - base
     del loss_
-    _reset_peak()
+    _mem.reset_peak()
     opt.step()
-    opt_peak = _status("VmHWM") - base
+    opt_peak = _mem.status("VmHWM") - base
     seconds = time.perf_counter() - t0
     params = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()) * 4
     return dict(forward=fwd, backward=bwd, optimizer=opt_peak, peak=max(fwd, bwd, opt_peak), baseline=base,

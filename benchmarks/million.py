@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import faulthandler
-import gc
 import logging
 import math
 import os
@@ -59,6 +58,8 @@ from pathlib import Path
 
 from common import RESULTS, load_json, pyplot, save_figure, write_json
 
+import seqpar.testing.memory as _mem
+
 log = logging.getLogger("million")
 LOSS_REL, GRAD_REL = 1e-5, 1e-4  # --compare's bounds (fp32)
 GiB = float(1 << 30)
@@ -66,30 +67,6 @@ PHASES = ("forward", "backward", "optimizer")
 
 
 # ------------------------------------------------------------------------------------------ memory
-
-
-def _status(key: str) -> int:
-    """A ``/proc/self/status`` field in bytes (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> int:
-    """Reset ``VmHWM`` to the current resident size (write 5 to clear_refs) -> that size."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def _mmap_threshold(nbytes: int = 128 << 10) -> None:
@@ -242,9 +219,9 @@ def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -
     hooks = prog.hook_blocks(model.model.layers)
     prog.done(None, "block 0 forward")
     dist.barrier()
-    _trim()
+    _mem.trim()
     hwm = {}
-    base = _reset_peak()
+    base = _mem.reset_peak()
     prog.counting = True
     t = prog.t = time.perf_counter()
     out = model(**b)
@@ -253,14 +230,14 @@ def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -
     chunked = logits is None
     del logits
     sec["forward"] = time.perf_counter() - t
-    hwm["forward"] = _status("VmHWM")
+    hwm["forward"] = _mem.status("VmHWM")
     prog.counting = False
     prog.done("norm + LM head + loss forward", "LM head + loss backward")
-    _reset_peak()
+    _mem.reset_peak()
     t = prog.t = time.perf_counter()
     loss.backward()
     sec["backward"] = time.perf_counter() - t
-    hwm["backward"] = _status("VmHWM")
+    hwm["backward"] = _mem.status("VmHWM")
     prog.done("block 0 backward (+ embedding)", "optimizer")
     value = loss.item()
     del loss
@@ -268,11 +245,11 @@ def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -
     if grads:  # outside the measured phases (a collective per parameter)
         full = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
                 for n, p in model.named_parameters()}
-    _reset_peak()
+    _mem.reset_peak()
     t = time.perf_counter()
     opt.step()
     sec["optimizer"] = time.perf_counter() - t
-    hwm["optimizer"] = _status("VmHWM")
+    hwm["optimizer"] = _mem.status("VmHWM")
     prog.done(None, "done")
     prog.close()
     for h in hooks:
@@ -287,7 +264,7 @@ def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -
     res = dict(seconds=sec, baseline=base, hwm=hwm, peak=hwm[peak_phase], rise=hwm[peak_phase] - base,
                peak_phase=peak_phase, loss=value, chunked_loss=chunked, tiled_mlps=tiled, stages=prog.seconds)
     del model, opt, b
-    _trim()
+    _mem.trim()
     return res if full is None else dict(res, grads=full)
 
 

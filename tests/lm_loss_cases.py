@@ -11,6 +11,7 @@ import copy
 import torch
 
 import seqpar
+from seqpar.testing.memory import reset_peak, status
 
 # name -> (config class, model class, config overrides): one model per feature of the chunked loss
 MODELS = {
@@ -127,14 +128,6 @@ def plain_equivalence(rank, size, *, layout="zigzag", S=48, loss_chunk=5):
     return dict(loss=_rel(out.loss.detach(), want.detach()), grad=grad, logits_numel=out.logits.numel())
 
 
-def _vm(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def memory(rank, size, *, loss, S=4096, vocab=128000):
     """Peak resident memory added by one training step (forward + backward) of a large-vocabulary model
     (its full local fp32 logits: S/size x vocab x 4 bytes), measured with VmHWM after a reset."""
@@ -144,10 +137,8 @@ def memory(rank, size, *, loss, S=4096, vocab=128000):
     batch = seqpar.shard_batch(make_batch(1, S, vocab, seed=3), _mesh(size))
     model(**batch).loss.backward()  # warm-up: gradients allocated, allocator caches filled
     model.zero_grad(set_to_none=False)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _vm("VmRSS")
+    base = reset_peak()
     loss_value = model(**batch).loss
     loss_value.backward()
-    rise = _vm("VmHWM") - base
+    rise = status("VmHWM") - base
     return dict(rise=rise, logits_bytes=(S // size) * vocab * 4, loss=loss_value.item())

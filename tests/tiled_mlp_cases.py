@@ -12,6 +12,7 @@ import copy
 import torch
 
 import seqpar
+from seqpar.testing.memory import reset_peak, status
 from parallel_cases import _full, _rel, make_batch, make_model, mesh_for
 from router_cases import make_moe
 
@@ -134,22 +135,15 @@ def refused(rank, size, *, cp=4):
 # ----------------------------------------------------------------------------- memory (one process, no world)
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
 def _peak_rise_mib(fn) -> float:
     """The rise of this process's peak resident memory (VmHWM, reset through /proc/self/clear_refs) over its RSS
     at the reset, while ``fn`` runs."""
     import gc
 
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start = _status_kib("VmRSS")
+    start = reset_peak()
     fn()
-    return (_status_kib("VmHWM") - start) / 1024
+    return (status("VmHWM") - start) / 2**20
 
 
 def mlp_memory(S: int = 8192, intermediate: int = 4096) -> dict:
