@@ -21,16 +21,11 @@ def _fresh():
     return counters
 
 
-def opcheck(rank, size, *, method="ring", hkv=2, window=(-1, -1), softcap=0.0):
-    """torch.library.opcheck (schema, fake, autograd registration, AOT dispatch) of every seqpar op
-    with ``method`` (and a window / soft-cap mask) on this group; -> the names of the ops checked."""
+def check_ops(ql, kl, vl, call: tuple, g: torch.Generator) -> list[str]:
+    """torch.library.opcheck of seqpar's forward, replay and backward ops on these shards and op arguments;
+    -> the names of the ops checked."""
     from seqpar.methods import ops
 
-    g = torch.Generator().manual_seed(0)
-    B, H, S, D = 1, 4, 8 * size, 16
-    q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (H, hkv, hkv))
-    ql, kl, vl = (seqpar.shard(t, dim=2, layout="zigzag").contiguous().requires_grad_() for t in (q, k, v))
-    call = (method, ops.group_name(dist.group.WORLD), "zigzag", True, list(window), softcap, D ** -0.5, "aten")
     out, lse = (t.detach() for t in ops.attention_fwd(ql, kl, vl, *call))
     dout = torch.randn(out.shape, generator=g)
     checked = []
@@ -41,6 +36,19 @@ def opcheck(rank, size, *, method="ring", hkv=2, window=(-1, -1), softcap=0.0):
         torch.library.opcheck(op, args)
         checked.append(str(op))
     return checked
+
+
+def opcheck(rank, size, *, method="ring", hkv=2, window=(-1, -1), softcap=0.0):
+    """torch.library.opcheck (schema, fake, autograd registration, AOT dispatch) of every seqpar op
+    with ``method`` (and a window / soft-cap mask) on this group; -> the names of the ops checked."""
+    from seqpar.methods import ops
+
+    g = torch.Generator().manual_seed(0)
+    B, H, S, D = 1, 4, 8 * size, 16
+    q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (H, hkv, hkv))
+    ql, kl, vl = (seqpar.shard(t, dim=2, layout="zigzag").contiguous().requires_grad_() for t in (q, k, v))
+    call = (method, ops.group_name(dist.group.WORLD), "zigzag", True, list(window), softcap, D ** -0.5, "aten")
+    return check_ops(ql, kl, vl, call, g)
 
 
 def compiled_function(rank, size, *, backend, layout, causal, hkv, dtype=torch.float32, method="ring"):

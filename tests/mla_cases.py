@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 import seqpar
+from compile_cases import check_ops
+from seqpar.testing.numerics import tile_visible
 
 # the masks of the grid: is_causal, window_size, cu_seqlens (global offsets of S = 16), softcap, sinks
 MASKS: dict[str, dict] = {
@@ -176,28 +178,6 @@ def replay(rank, size, *, method) -> float:
 
 # ---------------------------------------------------------------------------------------------- kernels alone
 
-def tile_visible(mask, Sq: int, Sk: int) -> torch.Tensor:
-    """(Sq, Sk) bool of a kernels.TileMask from its definition (tile-local row i, column j)."""
-    i = torch.arange(Sq)[:, None]
-    j = torch.arange(Sk)[None, :]
-    vis = torch.ones(Sq, Sk, dtype=torch.bool)
-    if mask.kind == "causal":
-        vis &= j <= i
-    if mask.kind == "strict":
-        vis &= j < i
-    if mask.lo is not None:
-        vis &= j - i >= mask.lo
-    if mask.hi is not None:
-        vis &= j - i <= mask.hi
-    if mask.docs is not None:
-        qd, kd = torch.zeros(Sq, dtype=torch.long), torch.zeros(Sk, dtype=torch.long)
-        for segs, ids in zip(mask.docs, (qd, kd)):
-            for a, b, d in segs:
-                ids[a:b] = d
-        vis &= qd[:, None] == kd[None, :]
-    return vis
-
-
 def tile_masks() -> dict:
     from seqpar.kernels import TileMask
 
@@ -287,17 +267,9 @@ def opcheck(rank, size, *, method: str) -> list[str]:
     q, k, v = (torch.randn(1, h, S, d, generator=g) for h, d in ((4, 12), (2, 12), (2, 8)))
     ql, kl, vl = (seqpar.shard(t, dim=2, layout="zigzag").contiguous().requires_grad_() for t in (q, k, v))
     call = (method, ops.group_name(dist.group.WORLD), "zigzag", True, [-1, -1], 0.0, 12 ** -0.5, "aten")
-    out, lse = (t.detach() for t in ops.attention_fwd(ql, kl, vl, *call))
+    out = ops.attention_fwd(ql, kl, vl, *call)[0]
     assert out.shape[-1] == 8, out.shape
-    dout = torch.randn(out.shape, generator=g)
-    checked = []
-    for op, args in ((torch.ops.seqpar.attention_fwd.default, (ql, kl, vl, *call)),
-                     (torch.ops.seqpar.attention_replay.default, (ql, kl, vl, out, lse, *call)),
-                     (torch.ops.seqpar.attention_bwd.default, (dout, ql.detach(), kl.detach(), vl.detach(),
-                                                                out, lse, *call))):
-        torch.library.opcheck(op, args)
-        checked.append(str(op))
-    return checked
+    return check_ops(ql, kl, vl, call, g)
 
 
 def compiled(rank, size, *, method: str) -> dict:

@@ -12,39 +12,15 @@ import torch
 from seqpar.kernels import TileMask
 from seqpar.layout import global_indices
 from seqpar.masks import MaskSpec, last_step, plan_tile, sequence_tile, visible_pairs
+from seqpar.testing.numerics import tile_visible
 from seqpar.vocab import LAYOUTS
-
-
-def _dense(mask: TileMask, nq: int, nk: int) -> torch.Tensor:
-    """TileMask semantics written out independently: (nq, nk) bool."""
-    i = torch.arange(nq)[:, None]
-    j = torch.arange(nk)[None, :]
-    vis = torch.ones(nq, nk, dtype=torch.bool)
-    if mask.kind == "causal":
-        vis &= j <= i
-    elif mask.kind == "strict":
-        vis &= j < i
-    if mask.lo is not None:
-        vis &= j - i >= mask.lo
-    if mask.hi is not None:
-        vis &= j - i <= mask.hi
-    if mask.docs is not None:
-        qd = torch.full((nq,), -1)
-        kd = torch.full((nk,), -2)
-        for a, b, d in mask.docs[0]:
-            qd[a:b] = d
-        for a, b, d in mask.docs[1]:
-            kd[a:b] = d
-        assert (qd >= 0).all() and (kd >= 0).all(), "segments must cover the piece"
-        vis &= qd[:, None] == kd[None, :]
-    return vis
 
 
 def _covered(pieces, s_local: int) -> torch.Tensor:
     cover = torch.zeros(s_local, s_local, dtype=torch.int64)
     for p in pieces:
         q, kv = range(s_local)[p.q], range(s_local)[p.kv]
-        cover[q.start:q.stop, kv.start:kv.stop] += _dense(p.mask, len(q), len(kv)).long()
+        cover[q.start:q.stop, kv.start:kv.stop] += tile_visible(p.mask, len(q), len(kv)).long()
     return cover
 
 
@@ -76,7 +52,7 @@ def test_pieces_cover_the_visible_pairs_exactly(layout, world):
             assert torch.equal(cover.bool(), truth), (spec, layout, qr, kr, pieces)
             for p in pieces if spec.structured else ():  # trimmed: work in its first/last row and column
                 q, kv = range(s_local)[p.q], range(s_local)[p.kv]
-                d = _dense(p.mask, len(q), len(kv))
+                d = tile_visible(p.mask, len(q), len(kv))
                 assert d[0].any() and d[-1].any() and d[:, 0].any() and d[:, -1].any(), (spec, p)
             if truth.any():
                 last = max(last, (qr - kr) % world)

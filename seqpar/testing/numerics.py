@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FLOORS", "sdpa_grads", "bound", "errors", "violations", "assert_within_bound"]
+__all__ = ["FLOORS", "sdpa_grads", "bound", "errors", "violations", "assert_within_bound", "tile_visible"]
 
 FLOORS: dict[torch.dtype, float] = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2,
                                     torch.float16: 4e-3}
@@ -60,3 +60,29 @@ def violations(res: dict[str, dict[str, float]], dtype: torch.dtype, key: str = 
 def assert_within_bound(res: dict[str, dict[str, float]], dtype: torch.dtype, key: str = "seqpar") -> None:
     bad = violations(res, dtype, key)
     assert not bad, bad
+
+
+def tile_visible(mask, nq: int, nk: int) -> torch.Tensor:
+    """(nq, nk) bool: which (tile-local row i, column j) a ``seqpar.kernels.TileMask`` lets attend, written from
+    its definition (kind, band ``lo <= j - i <= hi``, document segments that must cover the tile)."""
+    i = torch.arange(nq)[:, None]
+    j = torch.arange(nk)[None, :]
+    vis = torch.ones(nq, nk, dtype=torch.bool)
+    if mask.kind == "causal":
+        vis &= j <= i
+    elif mask.kind == "strict":
+        vis &= j < i
+    if mask.lo is not None:
+        vis &= j - i >= mask.lo
+    if mask.hi is not None:
+        vis &= j - i <= mask.hi
+    if mask.docs is not None:
+        qd = torch.full((nq,), -1)
+        kd = torch.full((nk,), -2)
+        for a, b, d in mask.docs[0]:
+            qd[a:b] = d
+        for a, b, d in mask.docs[1]:
+            kd[a:b] = d
+        assert (qd >= 0).all() and (kd >= 0).all(), "segments must cover the piece"
+        vis &= qd[:, None] == kd[None, :]
+    return vis
