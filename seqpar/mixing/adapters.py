@@ -1,0 +1,13 @@
+"""The registry of state-passing adapters (:class:`seqpar.mixing.base.StateAdapter`), one per mixer family.
+
+``parallelize(mixers="auto" | "state")`` tries them in this order on every sequence mixer it finds; the
+first whose ``matches`` holds is proven equal to the module's own forward by a probe before it is used.
+"""
+
+from __future__ import annotations
+
+from seqpar.mixing.base import StateAdapter
+
+__all__ = ["ADAPTERS"]
+
+ADAPTERS: tuple[StateAdapter, ...] = ()
