@@ -1,0 +1,205 @@
+"""Causal short convolutions (LFM2 / LFM2-MoE / LFM3, Inkling / Inkling2 / Inkling2-loop) exact per run.
+
+A depthwise causal convolution of width ``k`` reads the current token and the ``k - 1`` before it, so a
+run of a rank's tokens is exact once it is prefixed by the ``k - 1`` conv inputs that precede it in
+global order (its *halo*, :meth:`MixerContext.halo`; zeros before global position 0, which is the
+module's own left padding). Everything else in these modules is per token (projections, gates, the
+padding mask, the residual), computed on this rank's tokens only. No state passes between runs.
+
+Note
+----
+One run of L tokens, k = 3 (``x``: the conv's input, after the per-token projection / gate / mask)::
+
+    global     ... x[s-2] x[s-1] | x[s] x[s+1] ... x[s+L-1] | ...
+    halo run          [x[s-2] x[s-1]  x[s] ...   x[s+L-1]]        (k-1 + L rows)
+    valid conv        y[s] = w0 x[s-2] + w1 x[s-1] + w2 x[s]   ...  L outputs, no padding
+
+The adapters mirror the modules' CPU path (transformers' torch fallback ``causal_conv1d_fn``: the input
+cast to the weight's dtype, the output back). Refused by name: a cache (decode state), ``seq_idx``
+(documents: the torch fallback ignores it and the fused kernel does not, so no single answer is exact).
+A 2D padding mask ``(B, S_local)`` is applied per token before the conv as the modules do, so it is exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqpar.mixing.base import MixerContext
+
+__all__ = ["Lfm2ShortConvAdapter", "InklingShortConvAdapter", "InklingDynamicShortConvAdapter",
+           "SHORT_CONV_ADAPTERS"]
+
+InklingOutput = Literal["residual", "scaled_residual"]  # Inkling: conv + x; Inkling2: (conv + x) / sqrt(k + 1)
+
+
+def _params(module: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``module.forward``'s arguments by name (defaults applied; ``**kwargs`` merged in)."""
+    sig = inspect.signature(module.forward)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    for name, p in sig.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(out.pop(name, {}))
+    return out
+
+
+def _depthwise(conv: Any, channels: int) -> bool:
+    return (isinstance(conv, nn.Conv1d) and conv.in_channels == conv.out_channels == conv.groups == channels
+            and conv.stride == (1,) and conv.dilation == (1,) and conv.padding == (conv.kernel_size[0] - 1,)
+            and conv.padding_mode == "zeros")
+
+
+def _refuse(name: str, bound: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        if bound.get(key) is not None:
+            raise NotImplementedError(
+                f"{name}: {key}= is not supported under sequence parallelism (a decode cache / per-document "
+                f"resets of the short convolution); call the module without it")
+
+
+def _padding_mask(name: str, mask: torch.Tensor | None, x: torch.Tensor, arg: str) -> None:
+    if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2])):
+        raise ValueError(f"{name}: {arg} must be a 2D padding mask (batch, local tokens) = {tuple(x.shape[:2])}, "
+                         f"got shape {tuple(mask.shape)}; pass None or the local slice of the 2D mask")
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """transformers' ``apply_mask_to_padding_states``: ``x`` (B, S, C) times ``mask`` (B, S), per token."""
+    return x if mask is None else (x * mask[:, :, None]).to(x.dtype)
+
+
+def _conv_runs(ctx: MixerContext, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The causal depthwise conv of ``x`` (B, S_local, C) with ``weight`` (C, 1, k), per run with its halo.
+
+    As ``causal_conv1d_fn``'s torch path: computed in the weight's dtype, returned in ``x``'s."""
+    k = weight.shape[-1]
+    channels = x.shape[-1]
+    pieces = []
+    for h in ctx.halo(x, k - 1, dim=1):  # (B, k-1 + L, C)
+        y = F.conv1d(h.transpose(1, 2).to(weight.dtype), weight, bias, groups=channels)  # (B, C, L)
+        pieces.append(y.transpose(1, 2).to(x.dtype))
+    return ctx.join(pieces, dim=1)
+
+
+class Lfm2ShortConvAdapter:
+    """``Lfm2ShortConv`` and its copies (LFM2-MoE, LFM3): ``out_proj(C * conv(B * x))``, ``[B, C, x] = in_proj(h)``."""
+
+    name = "lfm2_short_conv"
+
+    def matches(self, module: nn.Module) -> bool:
+        conv, inp, out = (getattr(module, a, None) for a in ("conv", "in_proj", "out_proj"))
+        if not (isinstance(inp, nn.Linear) and isinstance(out, nn.Linear)):
+            return False
+        c = inp.in_features
+        return (_depthwise(conv, c) and inp.out_features == 3 * c and out.in_features == c
+                and {"hidden_states", "attention_mask"} <= _params(module))
+
+    def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
+        name = type(module).__name__
+        bound = _bind(module, args, kwargs)
+        _refuse(name, bound, "cache", "past_key_values", "seq_idx")
+        hidden = bound["hidden_states"]  # (B, S_local, C)
+        mask = bound.get("attention_mask")
+        _padding_mask(name, mask, hidden, "attention_mask")
+        bcx = module.in_proj(_masked(hidden, mask))  # (B, S_local, 3C)
+        b, c, x = bcx.chunk(3, dim=-1)
+        y = _conv_runs(ctx, b * x, module.conv.weight, module.conv.bias)  # (B, S_local, C)
+        return module.out_proj((c * y).contiguous())
+
+
+class InklingShortConvAdapter:
+    """Inkling's / Inkling2's static short convolution: fp32 ``conv(mask * x) + x`` (Inkling2: / sqrt(k + 1))."""
+
+    def __init__(self, output: InklingOutput):
+        if output not in ("residual", "scaled_residual"):
+            raise ValueError(f"output={output!r} must be 'residual' or 'scaled_residual'")
+        self.output = output
+        self.name = "inkling_short_conv" if output == "residual" else "inkling2_short_conv"
+
+    def matches(self, module: nn.Module) -> bool:
+        conv = getattr(module, "conv1d", None)
+        params = _params(module)
+        # Inkling2's forward takes (and ignores) dynamic_input, for the dynamic conv's interface; Inkling's does not
+        variant = "scaled_residual" if "dynamic_input" in params else "residual"
+        return (isinstance(conv, nn.Conv1d) and _depthwise(conv, conv.in_channels)
+                and getattr(module, "conv_kernel_size", None) == conv.kernel_size[0]
+                and {"hidden_states", "conv_mask"} <= params and variant == self.output)
+
+    def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
+        name = type(module).__name__
+        bound = _bind(module, args, kwargs)
+        _refuse(name, bound, "cache", "past_key_values", "seq_idx")
+        hidden = bound["hidden_states"]  # (B, S_local, C)
+        mask = bound.get("conv_mask")
+        _padding_mask(name, mask, hidden, "conv_mask")
+        x = hidden.float()
+        y = _conv_runs(ctx, _masked(x, mask), module.conv1d.weight, module.conv1d.bias) + x
+        if self.output == "scaled_residual":
+            y = y / math.sqrt(module.conv_kernel_size + 1)
+        return y.to(hidden.dtype)
+
+
+class InklingDynamicShortConvAdapter:
+    """Inkling2's dynamic short convolution: taps ``static_weight + weight_proj(dynamic_input)`` per token and
+    key/value head, over the halo'd fp32 context; ``seq_idx`` (documents) masks taps across a boundary, its halo
+    travels with the context's."""
+
+    name = "inkling2_dynamic_short_conv"
+
+    def matches(self, module: nn.Module) -> bool:
+        w, proj = getattr(module, "static_weight", None), getattr(module, "weight_proj", None)
+        k, heads = getattr(module, "conv_kernel_size", None), getattr(module, "num_heads", None)
+        return (isinstance(w, nn.Parameter) and w.dim() == 2 and isinstance(proj, nn.Linear)
+                and isinstance(k, int) and isinstance(heads, int) and w.shape[0] == k and w.shape[1] % heads == 0
+                and proj.out_features == heads * k and {"hidden_states", "dynamic_input", "conv_mask"} <= _params(module))
+
+    def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
+        name = type(module).__name__
+        bound = _bind(module, args, kwargs)
+        _refuse(name, bound, "cache", "past_key_values")
+        hidden, dyn = bound["hidden_states"], bound["dynamic_input"]  # (B, S_local, C), (B, S_local, hidden)
+        mask = bound.get("conv_mask")
+        _padding_mask(name, mask, hidden, "conv_mask")
+        seq_idx = bound.get("seq_idx")
+        if seq_idx is not None and tuple(seq_idx.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"{name}: seq_idx must be (batch, local tokens) = {tuple(hidden.shape[:2])}, "
+                             f"got {tuple(seq_idx.shape)}")
+        k, heads = module.conv_kernel_size, module.num_heads
+        bsz, _, c = hidden.shape
+        weights = module.static_weight.float().T.view(heads, -1, k)  # (H, C/H, k), tap j = j tokens back
+        dynamic = module.weight_proj(dyn).float()  # (B, S_local, H*k)
+        x = hidden.float()
+        ctx_x = ctx.halo(_masked(x, mask), k - 1, dim=1)  # per run (B, k-1 + L, C)
+        # seq_idx rides as float (exact below 2**24); the zero rows before position 0 meet zero context anyway
+        ctx_idx = ctx.halo(seq_idx.float()[..., None], k - 1, dim=1) if seq_idx is not None else None
+        pieces = []
+        for r, (xs, (a, e)) in enumerate(zip(ctx_x, ctx.runs.bounds)):
+            n = e - a
+            win = xs.transpose(1, 2).unfold(-1, k, 1).flip(-1).transpose(1, 2)  # (B, L, C, k), [..., j]: j back
+            win = win.reshape(bsz, n, heads, -1, k)
+            if ctx_idx is not None:
+                idx = ctx_idx[r][..., 0]  # (B, k-1 + L)
+                same = idx.unfold(-1, k, 1).flip(-1) == idx[:, k - 1:, None]  # (B, L, k)
+                win = win * same[:, :, None, None, :]
+            tap = weights + dynamic[:, a:e].view(bsz, n, heads, 1, k)  # (B, L, H, C/H, k)
+            pieces.append((win * tap).sum(-1).reshape(bsz, n, c))
+        y = (ctx.join(pieces, dim=1) + x) / math.sqrt(2 * k + 1)
+        return y.to(hidden.dtype)
+
+
+SHORT_CONV_ADAPTERS = (Lfm2ShortConvAdapter(), InklingShortConvAdapter("residual"),
+                       InklingShortConvAdapter("scaled_residual"), InklingDynamicShortConvAdapter())
