@@ -1,0 +1,126 @@
+"""Linear-recurrence adapters (seqpar.mixing.rglru, seqpar.mixing.lightning) against the modules and an fp64 truth.
+
+Single process: each transformers module built tiny; the adapter on a LocalContext cut into runs equals the
+module's own forward on the whole sequence (output and the gradients of the input and every parameter),
+and both stay within reach of an fp64 token-by-token reference written here from the recurrence's formula.
+Packed documents (position_ids restarting at 0) inside runs and at run starts; refusals by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from adapter_checks import compare, first_output, randomize  # noqa: E402
+from seqpar.mixing import rglru  # noqa: E402
+from seqpar.mixing.base import LocalContext  # noqa: E402
+from seqpar.testing.zoo import tiny_config  # noqa: E402
+
+T = 13
+CUTS = [(), (1, 2, 5, 11), (3, 4, 6, 7, 12)]  # runs of 1-2 tokens (< the conv width 4); 5 is a document start
+PACKED = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1], list(range(T))])  # (2, T): 3 documents + 1
+
+
+# -- RecurrentGemma's recurrent block
+
+def _rg_block(dtype):
+    import transformers.models.recurrent_gemma.modeling_recurrent_gemma as m
+    cfg = tiny_config("recurrent_gemma")
+    idx = list(cfg.layers_block_type).index("linear_attention")
+    return randomize(m.RecurrentGemmaRecurrentBlock(cfg, idx)).to(dtype)
+
+
+def rglru_reference(block, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The recurrent block in fp64, token by token, from Griffin's formulas (not from the module's code)."""
+    p = {n: t.detach().double() for n, t in block.named_parameters()}
+    h = h.detach().double()
+    bsz, seq, _ = h.shape
+    heads, bw = block.rg_lru.num_attention_heads, block.rg_lru.block_width
+    y = block.act_fn(h @ p["linear_y.weight"].T + p["linear_y.bias"])
+    u = h @ p["linear_x.weight"].T + p["linear_x.bias"]  # (B, S, W)
+    k = block.conv_1d.kernel_size[0]
+    wconv = p["conv_1d.weight"][:, 0, :]  # (W, k): tap j reads token t - (k - 1) + j
+    out = torch.zeros_like(u)
+    for b in range(bsz):
+        state = torch.zeros(u.shape[-1], dtype=torch.float64)
+        for t in range(seq):
+            c = p["conv_1d.bias"].clone()
+            for j in range(k):
+                if t - (k - 1) + j >= 0:
+                    c = c + wconv[:, j] * u[b, t - (k - 1) + j]
+            ch = c.view(heads, bw)
+            i_gate = torch.sigmoid(torch.einsum("hi,hij->hj", ch, p["rg_lru.input_gate_weight"])
+                                   + p["rg_lru.input_gate_bias"]).reshape(-1)
+            r_gate = torch.sigmoid(torch.einsum("hi,hij->hj", ch, p["rg_lru.recurrent_gate_weight"])
+                                   + p["rg_lru.recurrent_gate_bias"]).reshape(-1)
+            a = torch.exp(-8.0 * r_gate * F.softplus(p["rg_lru.recurrent_param"]))
+            if pos[min(b, pos.shape[0] - 1), t] == 0:  # a document starts: no memory, no normalisation
+                state = i_gate * c
+            else:
+                state = a * state + torch.sqrt(1 - a * a) * (i_gate * c)
+            out[b, t] = state
+    return (out * y) @ p["linear_out.weight"].T + p["linear_out.bias"]
+
+
+def _rg_inputs(dtype, pos):
+    g = torch.Generator().manual_seed(3)
+    return {"input_states": torch.randn(2, T, 32, generator=g, dtype=torch.float64).to(dtype),
+            "position_ids": pos, "attention_mask": None, "use_cache": False}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rglru_equals_module_and_reference(dtype):
+    block = _rg_block(dtype)
+    adapter = rglru.RGLRU_ADAPTERS[0]
+    assert adapter.matches(block)
+    for pos in (torch.arange(T)[None], PACKED):
+        inputs = _rg_inputs(dtype, pos)
+        truth = rglru_reference(block, inputs["input_states"], pos)
+        own = first_output(block(**inputs)).double()
+        scale = truth.abs().max()
+        own_err = ((own - truth).abs().max() / scale).item()
+        for cuts in CUTS:
+            # the module accumulates its recurrence in fp32 whatever the dtype: fp64 is fp32-tight
+            errs = compare(adapter, block, inputs, T, cuts)
+            assert max(errs.values()) <= 1e-5, (pos.shape, cuts, errs)
+            mine = first_output(adapter.forward(block, LocalContext(T, cuts), (), inputs)).double()
+            mine_err = ((mine - truth).abs().max() / scale).item()
+            assert mine_err <= 2 * own_err + 1e-6, (cuts, mine_err, own_err)
+        assert own_err <= 1e-5  # the reference is the module's math
+
+
+def test_rglru_reset_cuts_the_entry_state():
+    """A document starting a run (and one inside it) must not see the previous run's state: changing the tokens
+    before the start leaves the document's outputs unchanged, with and without cuts."""
+    block = _rg_block(torch.float64)
+    inputs = _rg_inputs(torch.float64, PACKED)
+    other = dict(inputs, input_states=inputs["input_states"].clone())
+    other["input_states"][0, :2] += 1.0  # tokens 0-1 of document 0 (row 0) change; the conv (width 4) at 5 reads 2-5
+    for cuts in CUTS:
+        a = first_output(rglru.RGLRU_ADAPTERS[0].forward(block, LocalContext(T, cuts), (), inputs))
+        b = first_output(rglru.RGLRU_ADAPTERS[0].forward(block, LocalContext(T, cuts), (), other))
+        assert torch.equal(a[0, 5:], b[0, 5:]) and not torch.equal(a[0, 2:5], b[0, 2:5]), cuts
+        assert torch.equal(a[1], b[1])
+
+
+def test_rglru_matches_and_refusals():
+    import transformers.models as m
+    block = _rg_block(torch.float32)
+    adapter = rglru.RGLRU_ADAPTERS[0]
+    others = [block.rg_lru, block.conv_1d, m.mamba.modeling_mamba.MambaMixer(tiny_config("mamba"), 0),
+              m.lfm2.modeling_lfm2.Lfm2ShortConv(tiny_config("lfm2"), 0)]
+    assert not any(adapter.matches(o) for o in others)
+    ctx = LocalContext(T, (5,))
+    inputs = _rg_inputs(torch.float32, torch.arange(T)[None])
+    with pytest.raises(NotImplementedError, match="use_cache"):
+        adapter.forward(block, ctx, (), dict(inputs, use_cache=True))
+    with pytest.raises(NotImplementedError, match="cache"):
+        adapter.forward(block, ctx, (), dict(inputs, cache=object()))
+    with pytest.raises(ValueError, match="position_ids"):
+        adapter.forward(block, ctx, (), dict(inputs, position_ids=torch.arange(T - 1)[None]))
+    assert math.isfinite(first_output(adapter.forward(block, ctx, (), inputs)).sum().item())
