@@ -7,10 +7,12 @@ first whose ``matches`` holds is proven equal to the module's own forward by a p
 from __future__ import annotations
 
 from seqpar.mixing.base import StateAdapter
+from seqpar.mixing.rglru import RGLRU_ADAPTERS
 from seqpar.mixing.short_conv import SHORT_CONV_ADAPTERS
 
 __all__ = ["ADAPTERS"]
 
 ADAPTERS: tuple[StateAdapter, ...] = (
     *SHORT_CONV_ADAPTERS,  # LFM2 / LFM2-MoE / LFM3, Inkling / Inkling2 / Inkling2-loop short convolutions
+    *RGLRU_ADAPTERS,  # RecurrentGemma's recurrent block (conv1d + RG-LRU)
 )
