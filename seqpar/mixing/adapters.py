@@ -7,12 +7,14 @@ first whose ``matches`` holds is proven equal to the module's own forward by a p
 from __future__ import annotations
 
 from seqpar.mixing.base import StateAdapter
+from seqpar.mixing.gated_delta import GatedDeltaAdapter
 from seqpar.mixing.rglru import RGLRU_ADAPTERS
 from seqpar.mixing.short_conv import SHORT_CONV_ADAPTERS
 
 __all__ = ["ADAPTERS"]
 
 ADAPTERS: tuple[StateAdapter, ...] = (
+    GatedDeltaAdapter(),  # Qwen3-Next, Qwen3.5 / -MoE, LaraMini, Qwen4-Exp, OLMo-Hybrid gated DeltaNet
     *SHORT_CONV_ADAPTERS,  # LFM2 / LFM2-MoE / LFM3, Inkling / Inkling2 / Inkling2-loop short convolutions
     *RGLRU_ADAPTERS,  # RecurrentGemma's recurrent block (conv1d + RG-LRU)
 )
