@@ -17,6 +17,9 @@ layer is called directly with this rank's shards::
 
     outs = run_threads(rank_main, 4, q, k, v)        # 4 local outputs, in rank order
 
+``ThreadGroup(ring)`` makes the same thread-ranks a :class:`seqpar.comm.TransportGroup` (all-gather,
+reduce-scatter) for code that needs collectives besides the ring (the sequence mixers' context).
+
 It serves fast process-free tests on CPU and runs the full ring (every layout, the Triton kernels,
 the post-then-wait overlap structure) on a machine with one GPU.
 
@@ -47,7 +50,7 @@ import torch
 
 from seqpar.comm import TAG_KV, PeerAborted
 
-__all__ = ["ThreadWorld", "ThreadRing", "RingAborted", "run_threads"]
+__all__ = ["ThreadWorld", "ThreadRing", "ThreadGroup", "RingAborted", "run_threads"]
 
 
 class RingAborted(PeerAborted):
@@ -138,6 +141,60 @@ class ThreadRing:
         nxt = (self.rank + hops) % self.size
         self.world._post((nxt, tag, seq), send.detach().clone())
         return _ThreadHandle(self.world, (self.rank, tag, seq), recv)
+
+
+class ThreadGroup:
+    """A :class:`seqpar.comm.TransportGroup` over the thread-ranks of a :class:`ThreadRing`'s world:
+    ``ThreadGroup(ring)`` inside ``run_threads``' function gives the collectives (all-gather, reduce-scatter)
+    that :func:`seqpar.comm.all_gather_tensor` and :func:`seqpar.comm.reduce_scatter_tensor` call.
+
+    Every rank makes the same collectives in the same order; the n-th collective of a group posts one
+    snapshot per destination rank keyed by (destination, (op, source), n), so calls never pair across."""
+
+    def __init__(self, ring: ThreadRing):
+        if not isinstance(ring, ThreadRing):
+            raise TypeError(f"ring must be a ThreadRing (the argument run_threads passes), got {type(ring).__name__}")
+        self._ring = ring
+        self.world = ring.world
+        self.rank = ring.rank
+        self.size = ring.size
+        self._calls = 0
+
+    def __repr__(self) -> str:
+        return f"ThreadGroup(rank={self.rank}, size={self.size})"
+
+    def ring(self) -> ThreadRing:
+        return self._ring
+
+    def _exchange(self, op: str, sends: list) -> list:
+        """Post ``sends[j]`` to rank j (a snapshot), return what every rank posted to this one, in rank order."""
+        seq = self._calls
+        self._calls += 1
+        for dst, msg in enumerate(sends):
+            if dst != self.rank:
+                self.world._post((dst, (op, self.rank), seq), msg)
+        return [sends[self.rank] if src == self.rank else self.world._take((self.rank, (op, src), seq))
+                for src in range(self.size)]
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``x`` (same shape everywhere), in rank order."""
+        x = x.detach()
+        return self._exchange("all_gather", [x.clone() for _ in range(self.size)])
+
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        return self._exchange("all_gather_ints", [[int(v) for v in values]] * self.size)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (P, ...) -> the sum over ranks of ``x[rank]``, added in rank order (the same on every run)."""
+        if x.shape[0] != self.size:
+            raise ValueError(f"reduce_scatter: dim 0 of x must be the group size {self.size}, got shape "
+                             f"{tuple(x.shape)}")
+        x = x.detach()
+        parts = self._exchange("reduce_scatter", [x[j].clone() for j in range(self.size)])
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out += p
+        return out
 
 
 def run_threads(fn: Callable[..., Any], size: int, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list:

@@ -1,0 +1,176 @@
+"""Cases for tests/test_mixing.py: the distributed mixer context (halo exchange, entry-state scan).
+
+Each case runs on every rank of a spawned gloo world (or on thread-ranks); the references are computed
+in the same process on the whole sequence in fp64 (a shift of the global tensor for halos, a sequential
+scan of all runs in global order for entry states) with plain autograd, never with the context's code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqpar.layout import global_indices
+from seqpar.mixing.context import DistContext, make_context
+from seqpar.mixing.runs import all_runs
+
+# (layout, seq_len, cu_seqlens) over 4 ranks: runs shorter than the halo width come from zigzag at S=8
+# (chunks of 1) and from packed documents of 1-3 tokens (several empty or one-token chunks per document)
+CONFIGS_4 = [
+    ("contiguous", 16, None), ("striped", 16, None), ("zigzag", 16, None), ("zigzag", 8, None),
+    ("packed", 16, None), ("packed", 16, (0, 1, 3, 6, 7, 16)), ("packed", 24, (0, 2, 3, 13, 14, 17, 24)),
+]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _reference_halos(X: torch.Tensor, runs, width: int) -> list[torch.Tensor]:
+    """X (B, S, C) global -> per run of ``runs``: the ``width`` rows before its start (zeros before 0) + its rows."""
+    padded = torch.cat([X.new_zeros(X.shape[0], width, X.shape[2]), X], dim=1)
+    return [padded.narrow(1, g, width + b - a) for g, (a, b) in zip(runs.starts, runs.bounds)]
+
+
+def halo_all(rank: int, size: int, group=None, configs=CONFIGS_4, widths=(0, 1, 2, 3, 4)) -> list[tuple]:
+    """For every config and width: (config, width, forward error, gradient error) of ``halo`` against the fp64
+    shift of the global tensor, the gradient of a random linear functional of every rank's halos."""
+    import torch.distributed as dist
+
+    group = group if group is not None else dist.group.WORLD
+    out = []
+    for ci, (layout, S, cu) in enumerate(configs):
+        runs_all = all_runs(S, size, layout, cu)
+        X = torch.randn(2, S, 3, generator=_gen(ci), dtype=torch.float64)
+        idx = global_indices(S, rank, size, layout, cu)
+        for width in widths:
+            ctx = DistContext(group, runs_all) if ci % 2 else make_context(group, layout, S, cu)
+            # the sequence along the last dim for half of the configs (any dim works)
+            seq_dim = 1 if ci % 2 == 0 else 2
+            x = X.index_select(1, idx).movedim(1, seq_dim).clone().requires_grad_()
+            halos = [h.movedim(seq_dim, 1) for h in ctx.halo(x, width, dim=seq_dim)]
+            Ws = [torch.randn(2, sum(width + b - a for a, b in r.bounds), 3, generator=_gen(100 * ci + 10 * width + r_),
+                              dtype=torch.float64) for r_, r in enumerate(runs_all)]
+            (Ws[rank] * torch.cat(halos, dim=1)).sum().backward()
+            # the single-process truth
+            Xr = X.clone().requires_grad_()
+            ref = [torch.cat(_reference_halos(Xr, r, width), dim=1) for r in runs_all]
+            sum((W * h).sum() for W, h in zip(Ws, ref)).backward()
+            fwd = (torch.cat(halos, dim=1) - ref[rank]).abs().max().item()
+            grad = (x.grad.movedim(seq_dim, 1) - Xr.grad.index_select(1, idx)).abs().max().item()
+            out.append(((layout, S, cu), width, fwd, grad))
+    return out
+
+
+def random_maps(n: int, kind: str, seed: int, dtype=torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n maps of very different magnitudes: b ~ N(0,1) * 10**U(-3, 3); matrix M = s Q (spectral norm s = 10**U(-3, 0)
+    times a random orthogonal Q), scale M (2, 2, 1, 1) = 10**U(-3, 0) per head (a Mamba2-like decay)."""
+    g = _gen(seed)
+    maps = []
+    for _ in range(n):
+        b = torch.randn(2, 2, 3, 4, generator=g, dtype=dtype) * 10 ** (6 * torch.rand((), generator=g, dtype=dtype) - 3)
+        if kind == "matrix":
+            q, _ = torch.linalg.qr(torch.randn(2, 2, 3, 3, generator=g, dtype=dtype))
+            m = q * 10 ** (-3 * torch.rand((2, 2, 1, 1), generator=g, dtype=dtype))
+        else:
+            m = 10 ** (-3 * torch.rand((2, 2, 1, 1), generator=g, dtype=dtype))
+        maps.append((m, b))
+    return maps
+
+
+def reference_scan(maps, kind: str) -> list[torch.Tensor]:
+    """fp64 entry states of runs visited in order: h_0 = 0, h_{i+1} = M_i h_i + b_i."""
+    h = torch.zeros_like(maps[0][1])
+    states = []
+    for m, b in maps:
+        states.append(h)
+        h = (torch.matmul(m, h) if kind == "matrix" else m * h) + b
+    return states
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0 when both are zero; a missing gradient is zero)."""
+    a = torch.zeros_like(b) if a is None else a
+    b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
+    scale = b.abs().max().item()
+    err = (a.double() - b).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def scan_errors(ctx, kind: str, seed: int) -> tuple[float, float]:
+    """(entry-state error, gradient error) of ``ctx.entry_states`` on this rank against the fp64 single-process scan
+    of all runs in global order, relative per run / per map; the gradient of sum_i <V_i, entry_i> over all runs."""
+    runs = ctx.runs
+    n = runs.n
+    maps = random_maps(n, kind, seed)
+    V = [torch.randn(2, 2, 3, 4, generator=_gen(seed + 1 + i), dtype=torch.float64) for i in range(n)]
+    local = [tuple(t.clone().requires_grad_() for t in maps[i]) for i in runs.index]
+    got = ctx.entry_states(local, kind)
+    sum((V[i].float() * h).sum() for i, h in zip(runs.index, got)).backward()
+    ref_maps = [tuple(t.clone().requires_grad_() for t in mb) for mb in maps]
+    ref = reference_scan(ref_maps, kind)
+    sum((v * h).sum() for v, h in zip(V, ref)).backward()
+    fwd = max(_rel(h, ref[i]) for i, h in zip(runs.index, got))
+    grad = max(_rel(t.grad, rt.grad) for i, mb in zip(runs.index, local) for t, rt in zip(mb, ref_maps[i]))
+    assert all(h.dtype == torch.float32 and h.shape == maps[0][1].shape for h in got)
+    return fwd, grad
+
+
+def entry_all(rank: int, size: int) -> list[tuple]:
+    """For every config and kind: (config, kind, entry-state error, gradient error) on the world group."""
+    import torch.distributed as dist
+
+    out = []
+    for ci, (layout, S, cu) in enumerate(CONFIGS_4):
+        ctx = make_context(dist.group.WORLD, layout, S, cu)
+        for kind in ("matrix", "scale"):
+            out.append(((layout, S, cu), kind, *scan_errors(ctx, kind, seed=1000 * ci + len(kind))))
+    return out
+
+
+def bad_input(rank: int, size: int) -> list[str]:
+    """Bad arguments raise ValueError/TypeError on every rank before any communication: a valid halo and scan
+    after them still pair up across the ranks (they would not if a rank had entered a collective)."""
+    import torch.distributed as dist
+
+    ctx = make_context(dist.group.WORLD, "packed", 16, (0, 8, 16))  # 2 to 4 runs on every rank
+    x = torch.randn(1, 4, 2)
+    maps = [(torch.rand(2, 3, 3), torch.randn(2, 3, 1)) for _ in ctx.runs.bounds]
+    calls = [
+        lambda: ctx.halo(x, -1),
+        lambda: ctx.halo(x, 1.5),
+        lambda: ctx.halo(x, 2, dim=2),  # dim 2 is not the sequence
+        lambda: ctx.entry_states(maps + maps[:1], "matrix"),
+        lambda: ctx.entry_states(maps[:1] + [(torch.rand(2, 4, 4), torch.randn(2, 4, 1))] * (len(maps) - 1), "matrix"),
+        lambda: ctx.entry_states([(torch.rand(2, 3, 3), torch.randn(2, 2, 1))] * len(maps), "matrix"),
+        lambda: ctx.entry_states(maps, "diagonal"),
+    ]
+    msgs = []
+    for call in calls:
+        try:
+            call()
+        except (ValueError, TypeError) as e:
+            msgs.append(f"{type(e).__name__}: {e}")
+        else:
+            msgs.append("no error")
+    # still in step: one halo and one scan pair up across the ranks
+    h = ctx.halo(torch.full((1, 4, 2), float(rank)), 1)
+    ctx.entry_states(maps, "matrix")
+    msgs.append(f"halo of first run: {h[0][0, 0, 0].item()}")
+    return msgs
+
+
+def threaded_scan(ring, S_per_rank: int, kind: str, seed: int) -> tuple[float, float]:
+    """One thread-rank: entry states and gradients over a ThreadGroup, zigzag, vs the fp64 scan."""
+    from seqpar.comm.threads import ThreadGroup
+
+    group = ThreadGroup(ring)
+    torch.set_num_threads(1)
+    return scan_errors(make_context(group, "zigzag", S_per_rank * group.size), kind, seed)
+
+
+def threaded_halo(ring, configs, widths) -> list[tuple]:
+    """halo_all on thread-ranks (a ThreadGroup: all-gather and reduce-scatter through mailboxes)."""
+    from seqpar.comm.threads import ThreadGroup
+
+    group = ThreadGroup(ring)
+    return halo_all(group.rank, group.size, group=group, configs=configs, widths=widths)
