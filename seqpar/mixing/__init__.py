@@ -1,12 +1,14 @@
 """Sequence mixers other than attention (convolutions, linear recurrences, SSMs) over a sharded sequence.
 
 ``base``: the runs of a rank, the context an adapter gets (halo exchange, entry-state scan) and the
-single-process reference context. The distributed context, the gather path and the families'
-adapters live beside it (see docs/architecture.md).
+single-process reference context; ``runs``: every layout's runs; ``context``: the distributed context
+(``make_context``). The gather path and the families' adapters live beside them (see docs/architecture.md).
 """
 
 from seqpar.mixing.base import (MIXER_MODES, LocalContext, MapKind, MixerContext, MixerMode, Runs, StateAdapter,
                                 apply_map, compose_maps)
+from seqpar.mixing.context import DistContext, make_context
+from seqpar.mixing.runs import all_runs, local_runs
 
-__all__ = ["MIXER_MODES", "LocalContext", "MapKind", "MixerContext", "MixerMode", "Runs", "StateAdapter",
-           "apply_map", "compose_maps"]
+__all__ = ["DistContext", "make_context", "all_runs", "local_runs", "MIXER_MODES", "LocalContext", "MapKind",
+           "MixerContext", "MixerMode", "Runs", "StateAdapter", "apply_map", "compose_maps"]
