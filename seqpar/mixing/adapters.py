@@ -10,6 +10,7 @@ from seqpar.mixing.base import StateAdapter
 from seqpar.mixing.gated_delta import GatedDeltaAdapter
 from seqpar.mixing.rglru import RGLRU_ADAPTERS
 from seqpar.mixing.short_conv import SHORT_CONV_ADAPTERS
+from seqpar.mixing.ssd import MAMBA2
 
 __all__ = ["ADAPTERS"]
 
@@ -17,4 +18,5 @@ ADAPTERS: tuple[StateAdapter, ...] = (
     GatedDeltaAdapter(),  # Qwen3-Next, Qwen3.5 / -MoE, LaraMini, Qwen4-Exp, OLMo-Hybrid gated DeltaNet
     *SHORT_CONV_ADAPTERS,  # LFM2 / LFM2-MoE / LFM3, Inkling / Inkling2 / Inkling2-loop short convolutions
     *RGLRU_ADAPTERS,  # RecurrentGemma's recurrent block (conv1d + RG-LRU)
+    MAMBA2,  # Mamba2, Bamba, Nemotron-H, GraniteMoeHybrid, Zamba2, FalconH1 Mamba2 mixers (SSD)
 )
