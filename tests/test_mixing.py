@@ -8,8 +8,12 @@ and at world 1 against :class:`seqpar.mixing.LocalContext`.
 
 from __future__ import annotations
 
-import torch
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 import mixing_cases as mc
 from seqpar.comm.threads import run_threads
@@ -114,3 +118,14 @@ def test_scan_error_does_not_grow_with_ranks(kind):
         errs[P] = max(r[0] for r in res), max(r[1] for r in res)
     assert errs[64][0] <= 4 * errs[2][0] and errs[64][0] <= 1e-6, errs
     assert max(g for _, g in errs.values()) <= 1e-5, errs
+
+
+def test_mpi_transport(mpirun):
+    """The halo and entry-state cases over seqpar.MPIGroup on 2 mpirun ranks (MPI all-gather, reduce-scatter)."""
+    from seqpar.testing import processes as procs
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mixing_cases.py")
+    r = procs.run([*mpirun(2), sys.executable, script], cwd=os.path.dirname(os.path.dirname(script)),
+                  env=procs.launcher_env(), timeout=120)
+    assert r.returncode == 0, f"mpirun exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert r.stdout.count("MIXING-MPI OK") == 2, r.stdout
