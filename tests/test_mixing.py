@@ -9,7 +9,6 @@ and at world 1 against :class:`seqpar.mixing.LocalContext`.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
