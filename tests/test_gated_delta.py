@@ -284,3 +284,32 @@ def test_matches_is_structural():
         mod = mixer("qwen3_next")
         change(mod)
         assert not ADAPTER.matches(mod) and why in ADAPTER.why_not(mod)
+
+
+def saved_bytes(mod: nn.Module, fn) -> int:
+    """Bytes of the activations autograd keeps for backward (distinct storages, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in mod.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        if x.untyped_storage().data_ptr() not in params:
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return sum(seen.values())
+
+
+def test_saved_activations_scale_with_local_tokens():
+    """A rank keeps O(its tokens) for backward: bytes per token flat in T (the runs' summaries are O(runs)), and
+    within 25% of the module's own forward on the same tokens (the scan also keeps M per chunk)."""
+    mod = mixer("qwen3_next")
+    per_token = {}
+    for T in (256, 1024):
+        x = torch.randn(1, T, mod.hidden_size, requires_grad=True)
+        mine = saved_bytes(mod, lambda: ADAPTER.forward(mod, LocalContext(T, (T // 4, T // 2, 3 * T // 4)), (x,), {}))
+        own = saved_bytes(mod, lambda: mod(x))
+        assert mine <= 1.25 * own, (T, mine, own)
+        per_token[T] = mine / T
+    assert abs(per_token[1024] / per_token[256] - 1) < 0.1, per_token
