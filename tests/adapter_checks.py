@@ -12,9 +12,22 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from seqpar.mixing.base import LocalContext, StateAdapter
+from seqpar.mixing.base import LocalContext, StateAdapter, apply_map
 
-__all__ = ["randomize", "compare", "first_output"]
+__all__ = ["randomize", "compare", "first_output", "Fp64Context"]
+
+
+class Fp64Context(LocalContext):
+    """A LocalContext whose entry-state scan keeps the maps' dtype (the interface's is fp32): fp64 tests can then
+    be fp64-tight."""
+
+    def entry_states(self, maps, kind):
+        h = torch.zeros_like(maps[0][1])
+        out = []
+        for m, b in maps:
+            out.append(h)
+            h = apply_map(m, b, h, kind)
+        return out
 
 
 def randomize(module: nn.Module, seed: int = 0, std: float = 0.5) -> nn.Module:
@@ -46,11 +59,11 @@ def _run(fn: Callable, module: nn.Module, inputs: dict, cotangent: torch.Tensor 
 
 
 def compare(adapter: StateAdapter, module: nn.Module, inputs: dict, seq_len: int, cuts: tuple[int, ...],
-            pick: Callable = first_output) -> dict[str, float]:
+            pick: Callable = first_output, ctx_type: type = LocalContext) -> dict[str, float]:
     """Relative errors of ``adapter.forward(module, LocalContext(seq_len, cuts), (), inputs)`` against
     ``module(**inputs)``: ``{"out": ..., "d<input>": ..., "d<param>": ...}``."""
     truth, tgrads, g = _run(lambda kw: module(**kw), module, inputs, None, pick)
-    ctx = LocalContext(seq_len, cuts)
+    ctx = ctx_type(seq_len, cuts)
     mine, mgrads, _ = _run(lambda kw: adapter.forward(module, ctx, (), kw), module, inputs, g, pick)
     assert mine.shape == truth.shape and mine.dtype == truth.dtype, (mine.shape, truth.shape, mine.dtype)
 

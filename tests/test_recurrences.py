@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from adapter_checks import compare, first_output, randomize  # noqa: E402
+from adapter_checks import Fp64Context, compare, first_output, randomize  # noqa: E402
 from seqpar.mixing import rglru  # noqa: E402
 from seqpar.mixing.base import LocalContext  # noqa: E402
 from seqpar.testing.zoo import tiny_config  # noqa: E402
@@ -124,3 +124,92 @@ def test_rglru_matches_and_refusals():
     with pytest.raises(ValueError, match="position_ids"):
         adapter.forward(block, ctx, (), dict(inputs, position_ids=torch.arange(T - 1)[None]))
     assert math.isfinite(first_output(adapter.forward(block, ctx, (), inputs)).sum().item())
+
+
+# -- MiniMax's lightning attention
+
+def _lightning(dtype, block_size: int = 4):
+    import transformers.models.minimax.modeling_minimax as m
+    cfg = tiny_config("minimax")
+    cfg.block_size = block_size  # several of the module's blocks per run
+    idx = list(cfg.layer_types).index("linear_attention")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the decay buffers computed in the test's dtype (fp64: not fp32 ones cast)
+    try:
+        module = m.MiniMaxLightningAttention(cfg, idx)
+    finally:
+        torch.set_default_dtype(default)
+    return randomize(module, std=0.3).to(dtype), cfg.hidden_size
+
+
+def lightning_reference(module, h: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64, token by token: S_t = exp(-slope) S_{t-1} + k_t^T v_t, o_t = q_t S_t; the per-token projections
+    of an fp64 copy of the module. Returns (output, final state)."""
+    import copy
+    mod = copy.deepcopy(module).double()
+    h = h.detach().double()
+    bsz, seq, _ = h.shape
+    heads, d = mod.num_attention_heads, mod.head_dim
+    qkv = mod.act_fn(mod.qkv_proj(h))
+    if mask is not None:
+        qkv = qkv * mask[:, :, None]
+    q, k, v = qkv.reshape(bsz, seq, heads, 3 * d).split(d, dim=3)  # (B, S, H, D)
+    lam = torch.exp(-mod.slope_rate.reshape(heads)).double()  # (H,)
+    state = torch.zeros(bsz, heads, d, d, dtype=torch.float64)
+    outs = []
+    for t in range(seq):
+        state = lam[None, :, None, None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, t], state))
+    o = torch.stack(outs, dim=1).reshape(bsz, seq, heads * d)
+    o = torch.sigmoid(mod.output_gate(h)) * mod.norm(o)
+    return mod.out_proj(o), state
+
+
+def _lightning_inputs(dtype, c, masked):
+    g = torch.Generator().manual_seed(4)
+    mask = None
+    if masked:
+        mask = torch.ones(2, T, dtype=torch.long)
+        mask[0, :3] = 0
+    return {"hidden_states": torch.randn(2, T, c, generator=g, dtype=torch.float64).to(dtype),
+            "position_embeddings": None, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lightning_equals_module_and_reference(dtype):
+    from seqpar.mixing import lightning
+    module, c = _lightning(dtype)
+    adapter = lightning.LIGHTNING_ADAPTERS[0]
+    assert adapter.matches(module)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    ctx_type = Fp64Context if dtype == torch.float64 else LocalContext  # the interface's scan is fp32
+    for masked in (False, True):
+        inputs = _lightning_inputs(dtype, c, masked)
+        truth, truth_state = lightning_reference(module, inputs["hidden_states"], inputs["attention_mask"])
+        own, own_state = module(**inputs)
+        for cuts in CUTS:
+            errs = compare(adapter, module, inputs, T, cuts, ctx_type=ctx_type)  # output + grads vs the module
+            assert max(errs.values()) <= tol, (masked, cuts, errs)
+            out, state = adapter.forward(module, ctx_type(T, cuts), (), inputs)
+            for mine, want, ref in ((out, own, truth), (state, own_state, truth_state)):
+                scale = ref.abs().max()
+                assert ((mine.double() - want.double()).abs().max() / scale).item() <= tol
+                assert ((mine.double() - ref).abs().max() / scale).item() <= \
+                    2 * ((want.double() - ref).abs().max() / scale).item() + tol
+
+
+def test_lightning_matches_and_refusals():
+    from seqpar.mixing import lightning
+    module, c = _lightning(torch.float32)
+    adapter = lightning.LIGHTNING_ADAPTERS[0]
+    import transformers.models.minimax.modeling_minimax as m
+    cfg = tiny_config("minimax")
+    full = m.MiniMaxAttention(cfg, list(cfg.layer_types).index("full_attention"))
+    assert not any(adapter.matches(o) for o in (full, _rg_block(torch.float32), module.qkv_proj))
+    assert not any(a.matches(module) for a in rglru.RGLRU_ADAPTERS)
+    ctx = LocalContext(T, (5,))
+    inputs = _lightning_inputs(torch.float32, c, False)
+    with pytest.raises(NotImplementedError, match="cache"):
+        adapter.forward(module, ctx, (), dict(inputs, cache=object()))
+    with pytest.raises(ValueError, match="attention_mask"):
+        adapter.forward(module, ctx, (), dict(inputs, attention_mask=torch.ones(2, 1, T, T)))
