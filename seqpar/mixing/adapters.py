@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from seqpar.mixing.base import StateAdapter
 from seqpar.mixing.gated_delta import GatedDeltaAdapter
+from seqpar.mixing.lightning import LIGHTNING_ADAPTERS
 from seqpar.mixing.rglru import RGLRU_ADAPTERS
 from seqpar.mixing.short_conv import SHORT_CONV_ADAPTERS
 from seqpar.mixing.ssd import MAMBA2
@@ -18,5 +19,6 @@ ADAPTERS: tuple[StateAdapter, ...] = (
     GatedDeltaAdapter(),  # Qwen3-Next, Qwen3.5 / -MoE, LaraMini, Qwen4-Exp, OLMo-Hybrid gated DeltaNet
     *SHORT_CONV_ADAPTERS,  # LFM2 / LFM2-MoE / LFM3, Inkling / Inkling2 / Inkling2-loop short convolutions
     *RGLRU_ADAPTERS,  # RecurrentGemma's recurrent block (conv1d + RG-LRU)
+    *LIGHTNING_ADAPTERS,  # MiniMax's lightning attention (linear_attention layers)
     MAMBA2,  # Mamba2, Bamba, Nemotron-H, GraniteMoeHybrid, Zamba2, FalconH1 Mamba2 mixers (SSD)
 )
