@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 import transformers  # noqa: E402
 
 from seqpar.mixing.base import LocalContext, apply_map  # noqa: E402
+from seqpar.mixing.selective_scan import MAMBA, MAMBA_CLASSES, selective_entry, selective_scan  # noqa: E402
 from seqpar.mixing.ssd import MAMBA2, MAMBA2_CLASSES, ssd, ssd_scan  # noqa: E402
 from seqpar.testing.zoo import tiny_config  # noqa: E402
 
@@ -219,3 +220,113 @@ def test_mamba2_matches_only_what_it_implements():
     m2.__class__ = sub
     assert not MAMBA2.matches(m2)
     assert not MAMBA2.matches(torch.nn.Linear(4, 4))
+
+
+# -- Mamba (v1): the selective scan
+
+
+def token_selective(x, dt, A, B, C, h0=None):
+    """h_t = exp(dt_t A) * h_{t-1} + dt_t x_t B_t, y_t = h_t . C_t; x / dt (b,T,D), A (D,N), B / C (b,T,G,N)."""
+    x, dt, A, B, C = (v.to(F64) for v in (x, dt, A, B, C))
+    b, t, d = x.shape
+    r = d // B.shape[2]
+    Bd, Cd = B.repeat_interleave(r, 2), C.repeat_interleave(r, 2)  # (b, T, D, N)
+    s = torch.zeros(b, d, A.shape[1], dtype=F64) if h0 is None else h0.to(F64)
+    ys = []
+    for i in range(t):
+        s = torch.exp(dt[:, i, :, None] * A) * s + (dt[:, i] * x[:, i])[..., None] * Bd[:, i]
+        ys.append((s * Cd[:, i]).sum(-1))
+    return torch.stack(ys, 1), s
+
+
+def selective_inputs(t, *, b=2, d=6, g=2, n=4, dtype=F64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    x, dt = r(b, t, d), torch.rand(b, t, d, generator=gen, dtype=F64) * 2
+    A, B, C, h0 = -torch.rand(d, n, generator=gen, dtype=F64) * 3, r(b, t, g, n), r(b, t, g, n), r(b, d, n)
+    return tuple(v.to(dtype) for v in (x, dt, A, B, C, h0))
+
+
+def selective(x, dt, A, B, C, h0, chunk_size=None):
+    """The scan from ``h0``: selective_scan from zeros + the entry term; the state through the run's map."""
+    y0, b, cum = selective_scan(x, dt, A, B, C, chunk_size=chunk_size)
+    return y0 + selective_entry(C, A, cum, h0), torch.exp(A * cum[:, -1, :, None]) * h0 + b
+
+
+@pytest.mark.parametrize("t, q", [(13, 4), (13, None), (1, None), (30, 7), (16, 16)])
+def test_selective_scan_matches_token_recurrence_fp64(t, q):
+    x, dt, A, B, C, h0 = selective_inputs(t)
+    y0, b, _ = selective_scan(x, dt, A, B, C, chunk_size=q)
+    y0_ref, b_ref = token_selective(x, dt, A, B, C)
+    assert rel(y0, y0_ref) < 1e-13 and rel(b, b_ref) < 1e-13
+    y, h = selective(x, dt, A, B, C, h0, q)
+    y_ref, h_ref = token_selective(x, dt, A, B, C, h0)
+    assert rel(y, y_ref) < 1e-13 and rel(h, h_ref) < 1e-13
+
+
+def test_selective_scan_fp32_composition_and_gradients():
+    x, dt, A, B, C, h0 = selective_inputs(23, dtype=torch.float32, seed=2)
+    y, h = selective(x, dt, A, B, C, h0)
+    y_ref, h_ref = token_selective(x, dt, A, B, C, h0)
+    assert y.dtype == torch.float32 and rel(y.double(), y_ref) < 1e-5 and rel(h.double(), h_ref) < 1e-5
+    x, dt, A, B, C, h0 = (v.requires_grad_() for v in selective_inputs(17, seed=4))
+    cut = 6
+    y1, h1 = selective(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], h0)  # two runs = one run
+    y2, h2 = selective(x[:, cut:], dt[:, cut:], A, B[:, cut:], C[:, cut:], h1)
+    y_ref, h_ref = token_selective(x, dt, A, B, C, h0)
+    assert rel(torch.cat([y1, y2], 1), y_ref) < 1e-13 and rel(h2, h_ref) < 1e-13
+    w = torch.randn(y_ref.shape, dtype=F64)
+    got = torch.autograd.grad((torch.cat([y1, y2], 1) * w).sum() + h2.sum(), (x, dt, A, B, C, h0))
+    want = torch.autograd.grad((y_ref * w).sum() + h_ref.sum(), (x, dt, A, B, C, h0))
+    assert max(rel(a, b) for a, b in zip(got, want)) < 1e-12
+
+
+MAMBA_MODELS = {
+    "mamba": ("MambaForCausalLM", {}),
+    "falcon_mamba": ("FalconMambaForCausalLM", {}),
+    "jamba": ("JambaForCausalLM", {}),
+    "zamba": ("ZambaForCausalLM", {}),
+}
+
+
+def fp64_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        return_last_state=False, **kwargs):
+    """transformers' ``mamba_selective_scan`` signature ((b, D, T) / (b, N, T) layouts), by the fp64 recurrence."""
+    assert not return_last_state
+    dt = dt + delta_bias.to(dt.dtype)[..., None] if delta_bias is not None else dt
+    dt = F.softplus(dt) if delta_softplus else dt
+    y, _ = token_selective(hidden_states.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2)[:, :, None],
+                           C.transpose(1, 2)[:, :, None])
+    return (y.transpose(1, 2) + hidden_states.to(F64) * D.to(F64)[None, :, None]) * F.silu(z.to(F64))
+
+
+@pytest.mark.parametrize("model_type", sorted(MAMBA_MODELS))
+def test_mamba_adapter_fp32_equals_module(model_type):
+    m = mixer(model_type, MAMBA_MODELS, MAMBA_CLASSES)
+    assert MAMBA.matches(m) and not MAMBA2.matches(m)
+    for cuts in CUTS:
+        want, got = run_both(m, MAMBA, torch.float32, cuts)
+        errs = [rel(a, b) for a, b in zip(got, want)]
+        assert max(errs) <= 1e-5, (cuts, errs)
+
+
+@pytest.mark.parametrize("model_type", sorted(MAMBA_MODELS))
+def test_mamba_adapter_fp64_equals_module_fp64(model_type, monkeypatch):
+    m = mixer(model_type, MAMBA_MODELS, MAMBA_CLASSES)
+    monkeypatch.setattr(sys.modules[type(m).__module__], "mamba_selective_scan", fp64_selective_scan)
+    names = ["output", "input", *(n for n, _ in m.named_parameters())]
+    for cuts in CUTS:
+        want, got = run_both(m, MAMBA, F64, cuts)
+        errs = {n: rel(a, b) for n, a, b in zip(names, got, want)}
+        assert errs.pop("A_log") <= 1e-6 and max(errs.values()) <= 1e-12, (cuts, errs)  # A rounded to fp32
+
+
+def test_mamba_refuses_by_name():
+    m = mixer("jamba", MAMBA_MODELS, MAMBA_CLASSES)
+    ctx, hs = LocalContext(S, (5,)), torch.randn(1, S, m.hidden_size)
+    with pytest.raises(NotImplementedError, match="cache"):
+        MAMBA.forward(m, ctx, (hs,), {"cache": object()})
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        MAMBA.forward(m, ctx, (hs,), {"attention_mask": torch.zeros(1, S)})
+    m.b_layernorm = torch.nn.LayerNorm(m.ssm_state_size)
+    assert not MAMBA.matches(m)

@@ -11,6 +11,7 @@ from seqpar.mixing.gated_delta import GatedDeltaAdapter
 from seqpar.mixing.lightning import LIGHTNING_ADAPTERS
 from seqpar.mixing.rglru import RGLRU_ADAPTERS
 from seqpar.mixing.short_conv import SHORT_CONV_ADAPTERS
+from seqpar.mixing.selective_scan import MAMBA
 from seqpar.mixing.ssd import MAMBA2
 
 __all__ = ["ADAPTERS"]
@@ -21,4 +22,5 @@ ADAPTERS: tuple[StateAdapter, ...] = (
     *RGLRU_ADAPTERS,  # RecurrentGemma's recurrent block (conv1d + RG-LRU)
     *LIGHTNING_ADAPTERS,  # MiniMax's lightning attention (linear_attention layers)
     MAMBA2,  # Mamba2, Bamba, Nemotron-H, GraniteMoeHybrid, Zamba2, FalconH1 Mamba2 mixers (SSD)
+    MAMBA,  # Mamba, FalconMamba, Jamba, Zamba Mamba (v1) mixers (selective scan)
 )
