@@ -148,6 +148,20 @@ def chunk_gated_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
     return r.out(initial_state), r.final(initial_state)
 
 
+def _by_length(fn, items: list[tuple[torch.Tensor, ...]], dim: int) -> list[tuple[torch.Tensor, ...]]:
+    """``[fn(*item) for item in items]``, one call per run length: the items of equal length along ``dim``
+    concatenated along the batch dim 0 (zigzag's two runs, striped's one-token runs: one call)."""
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item[0].shape[dim], []).append(i)
+    out: list = [None] * len(items)
+    for idx in groups.values():
+        res = fn(*(torch.cat([items[i][j] for i in idx]) for j in range(len(items[idx[0]]))))
+        for i, parts in zip(idx, zip(*(r.chunk(len(idx)) for r in res))):
+            out[i] = parts
+    return out
+
+
 # -- the transformers mixers
 
 # How a mixer projects its input: Qwen3-Next's fused qkvz + ba (head-grouped), Qwen3.5 / LaraMini /
@@ -307,11 +321,13 @@ class GatedDeltaAdapter:
         # the causal depthwise conv, per run, over the run's inputs prefixed by the kern - 1 before it
         w, bias = module.conv1d.weight, module.conv1d.bias  # (conv_dim, 1, kern)
         act = ACT2FN[module.activation] if module.activation is not None else None
-        conv = []
-        for x in ctx.halo(mixed, kern - 1, dim=1):  # (B, kern - 1 + T_run, conv_dim)
-            y = F.conv1d(x.transpose(1, 2).to(w.dtype), w, bias, groups=w.shape[0])  # (B, conv_dim, T_run)
-            conv.append((act(y) if act is not None else y).to(mixed.dtype).transpose(1, 2))
-        mixed = ctx.join(conv, dim=1)  # (B, T, conv_dim)
+
+        def conv(x):  # (n B, kern - 1 + T_run, conv_dim) -> (n B, T_run, conv_dim)
+            y = F.conv1d(x.transpose(1, 2).to(w.dtype), w, bias, groups=w.shape[0])
+            return ((act(y) if act is not None else y).to(mixed.dtype).transpose(1, 2),)
+
+        halos = [(x,) for x in ctx.halo(mixed, kern - 1, dim=1)]
+        mixed = ctx.join([y for y, in _by_length(conv, halos, dim=1)], dim=1)  # (B, T, conv_dim)
         q, k, v = torch.split(mixed, [kd, kd, vd], dim=-1)
 
         beta = b.sigmoid()
@@ -329,8 +345,13 @@ class GatedDeltaAdapter:
         beta, g = beta.transpose(1, 2).to(dt), g.transpose(1, 2).to(dt)  # (B, nv, T)
 
         # the recurrence: each run's summary, the entry states from every run's map, each run's outputs
-        pieces = zip(*(ctx.split(x, dim=2) for x in (q, k, v, g, beta)))
-        runs = [gated_delta_run(*p) for p in pieces]
+        pieces = list(zip(*(ctx.split(x, dim=2) for x in (q, k, v, g, beta))))
+
+        def summary(*x):
+            r = gated_delta_run(*x)
+            return r.out0, r.q_prop, r.m, r.b
+
+        runs = [RunSummary(*r) for r in _by_length(summary, pieces, dim=2)]
         entries = ctx.entry_states([(r.m, r.b) for r in runs], "matrix")
         core = ctx.join([r.out(e) for r, e in zip(runs, entries)], dim=2)  # (B, nv, T, dv)
         core = core.transpose(1, 2).to(mixed.dtype)  # (B, T, nv, dv), the kernel's output dtype
