@@ -12,6 +12,7 @@ from torch import nn
 
 from seqpar.passes import hf
 from seqpar.passes.check import ModelKind
+from seqpar.passes.generate import generate_pass
 from seqpar.passes.runtime import Runtime
 
 __all__ = ["attention_pass"]
@@ -19,7 +20,9 @@ __all__ = ["attention_pass"]
 
 def attention_pass(model: nn.Module, kind: ModelKind, rt: Runtime) -> None:
     if kind == "hf":
-        hf.register_attention(model, rt.attention, name=rt.name, world=rt.world, layout=rt.layout)
+        hf.register_attention(model, rt.attention, name=rt.name, world=rt.world, layout=rt.layout,
+                              cache_active=lambda: rt.cache is not None)
+        generate_pass(model, rt)  # forwards with a KV cache (generate): prefill sharded, decode on the cache
         return
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

@@ -96,13 +96,15 @@ _LOCAL_POSITIONS: tuple[tuple[str, Callable[[nn.Module], bool], str], ...] = (
 )
 
 
-def check_positions(model: nn.Module) -> None:
+def check_positions(model: nn.Module, *, has_attention: bool = True) -> None:
     """Refuse (``ValueError`` naming the model class, the module and the way out) a model with a module that
-    computes positions from its local sequence length; see ``_LOCAL_POSITIONS``."""
+    computes positions from its local sequence length; see ``_LOCAL_POSITIONS``. ``has_attention=False``: no
+    attention reads positions (a pure state-space model, its mixers on the global sequence), so a forward
+    without ``position_ids`` is not refused."""
     import inspect
 
     forward = inspect.signature(type(model).forward).parameters
-    if "position_ids" not in forward:
+    if "position_ids" not in forward and has_attention:
         raise ValueError(f"seqpar cannot parallelize {type(model).__name__}: its forward takes no position_ids, so it "
                          f"numbers positions itself from the local length (an arange over the shard, e.g. learned "
                          f"position embeddings of BART-style decoders); seqpar hands every model the global positions "
@@ -135,11 +137,13 @@ def supports_attention_interface(model: nn.Module) -> bool:
 
 
 def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor], *, name: str, world: int,
-                       layout: str) -> str:
+                       layout: str, cache_active: Callable[[], bool] | None = None) -> str:
     """Register ``attention`` under ``name`` (unique per parallelize call) and switch ``model`` to it.
 
     ``attention(q, k, v, *, is_causal, scale, enable_gqa, window_size=, cu_seqlens=, softcap=) -> out`` on
     (B, H, S_local, D) shards of a sequence of ``world * S_local`` tokens laid out by ``layout``.
+    ``cache_active()``: a sharded KV cache serves the current forward (seqpar.passes.generate): the
+    attention also gets the module's ``layer_idx``, and the mask hook accepts the cache's offsets.
     Returns ``name``. Raises ``TypeError`` if the model cannot switch.
     """
     from transformers import AttentionInterface
@@ -169,6 +173,8 @@ def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor],
         mask = check_attention_kwargs(kwargs, causal)
         if attention_mask is not None:
             mask = _apply_plan(attention_mask, mask, module, query.shape[2])
+        if cache_active is not None and cache_active():
+            mask["layer_idx"] = getattr(module, "layer_idx", None)
         out = attention(query, key, value, is_causal=causal, scale=scaling,
                         enable_gqa=query.shape[1] != key.shape[1], **mask)  # (B, Hq, S_local, Dv)
         return out.transpose(1, 2).contiguous(), None  # (B, S_local, Hq, Dv)
@@ -211,7 +217,9 @@ def register_attention(model: nn.Module, attention: Callable[..., torch.Tensor],
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("seqpar: the model got an attention_mask with zeros (padding); build the batch with "
                              "seqpar.shard_batch, which drops the padding and keeps the rows apart as documents")
-        if int(q_offset) or int(kv_offset) or (q_length is not None and kv_length is not None and q_length != kv_length):
+        cached = cache_active is not None and cache_active()  # a sharded cache: global offsets and lengths
+        if not cached and (int(q_offset) or int(kv_offset) or (q_length is not None and kv_length is not None
+                                                                 and q_length != kv_length)):
             raise ValueError("seqpar: a mask over a KV cache (past tokens) is not supported on a sharded sequence")
         if mask_function is None:
             return None

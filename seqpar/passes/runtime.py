@@ -60,6 +60,9 @@ class Runtime:
         # the batch's seqpar_tokens during one forward (shard_batch's end padding, False; the loss pass sets
         # and clears it): the router loss leaves the padded tokens out
         self.tokens: torch.Tensor | None = None
+        # the SeqparCache of the current cached forward (passes/generate.py sets and clears it): its decode
+        # steps' attention runs on the sharded cache (seqpar.inference), not the ring
+        self.cache = None
         self._handlers: dict[Callable, Callable] = {}
         self._mode: _Overrides | None = None
         self._mode_depth = 0
@@ -72,7 +75,11 @@ class Runtime:
 
     def attention(self, q, k, v, *, is_causal: bool, scale: float | None = None, enable_gqa: bool = False,
                   window_size: tuple[int, int] = (-1, -1), cu_seqlens: torch.Tensor | None = None,
-                  softcap: float = 0.0, sinks: torch.Tensor | None = None):
+                  softcap: float = 0.0, sinks: torch.Tensor | None = None, layer_idx: int | None = None):
+        if self.cache is not None and self.cache.phase == "decode":  # layer_idx: the layer's cache shard
+            return self.cache.attend(layer_idx, q, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                                     window_size=window_size, softcap=softcap, sinks=sinks, backend=self.backend,
+                                     cu_seqlens=cu_seqlens)
         call = AttentionCall(self.attention_group, is_causal, scale, enable_gqa, self.layout, self.method, self.backend,
                              window_size=window_size, cu_seqlens=cu_seqlens, softcap=softcap, sinks=sinks)
         if not self.frames:

@@ -1,0 +1,23 @@
+"""Inference on a sharded sequence: a sharded KV cache, exact decode, and HF ``generate``.
+
+- :class:`KVShard` (``kv_shard.py``): one layer's K/V on this rank, with global positions; prompt
+  prefilled under the layout, new tokens dealt to the least loaded rank, windows evicted;
+- :func:`decode_attention` / :func:`attend_shard` (``decode.py``): the new token's query against every
+  rank's shard, partial (out, lse) merged exactly (:func:`merge_across`, ``merge.py``);
+- :class:`SeqparCache` (``cache.py``, needs transformers): a ``transformers`` Cache of KVShards, what
+  ``model.generate`` on a parallelized model runs on (the hooks: :mod:`seqpar.passes.generate`).
+"""
+
+from seqpar.inference.decode import attend_shard, decode_attention
+from seqpar.inference.kv_shard import KVShard, place
+from seqpar.inference.merge import merge_across, merge_partials
+
+__all__ = ["KVShard", "place", "decode_attention", "attend_shard", "merge_partials", "merge_across", "SeqparCache"]
+
+
+def __getattr__(name: str):
+    if name == "SeqparCache":  # transformers is optional: imported on first use
+        from seqpar.inference.cache import SeqparCache
+
+        return SeqparCache
+    raise AttributeError(f"module 'seqpar.inference' has no attribute {name!r}")

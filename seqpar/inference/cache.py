@@ -1,0 +1,179 @@
+"""``SeqparCache``: a transformers ``Cache`` whose layers are this rank's shards of a sharded KV cache.
+
+Because it is a ``transformers.cache_utils.Cache``, ``model.generate`` and a model's ``cache=`` /
+``past_key_values=`` argument take it unchanged. Each layer is a :class:`ShardLayer` holding a
+:class:`~seqpar.inference.KVShard`. The forward hooks of a parallelized model
+(:mod:`seqpar.passes.generate`) drive it through two phases per forward:
+
+- ``prefill`` (the cache is empty): the prompt runs sharded under the layout with the model's
+  sequence-parallel attention (the ring / ``auto``); ``update`` keeps this rank's K/V of the real
+  prompt tokens and hands the shard on unchanged to the ring;
+- ``decode`` (one new token, replicated on every rank): ``update`` keeps the token's K/V on its owner
+  rank only and returns this rank's whole shard; the attention then runs
+  :func:`seqpar.inference.decode.attend_shard` on that layer's shard (:meth:`SeqparCache.attend`).
+
+``get_seq_length`` is the *global* number of tokens cached (what transformers numbers the next
+position from); ``get_mask_sizes`` reports the global lengths. Nothing in it depends on transformers'
+private state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from seqpar.inference.decode import attend_shard
+from seqpar.inference.kv_shard import KVShard
+from seqpar.mesh import group_rank_size, resolve_group
+
+__all__ = ["SeqparCache", "ShardLayer"]
+
+Phase = Literal["idle", "prefill", "decode"]
+
+
+class ShardLayer(CacheLayerMixin):
+    """One layer of a :class:`SeqparCache`: its :class:`KVShard` on this rank."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: "SeqparCache"):  # noqa: UP037
+        # not CacheLayerMixin.__init__: keys / values are the shard's (read-only properties)
+        self.owner = owner
+        self.shard = KVShard(owner.group, owner.layout)
+        self.step = -1  # the cache step that last updated this layer
+
+    keys = property(lambda self: self.shard.keys)
+    values = property(lambda self: self.shard.values)
+    is_initialized = property(lambda self: self.shard.keys is not None)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # the shard takes its shapes from its first fill / append
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        phase = self.owner.phase
+        self.step = self.owner.step
+        if phase == "prefill":  # this rank's prompt shard: kept (the real tokens), passed on to the ring as is
+            self.shard.fill(key_states, value_states, self.owner.prompt_length)
+            return key_states, value_states
+        if phase == "decode":
+            self.shard.append(key_states, value_states)
+            return self.shard.keys, self.shard.values
+        raise ValueError("SeqparCache: updated outside a forward of a model made by seqpar.parallelize (the model's "
+                         "forward hooks prefill and decode it); pass it to that model, or use KVShard with "
+                         "seqpar.attention(..., cache=) in a hand-written loop")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.shard = KVShard(self.owner.group, self.owner.layout)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.shard.select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.shard.keys is not None:
+            self.shard.select_batch(torch.arange(self.shard.keys.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.shard.select_batch(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("SeqparCache: crop (rolling back tokens, e.g. assisted decoding) is not supported on a "
+                         "sharded cache")
+
+
+class SeqparCache(Cache):
+    """A KV cache sharded over ``group`` (``mesh["cp"]``, a ProcessGroup, or None: the default world) under
+    ``layout``: this rank holds its layers' :class:`ShardLayer` s. Made by a parallelized model's forward
+    (``model.generate(input_ids=prompt)``), or passed as ``cache=SeqparCache(mesh["cp"], layout)``; it must
+    be the model's own group and layout (checked: ``ValueError`` otherwise)."""
+
+    def __init__(self, group=None, layout: str = "zigzag"):
+        self.group = resolve_group(group)
+        self.layout = layout
+        KVShard(self.group, layout)  # checks the layout (raises before anything is built)
+        super().__init__(layers=[])
+        self.phase: Phase = "idle"
+        self.length = 0  # global tokens cached (every rank's)
+        self.prompt_length = 0
+        self.step = 0  # forwards run on this cache
+        self.new_tokens = 0  # tokens of the current forward
+
+    # -- transformers' Cache interface
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(ShardLayer(self))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.length > 0
+
+    @property
+    def batch_size(self) -> int:
+        shards = [layer.shard.keys for layer in self.layers if layer.shard.keys is not None]
+        return shards[0].shape[0] if shards else -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("SeqparCache: crop (rolling back tokens, e.g. assisted decoding) is not supported on a "
+                         "sharded cache")
+
+    # -- what seqpar's hooks and attention use
+
+    def check_for(self, group, layout: str) -> None:
+        """``ValueError`` unless this cache was made for ``group`` and ``layout`` (the model's)."""
+        group = resolve_group(group)
+        if group is not self.group or layout != self.layout:
+            rank, size = group_rank_size(self.group)
+            raise ValueError(f"cache: this SeqparCache is sharded over another group ({size} ranks) or layout "
+                             f"({self.layout!r}) than the model's (layout {layout!r}): a cache serves the mesh and "
+                             f"layout of the parallelize call that filled it; start a new cache for this model")
+
+    def begin(self, phase: Phase, new_tokens: int) -> None:
+        if self.phase != "idle":
+            raise ValueError("SeqparCache: a forward on this cache did not finish (it raised); the cache is "
+                             "incomplete, start a new one")
+        self.phase, self.new_tokens = phase, new_tokens
+        if phase == "prefill":
+            self.prompt_length = new_tokens
+
+    def end(self) -> None:
+        self.length += self.new_tokens
+        self.phase, self.new_tokens = "idle", 0
+        self.step += 1
+
+    def attend(self, layer_idx: int | None, q: torch.Tensor, **options) -> torch.Tensor:
+        """The decode attention of layer ``layer_idx`` (its shard already holds the new token)."""
+        if layer_idx is None or layer_idx >= len(self.layers) or self.layers[layer_idx].step != self.step:
+            raise ValueError(f"SeqparCache: attention of layer {layer_idx} without this step's cache update of that "
+                             f"layer (a model sharing K/V between layers, or an attention module without layer_idx) "
+                             f"is not supported on a sharded cache")
+        return attend_shard(q, self.layers[layer_idx].shard, **options)
+
+    def held(self) -> list[int]:
+        """The entries this rank holds, per layer."""
+        return [layer.shard.held for layer in self.layers]

@@ -1,0 +1,145 @@
+"""One attention layer's KV cache on this rank of a sequence sharded over a group: ``KVShard``.
+
+A prompt is prefilled sharded under a layout (:mod:`seqpar.layout`): each rank keeps the K/V of the
+prompt tokens it owns (:meth:`KVShard.fill`). Each new token (decode: replicated on every rank) is
+assigned to exactly one rank, the least loaded one (ties: the lowest rank), and only that rank keeps
+its K/V (:meth:`KVShard.append`). Every rank makes the same assignment without communication (the
+counts follow from the layout and the assignments before), so the cache stays balanced as it grows
+(per-rank sizes differ by at most one token plus the prompt's padding). Every entry carries its global
+position, for causal and window masks; a sliding-window layer drops what no later query can see
+(:meth:`KVShard.evict`).
+
+Note
+----
+A prompt of 10 tokens on P = 2 ranks under ``zigzag`` (padded to 12: the 2 padding tokens are never
+kept), then 5 new tokens (positions 10..14) dealt to the least loaded rank::
+
+    prompt (zigzag):  rank 0: 0 1 2 | 9 10 11     keeps 0 1 2 9        (4)
+                      rank 1: 3 4 5 | 6  7  8     keeps 3 4 5 6 7 8    (6)
+    new tokens:       10 -> 0 (4 < 6), 11 -> 0 (5 < 6), 12 -> 0 (6 = 6: lowest), 13 -> 1, 14 -> 0
+    held:             rank 0: 0 1 2 9 10 11 12 14 (8)   rank 1: 3 4 5 6 7 8 13 (7)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqpar.layout import check_layout, global_indices, padding_needed
+from seqpar.mesh import group_rank_size, resolve_group
+
+__all__ = ["KVShard", "place"]
+
+
+def place(counts: list[int], n: int) -> list[int]:
+    """The owners of ``n`` new tokens given each rank's token count (updated in place): each token to the
+    least loaded rank, ties to the lowest rank. Pure and deterministic: every rank computes the same."""
+    owners = []
+    for _ in range(n):
+        r = min(range(len(counts)), key=lambda i: (counts[i], i))
+        counts[r] += 1
+        owners.append(r)
+    return owners
+
+
+class KVShard:
+    """This rank's K/V of one attention layer: ``keys`` (B, Hkv, n, D), ``values`` (B, Hkv, n, Dv),
+    ``positions`` (n,) long, the global position of each entry; ``length``: the tokens of the whole
+    sequence so far (every rank's); ``counts``: the tokens assigned to each rank (what placement reads).
+
+    ``group``: the ranks the sequence is sharded over (a ProcessGroup, ``mesh["cp"]``, a seqpar transport
+    group, or None: the default world); ``layout``: the prompt's layout (``"packed"`` is refused: its
+    shards follow documents, and a prompt is one)."""
+
+    def __init__(self, group=None, layout: str = "zigzag"):
+        check_layout(layout)
+        if layout == "packed":
+            raise ValueError("KVShard: layout='packed' deals documents, and a prompt is one sequence; use 'zigzag', "
+                             "'striped' or 'contiguous'")
+        self.group = resolve_group(group)
+        self.rank, self.size = group_rank_size(self.group)
+        self.layout = layout
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.positions = torch.empty(0, dtype=torch.long)
+        self.length = 0
+        self.counts = [0] * self.size
+
+    @property
+    def held(self) -> int:
+        """The number of entries this rank holds."""
+        return int(self.positions.numel())
+
+    def _check(self, k: torch.Tensor, v: torch.Tensor, what: str) -> None:
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 4:
+                raise ValueError(f"{what}: {name} must be a 4-D tensor (B, Hkv, S, D), got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if k.shape[:-1] != v.shape[:-1]:
+            raise ValueError(f"{what}: k (B, Hkv, S, D) and v (B, Hkv, S, Dv) must agree on (B, Hkv, S), got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if self.keys is not None and (k.shape[:2] != self.keys.shape[:2] or k.shape[-1] != self.keys.shape[-1]
+                                      or v.shape[-1] != self.values.shape[-1] or k.dtype != self.keys.dtype):
+            raise ValueError(f"{what}: k {tuple(k.shape)} {k.dtype} / v {tuple(v.shape)} do not match the cache's "
+                             f"(B, Hkv, n, D) = {tuple(self.keys.shape)} {self.keys.dtype} / Dv = "
+                             f"{self.values.shape[-1]}: one cache serves one layer of one batch")
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor, length: int | None = None) -> None:
+        """Prefill: ``k`` (B, Hkv, S_local, D), ``v`` (B, Hkv, S_local, Dv), this rank's shard of a prompt of
+        ``S = S_local * P`` tokens under the layout; entries at positions >= ``length`` (the prompt's padding
+        to the layout's multiple; default S) are not kept."""
+        self._check(k, v, "KVShard.fill")
+        if self.length:
+            raise ValueError(f"KVShard.fill: the cache already holds a sequence of {self.length} tokens; a prompt "
+                             f"continued on a warm cache (chunked prefill, pass-Q) is not implemented: start a new "
+                             f"cache, or decode the new tokens one at a time")
+        s = k.shape[-2] * self.size
+        length = s if length is None else length
+        if not 0 < length <= s or padding_needed(s, self.layout, self.size):
+            raise ValueError(f"KVShard.fill: a shard of {k.shape[-2]} tokens on {self.size} ranks is a prompt of {s} "
+                             f"tokens (a multiple of the layout's unit), of which length={length} are real; got "
+                             f"an invalid length or a shard that does not divide under layout={self.layout!r}")
+        for r in range(self.size):
+            pos = global_indices(s, r, self.size, self.layout)
+            keep = pos < length
+            self.counts[r] = int(keep.sum())
+            if r == self.rank:
+                idx = torch.nonzero(keep).flatten().to(k.device)
+                self.keys = k.detach().index_select(-2, idx)
+                self.values = v.detach().index_select(-2, idx)
+                self.positions = pos[keep].to(k.device)
+        self.length = length
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """New tokens ``k`` (B, Hkv, T, D), ``v`` (B, Hkv, T, Dv), the same on every rank, at global positions
+        ``length .. length + T - 1``: each kept by its owner (:func:`place`) only. Returns their positions."""
+        self._check(k, v, "KVShard.append")
+        n = k.shape[-2]
+        owners = torch.tensor(place(self.counts, n))
+        pos = torch.arange(self.length, self.length + n)
+        mine = torch.nonzero(owners == self.rank).flatten()
+        if self.keys is None:  # nothing prefilled on any rank: an empty shard of the right shape
+            self.keys = k.detach()[..., :0, :]
+            self.values = v.detach()[..., :0, :]
+            self.positions = self.positions.to(k.device)
+        if mine.numel():
+            idx = mine.to(k.device)
+            self.keys = torch.cat([self.keys, k.detach().index_select(-2, idx)], dim=-2)
+            self.values = torch.cat([self.values, v.detach().index_select(-2, idx)], dim=-2)
+            self.positions = torch.cat([self.positions, pos[mine].to(self.positions.device)])
+        self.length += n
+        return pos
+
+    def evict(self, before: int) -> None:
+        """Drop the entries at positions < ``before`` (a sliding window's: no later query sees them)."""
+        if self.keys is None or not self.held or int(self.positions.min()) >= before:
+            return
+        idx = torch.nonzero(self.positions >= before).flatten()
+        self.keys = self.keys.index_select(-2, idx)
+        self.values = self.values.index_select(-2, idx)
+        self.positions = self.positions[idx]
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep / reorder / repeat the batch rows ``index`` (beam search, batch expansion)."""
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, index.to(self.keys.device))
+            self.values = self.values.index_select(0, index.to(self.values.device))

@@ -1,0 +1,149 @@
+"""Generate on a sharded sequence: a parallelized HF model's forward with a KV cache (``generate``).
+
+Root forward hooks, registered with the attention pass (HF models only). A forward with a cache (or
+``use_cache=True``) runs on a :class:`seqpar.inference.SeqparCache`; every rank passes the whole
+input (token ids are cheap), and the hooks shard it:
+
+- **prefill** (the cache is empty): the prompt (B, S) is padded at the end to the layout's multiple
+  (the padding comes after every real token, so causally no real token sees it, and the cache never
+  keeps it), this rank's shard of it runs with global ``position_ids`` through the model's ring
+  attention, and each layer's cache keeps this rank's K/V; only the last real token's logits are
+  computed (``logits_to_keep``, on the rank that holds it) and broadcast: (B, 1, V) on every rank;
+- **decode** (one new token, replicated): positions continue the global count, each layer's new K/V
+  goes to one rank (least loaded), the attention merges every rank's partial result exactly
+  (:mod:`seqpar.inference.decode`), and rank 0's logits are broadcast so every rank samples from the
+  same numbers (with the same seed: the same tokens).
+
+``generate``'s own default cache (an empty ``DynamicCache`` it made itself) is replaced by a
+``SeqparCache`` in the first forward, and the model's output carries it back to ``generate``. A
+cache the user made of another kind, a padding mask with zeros (rows of different lengths), several
+new tokens on a warm cache, ``inputs_embeds`` and labels in a cached forward are refused by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from seqpar.layout import global_indices, padding_needed, shard_tensor
+from seqpar.passes.runtime import Runtime
+
+__all__ = ["generate_pass"]
+
+
+def _cache_of(kwargs: dict, rt: Runtime):
+    """The forward's cache as a SeqparCache (made here when generate's default or use_cache asks for one),
+    or None for a forward without a cache. Refuses any other cache by name."""
+    from transformers.cache_utils import Cache, DynamicCache
+
+    from seqpar.inference.cache import SeqparCache
+
+    legacy = kwargs.pop("past_key_values", None)
+    cache = kwargs.get("cache", None)
+    if legacy is not None:
+        if cache is not None:
+            raise ValueError("seqpar: both cache and past_key_values given; pass one")
+        cache = legacy
+    if cache is None:
+        if not kwargs.get("use_cache"):
+            return None
+        return SeqparCache(rt.group, rt.layout)
+    if isinstance(cache, SeqparCache):
+        cache.check_for(rt.group, rt.layout)
+        return cache
+    if isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False) and \
+            cache.get_seq_length() == 0 and type(cache) is DynamicCache:
+        return SeqparCache(rt.group, rt.layout)  # generate's default: the sharded one instead
+    kind = type(cache).__name__ if isinstance(cache, Cache) else type(cache).__name__
+    raise ValueError(f"seqpar: cache={kind} on a sequence-parallel model; its KV cache must be sharded like the "
+                     f"sequence: pass seqpar.inference.SeqparCache(mesh['cp'], layout) or no cache (generate makes "
+                     f"one)")
+
+
+def _check_inputs(kwargs: dict) -> torch.Tensor:
+    ids = kwargs.get("input_ids")
+    if kwargs.get("inputs_embeds") is not None:
+        raise ValueError("seqpar: inputs_embeds with a KV cache on a sequence-parallel model is not supported; pass "
+                         "input_ids (every rank the whole prompt)")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[1] < 1:
+        raise ValueError(f"seqpar: a cached forward needs input_ids (B, S) with S >= 1, got "
+                         f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ids!r}")
+    if kwargs.get("labels") is not None:
+        raise ValueError("seqpar: labels in a forward with a KV cache; compute the loss without a cache "
+                         "(use_cache=False) on a batch from seqpar.shard_batch")
+    mask = kwargs.pop("attention_mask", None)
+    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+        raise ValueError("seqpar: generate with an attention_mask with zeros (padded rows of different lengths) "
+                         "is not supported on a sharded sequence; generate rows of equal length together, or "
+                         "one prompt at a time")
+    return ids
+
+
+def generate_pass(model: nn.Module, rt: Runtime) -> None:
+    """Register the prefill / decode hooks on ``model`` (an HF causal LM whose attention is ``rt``'s)."""
+    takes_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    rank, world = dist.get_rank(rt.group), dist.get_world_size(rt.group)
+    state: dict = {}
+
+    def pre(module, args, kwargs):
+        cache = _cache_of(kwargs, rt)
+        if cache is None:
+            return args, kwargs
+        if args:
+            raise ValueError("seqpar: pass the inputs of a cached forward by keyword (input_ids=...)")
+        ids = _check_inputs(kwargs)
+        B, T = ids.shape
+        given = kwargs.get("position_ids")
+        start = cache.length
+        if given is not None and not torch.equal(torch.as_tensor(given).reshape(-1, T)[0].cpu(),
+                                                 torch.arange(start, start + T)):
+            raise ValueError(f"seqpar: position_ids of a cached forward must continue the cache ({start}, "
+                             f"{start + 1}, ...); other positions are not supported on a sharded sequence")
+        keep = kwargs.get("logits_to_keep", None)
+        if keep is not None and not (isinstance(keep, int) and keep in (0, 1)):
+            raise ValueError(f"seqpar: logits_to_keep={keep!r} in a cached forward; a sharded prefill returns the "
+                             f"last token's logits only (logits_to_keep=1)")
+        if start == 0:  # prefill: this rank's shard of the padded prompt
+            pad = padding_needed(T, rt.layout, world)
+            padded = torch.cat([ids, ids.new_zeros(B, pad)], dim=1)
+            pos = global_indices(T + pad, rank, world, rt.layout).to(ids.device)
+            owner = next(r for r in range(world) if bool((global_indices(T + pad, r, world, rt.layout) == T - 1).any()))
+            local = int(torch.nonzero(pos == T - 1).flatten()[0]) if owner == rank else 0
+            kwargs["input_ids"] = shard_tensor(padded, -1, rank, world, rt.layout).contiguous()
+            kwargs["position_ids"] = pos[None].expand(B, -1)
+            if takes_keep:
+                kwargs["logits_to_keep"] = torch.tensor([local], device=ids.device)
+            state.update(owner=owner, local=local, keep=takes_keep)
+            cache.begin("prefill", T)
+        else:
+            if T != 1:
+                raise ValueError(f"seqpar: {T} new tokens on a warm cache; decode on a sharded sequence takes one "
+                                 f"token per forward (chunked prefill on a warm cache, pass-Q, is not implemented)")
+            kwargs["position_ids"] = torch.arange(start, start + 1, device=ids.device)[None].expand(B, -1)
+            state.update(owner=0, local=None, keep=True)
+            cache.begin("decode", T)
+        kwargs.pop("past_key_values", None)
+        kwargs["cache"], kwargs["use_cache"] = cache, True
+        rt.cache = cache
+        return args, kwargs
+
+    def post(module, args, kwargs, output):
+        cache, rt.cache = rt.cache, None
+        if cache is None or output is None:  # no cache, or the forward raised (the cache stays unfinished)
+            return output
+        cache.end()
+        logits = output["logits"]
+        if not state["keep"]:  # the model computed every local token's logits: the last real token's row
+            logits = logits[:, state["local"]:state["local"] + 1]
+        logits = logits.contiguous()
+        if world > 1:
+            dist.broadcast(logits, group=rt.group, group_src=state["owner"])
+        output["logits"] = logits
+        output["cache"] = cache
+        return output
+
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    model.register_forward_hook(post, with_kwargs=True, always_call=True)
