@@ -213,3 +213,96 @@ def test_lightning_matches_and_refusals():
         adapter.forward(module, ctx, (), dict(inputs, cache=object()))
     with pytest.raises(ValueError, match="attention_mask"):
         adapter.forward(module, ctx, (), dict(inputs, attention_mask=torch.ones(2, 1, T, T)))
+
+
+# -- every adapter of this family on 4 thread-ranks (the distributed context: halo + entry states over a group)
+
+S_DIST = 24  # zigzag over 4 ranks: chunks of 3 tokens (< a kernel-4 halo under packed documents of 1-2 tokens)
+DOCS = (0, 2, 3, 13, 14, 24)
+
+
+def _dist_mixers():
+    """(name, module, adapter, its inputs over the whole sequence): packed documents, padding masks, seq_idx."""
+    from seqpar.mixing import lightning, short_conv
+    from test_short_conv import _inkling, _lfm
+
+    g = torch.Generator().manual_seed(7)
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(DOCS, DOCS[1:])])[None]  # documents restart at 0
+    mask = torch.ones(2, S_DIST, dtype=torch.long)
+    mask[0, :4] = 0
+    seq_idx = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(zip(DOCS, DOCS[1:]))])[None].expand(2, -1)
+    lfm, c = _lfm("lfm2", torch.float32)
+    dyn, cd = _inkling("inkling2_dynamic", torch.float32)
+    light, cl = _lightning(torch.float32)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return [
+        ("lfm2", lfm, short_conv.SHORT_CONV_ADAPTERS[0], {"hidden_states": rnd(2, S_DIST, c), "attention_mask": mask}),
+        ("inkling2_dynamic", dyn, short_conv.SHORT_CONV_ADAPTERS[3],
+         {"hidden_states": rnd(2, S_DIST, cd), "dynamic_input": rnd(2, S_DIST, 12), "conv_mask": mask,
+          "seq_idx": seq_idx.contiguous()}),
+        ("recurrent_gemma", _rg_block(torch.float32), rglru.RGLRU_ADAPTERS[0],
+         {"input_states": rnd(2, S_DIST, 32), "position_ids": pos, "use_cache": False, "attention_mask": None}),
+        ("lightning", light, lightning.LIGHTNING_ADAPTERS[0],
+         {"hidden_states": rnd(2, S_DIST, cl), "position_embeddings": None, "attention_mask": mask}),
+    ]
+
+
+def _threaded_rank(ring, mixers, layouts):
+    from seqpar.comm.threads import ThreadGroup
+    from seqpar.layout import shard_tensor
+    from seqpar.mixing.context import make_context
+
+    group = ThreadGroup(ring)
+    out = []
+    for name, module, adapter, inputs, w in mixers:
+        for layout in layouts:
+            docs = DOCS if layout == "packed" else None
+            local = {k: (shard_tensor(v, 1, group.rank, group.size, layout, docs) if torch.is_tensor(v) else v)
+                     for k, v in inputs.items()}
+            leaves = [k for k, v in local.items() if torch.is_tensor(v) and v.is_floating_point()]
+            local.update({k: local[k].clone().requires_grad_() for k in leaves})
+            y = first_output(adapter.forward(module, make_context(group, layout, S_DIST, docs), (), local))
+            wl = shard_tensor(w, 1, group.rank, group.size, layout, docs)
+            params = list(module.parameters())
+            grads = torch.autograd.grad((y * wl).sum(), [local[k] for k in leaves] + params, allow_unused=True)
+            out.append((name, layout, y.detach(), grads[:len(leaves)], grads[len(leaves):]))
+    return out
+
+
+def test_adapters_on_thread_ranks():
+    """On 4 thread-ranks (ThreadGroup), contiguous / zigzag / packed: each adapter's output and input gradients on
+    every rank equal the module's on the whole sequence at that rank's tokens, and the parameter gradients summed
+    over ranks equal the module's (fp32, relative <= 1e-5)."""
+    from seqpar.comm.threads import run_threads
+    from seqpar.layout import shard_tensor
+
+    layouts = ("contiguous", "zigzag", "packed")
+    mixers = []
+    for name, module, adapter, inputs in _dist_mixers():
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if torch.is_tensor(v) and
+                  v.is_floating_point()}
+        y = first_output(module(**{**inputs, **leaves}))
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(8))
+        params = list(module.parameters())
+        grads = torch.autograd.grad((y * w).sum(), list(leaves.values()) + params, allow_unused=True)
+        mixers.append((name, module, adapter, inputs, w, y.detach(), grads[:len(leaves)], grads[len(leaves):]))
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+    ranks = run_threads(_threaded_rank, 4, [m[:5] for m in mixers], layouts)
+    for i, (name, module, _, _, _, y, xg, pg) in enumerate(mixers):
+        for j, layout in enumerate(layouts):
+            docs = DOCS if layout == "packed" else None
+            sh = lambda t, r: shard_tensor(t, 1, r, 4, layout, docs)  # noqa: E731
+            k = i * len(layouts) + j
+            for r, res in enumerate(ranks):
+                assert res[k][:2] == (name, layout)
+                assert rel(res[k][2], sh(y, r)) <= 1e-5, (name, layout, r)
+                for got, want in zip(res[k][3], xg):
+                    assert rel(got, sh(want, r)) <= 1e-5, (name, layout, r)
+            for pi, want in enumerate(pg):
+                if want is None:
+                    continue
+                got = sum(torch.zeros_like(want) if res[k][4][pi] is None else res[k][4][pi] for res in ranks)
+                assert rel(got, want) <= 1e-5, (name, layout, pi)

@@ -7,7 +7,7 @@
 
 A run of ``L`` tokens entered with ``S_in`` gives ``o_t = o0_t + (lam^(t+1) q_t) S_in`` (``o0``: the run from
 a zero state, by the module's own block algorithm with its decay buffers) and leaves ``lam^L * S_in + S0``,
-an elementwise ("scale") map ``(M, b) = (lam^L, S0)`` per (batch, head), ``M`` broadcast to ``b``'s
+an elementwise ("scale") map ``(M, b) = (lam^L, S0)``: ``M`` (1, H, 1, 1) broadcasts to ``b``'s
 (B, H, dk, dv). Everything after the recurrence (the RMS norm over heads, the sigmoid output gate,
 ``out_proj``) is per token.
 
@@ -100,7 +100,7 @@ class LightningAttentionAdapter:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S_local, D)
         runs = [_blocks(module, *p) for p in zip(ctx.split(q, 2), ctx.split(k, 2), ctx.split(v, 2))]
         lengths = [e - s for s, e in ctx.runs.bounds]
-        maps = [(torch.exp(-module.slope_rate * n).expand_as(s0), s0) for (_, s0), n in zip(runs, lengths)]
+        maps = [(torch.exp(-module.slope_rate * n)[None], s0) for (_, s0), n in zip(runs, lengths)]  # (1, H, 1, 1)
         entries = ctx.entry_states(maps, "scale")  # (B, H, D, D) fp32 each
         outs = []
         for (o0, _), n, e, qr in zip(runs, lengths, entries, ctx.split(q, 2)):
