@@ -193,3 +193,51 @@ def mpi_main() -> None:
 
 if __name__ == "__main__":
     mpi_main()
+
+
+
+def adapter_mixers() -> dict:
+    """name -> (module, adapter): the first Mamba2 mixer of a tiny Mamba2 (chunks of 4, conv kernel 4) and the first
+    gated DeltaNet of a tiny Qwen3-Next, parameters moved off their init."""
+    import transformers
+
+    from seqpar.mixing.gated_delta import GatedDeltaAdapter
+    from seqpar.mixing.ssd import MAMBA2
+    from seqpar.testing.zoo import tiny_config
+
+    def first(model_cls, pick, **over):
+        cfg = tiny_config(model_cls.config_class.model_type, model_cls)
+        for k, v in over.items():
+            setattr(cfg, k, v)
+        torch.manual_seed(0)
+        m = next(mod for mod in model_cls(cfg).modules() if pick(mod))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=_gen(5), dtype=p.dtype))
+        return m
+
+    gd = GatedDeltaAdapter()
+    return {"mamba2": (first(transformers.Mamba2ForCausalLM, lambda m: type(m).__name__ == "Mamba2Mixer",
+                             n_groups=2, chunk_size=4), MAMBA2),
+            "qwen3_next": (first(transformers.Qwen3NextForCausalLM, gd.matches), gd)}
+
+
+ADAPTER_S, ADAPTER_CU = 24, (0, 2, 3, 13, 14, 24)  # zigzag chunks of 3 and documents of 1-2 tokens: runs < kernel - 1
+
+
+def threaded_adapter(ring, m, adapter, layout: str, hs: torch.Tensor, w: torch.Tensor) -> tuple:
+    """One thread-rank: the adapter on this rank's shard over a ThreadGroup context -> (output shard, input gradient
+    shard, parameter gradients of sum(output * w))."""
+    from seqpar.comm.threads import ThreadGroup
+    from seqpar.layout import shard_tensor
+
+    group = ThreadGroup(ring)
+    docs = ADAPTER_CU if layout == "packed" else None
+    ctx = make_context(group, layout, ADAPTER_S, docs)
+    xl = shard_tensor(hs, 1, group.rank, group.size, layout, docs).clone().requires_grad_()
+    y = adapter.forward(m, ctx, (xl,), {})
+    y = y[0] if isinstance(y, tuple) else y
+    params = list(m.parameters())
+    grads = torch.autograd.grad((y * shard_tensor(w, 1, group.rank, group.size, layout, docs)).sum(), [xl, *params],
+                                allow_unused=True)
+    return y.detach(), grads[0], [torch.zeros_like(p) if g is None else g for g, p in zip(grads[1:], params)]
