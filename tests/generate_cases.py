@@ -1,0 +1,186 @@
+"""Cases for tests/test_generate.py, run on every rank of a spawned gloo world.
+
+The reference is the unmodified Hugging Face model's own ``generate`` in one process (torch SDPA,
+transformers' DynamicCache), never seqpar code; merge numerics are checked against fp64 math.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import transformers
+
+import seqpar
+from seqpar.inference import KVShard, decode_attention, merge_across
+from parallel_cases import mesh_for
+
+VOCAB = 64
+_BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024)
+# name -> (config class, model class, config overrides)
+MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM",
+                     dict(use_sliding_window=True, sliding_window=24, max_window_layers=0)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(sliding_window=24, head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=20.0,
+                    final_logit_softcapping=15.0)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(head_dim=8, sliding_window=24, num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+def build(name: str, dtype=torch.float32):
+    cfg_cls, model_cls, over = MODELS[name]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_cls)(**{**_BASE, **over})
+    cfg._attn_implementation = "eager" if name in ("gemma2", "gpt_oss") else "sdpa"  # no SDPA path in these
+    model = getattr(transformers, model_cls)(cfg).to(dtype).eval()
+    with torch.no_grad():  # weights scaled up: the logits spread out (no near-ties), a wrong key shows
+        for n, p in model.named_parameters():
+            if p.ndim > 1 or "sinks" in n:
+                p.mul_(3.0)
+    return model
+
+
+def prompt(S: int, B: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + S)
+    return torch.randint(1, VOCAB, (B, S), generator=g)  # no 0: the pad token id
+
+
+def _run(model, ids, n, **kw):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, return_dict_in_generate=True,
+                             output_logits=True, pad_token_id=0, **kw)
+    return out.sequences, torch.stack(out.logits, dim=1)  # (B, S + n), (B, n, V)
+
+
+def generate_equal(rank, size, *, name, layout="zigzag", S=150, n=12, B=1, do_sample=False, method="ring",
+                   num_beams=1):
+    """(ids equal the single-process ids, ids equal on every rank, worst per-step logits rel error, balance)."""
+    ref = build(name)
+    model = seqpar.parallelize(copy.deepcopy(ref), mesh_for(1, size), layout=layout, method=method, fsdp=False)
+    ids = prompt(S, B)
+    kw = dict(do_sample=True, top_k=0, temperature=1.0) if do_sample else dict(do_sample=False)
+    kw["num_beams"] = num_beams
+    torch.manual_seed(7)
+    want_ids, want_logits = _run(ref, ids, n, **kw)
+    torch.manual_seed(7)
+    got_ids, got_logits = _run(model, ids, n, **kw)
+    rows = [torch.empty_like(got_ids) for _ in range(size)]
+    dist.all_gather(rows, got_ids)
+    rel = ((got_logits.double() - want_logits.double()).abs().amax() /
+           want_logits.double().abs().amax()).item()
+    return bool(torch.equal(got_ids, want_ids)), all(torch.equal(r, got_ids) for r in rows), rel
+
+
+def balance(rank, size, *, S=37, n=23, layout="zigzag"):
+    """Per-rank entries held by a full-attention layer after a prompt of S and n new tokens, and the window
+    layer's (Qwen2, window 24: at most 24 entries in all ranks together, the last 24 positions)."""
+    out = {}
+    for name in ("llama", "qwen2_window"):
+        model = seqpar.parallelize(build(name), mesh_for(1, size), layout=layout, fsdp=False)
+        cache = seqpar.inference.SeqparCache(mesh_for(1, size)["cp"], layout)
+        with torch.no_grad():
+            model.generate(input_ids=prompt(S), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           cache=cache, pad_token_id=0)
+        pos = cache.layers[0].shard.positions.tolist()
+        out[name] = (cache.length, cache.held(), sorted(pos))
+    return out
+
+
+def kv_shard_decode(rank, size, *, S=40, n=9, window=-1, softcap=0.0, sinks=False, dtype=torch.float64):
+    """Hand-written decode loop (KVShard + decode_attention) vs fp64 attention over the whole sequence: the
+    worst error over the n steps (each new query at its position, its keys the whole causal / window past)."""
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, D = 2, 4, 2, 8
+    total = S + n
+    q = torch.randn(B, Hq, total, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, total, D, generator=g, dtype=torch.float64) * 3
+    v = torch.randn(B, Hkv, total, D, generator=g, dtype=torch.float64)
+    s = torch.randn(Hq, generator=g, dtype=torch.float64) if sinks else None
+    group = mesh_for(1, size)["cp"]
+    shard = KVShard(group, "zigzag")
+    pad = (-S) % (2 * size)
+    kp = torch.cat([k[:, :, :S], torch.zeros(B, Hkv, pad, D, dtype=torch.float64)], dim=2)
+    vp = torch.cat([v[:, :, :S], torch.zeros(B, Hkv, pad, D, dtype=torch.float64)], dim=2)
+    shard.fill(seqpar.shard(kp.to(dtype), 2, group, "zigzag"), seqpar.shard(vp.to(dtype), 2, group, "zigzag"), S)
+    worst = 0.0
+    for p in range(S, total):
+        got = decode_attention(q[:, :, p:p + 1].to(dtype), k[:, :, p:p + 1].to(dtype), v[:, :, p:p + 1].to(dtype),
+                               shard, window_size=(window, -1), softcap=softcap, enable_gqa=True,
+                               sinks=None if s is None else s.to(dtype))
+        lo = 0 if window < 0 else max(0, p - window)
+        kk = k[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
+        vv = v[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
+        sc = (q[:, :, p:p + 1] @ kk.transpose(-1, -2)) / math.sqrt(D)
+        if softcap:
+            sc = softcap * torch.tanh(sc / softcap)
+        if s is not None:  # the sink: one more logit per head, value 0
+            sc = torch.cat([sc, s[None, :, None, None].expand(B, Hq, 1, 1)], dim=-1)
+            vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], dim=2)
+        want = torch.softmax(sc, dim=-1) @ vv
+        worst = max(worst, ((got.double() - want).abs().max() / want.abs().max()).item())
+    return worst, shard.held
+
+
+def merge_numerics(rank, size):
+    """merge_across on partials of very different magnitudes (lse spread over ~200) and empty shards
+    (lse = -inf, garbage out) vs the fp64 merge; -> worst rel error of out, worst abs error of lse."""
+    g = torch.Generator().manual_seed(11)
+    outs = torch.randn(size, 2, 3, 5, 7, generator=g, dtype=torch.float64)
+    lses = torch.randn(size, 2, 3, 5, generator=g, dtype=torch.float64) * 60
+    lses[1] = float("-inf")  # rank 1: nothing visible anywhere
+    outs[1] = float("nan")  # never read
+    lses[0, 0, 0, 0] = 300.0  # one rank dominates a row by e^hundreds
+    lses[:, 1, 2, 3] = float("-inf")  # a row no rank saw
+    out, lse = merge_across(outs[rank].float(), lses[rank].float(), mesh_for(1, size)["cp"].get_group())
+    w = torch.exp(lses - lses.max(0).values.nan_to_num(neginf=0.0))
+    w = torch.where(torch.isneginf(lses), torch.zeros_like(w), w)
+    den = w.sum(0)
+    want = (w.unsqueeze(-1) * outs.nan_to_num(0.0)).sum(0) / den.clamp_min(1e-300).unsqueeze(-1)
+    want_lse = torch.where(den > 0, lses.max(0).values + den.log(), torch.full_like(den, float("-inf")))
+    seen = den > 0
+    err = ((out.double() - want).abs()[seen].max() / want.abs().max()).item()
+    lse_err = (lse.double() - want_lse)[seen].abs().max().item()
+    empty_ok = bool(torch.isneginf(lse[~seen]).all() and (out[~seen] == 0).all())
+    return err, lse_err, empty_ok
+
+
+def refusals(rank, size):
+    """(case, exception type, message) of every bad input: each must raise on every rank, by name."""
+    from transformers import DynamicCache
+
+    from seqpar.inference import SeqparCache
+
+    got = []
+    mesh = mesh_for(1, size)
+    model = seqpar.parallelize(build("llama"), mesh, layout="zigzag", fsdp=False)
+    ids = prompt(20)
+
+    def attempt(case, fn):
+        try:
+            fn()
+        except (ValueError, TypeError) as e:
+            got.append((case, type(e).__name__, str(e)))
+        else:
+            got.append((case, None, ""))
+
+    with torch.no_grad():
+        attempt("layout", lambda: model.generate(input_ids=ids, max_new_tokens=2,
+                                                  cache=SeqparCache(mesh["cp"], "striped")))
+        other = mesh_for(2, size // 2)["cp"]  # another mesh: cp = 2 (this rank's pair), not the model's 4
+        attempt("group", lambda: model.generate(input_ids=ids, max_new_tokens=2, cache=SeqparCache(other, "zigzag")))
+        user = DynamicCache()
+        attempt("dynamic", lambda: model.generate(input_ids=ids, max_new_tokens=2, cache=user))
+        attempt("padding", lambda: model.generate(input_ids=prompt(20, 2), attention_mask=torch.tensor(
+            [[1] * 20, [0] * 3 + [1] * 17]), max_new_tokens=2))
+        attempt("packed", lambda: SeqparCache(mesh["cp"], "packed"))
+        cache = SeqparCache(mesh["cp"], "zigzag")
+        model(input_ids=ids, cache=cache)
+        attempt("two_tokens", lambda: model(input_ids=ids[:, :2], cache=cache))
+        attempt("labels", lambda: model(input_ids=ids[:, :1], cache=cache, labels=ids[:, :1]))
+    return got

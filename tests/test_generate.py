@@ -1,0 +1,105 @@
+"""Generate on a sharded sequence (seqpar.inference, seqpar/passes/generate.py): issue 20.
+
+One spawned world of 4 gloo ranks runs every multi-rank case (tests/generate_cases.py). References:
+the unmodified HF model's own ``generate`` in one process, fp64 attention math, and plain arithmetic
+for placement; never seqpar code.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import generate_cases as gc  # noqa: E402
+from seqpar.inference import merge_partials, place  # noqa: E402
+from seqpar.testing.worlds import World  # noqa: E402
+
+P = 4
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = World(P)
+    yield w
+    w.close()
+
+
+def test_place_is_least_loaded():
+    counts = [7, 10, 10, 10]
+    assert place(counts, 6) == [0, 0, 0, 0, 1, 2] and counts == [11, 11, 11, 10]
+
+
+def test_merge_partials_fp64():
+    g = torch.Generator().manual_seed(3)
+    outs = torch.randn(3, 2, 4, 5, generator=g, dtype=torch.float64)
+    lses = torch.randn(3, 2, 4, generator=g, dtype=torch.float64) * 100
+    lses[2, 0] = float("-inf")
+    out, lse = merge_partials(outs, lses)
+    w = torch.softmax(lses, dim=0)  # each part's share of the softmax mass
+    assert torch.allclose(out, (w.unsqueeze(-1) * outs).sum(0), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(lse, torch.logsumexp(lses, dim=0), rtol=1e-12, atol=1e-9)
+
+
+# (model, layout, prompt length, new tokens, options); prompt lengths not a multiple of the layout's unit
+GENERATE = [
+    ("llama", "zigzag", 150, 12, {}),
+    ("llama", "striped", 150, 6, {}),
+    ("llama", "contiguous", 147, 6, {"B": 2}),
+    ("llama", "zigzag", 61, 8, {"do_sample": True}),
+    ("llama", "zigzag", 61, 6, {"num_beams": 2}),
+    ("qwen2_window", "zigzag", 150, 12, {}),  # window 24 < prompt: prefill and decode windows, eviction
+    ("gemma2", "zigzag", 150, 12, {}),  # window + attention / final soft-cap
+    ("gpt_oss", "zigzag", 150, 12, {}),  # sinks + window + MoE
+]
+
+
+@pytest.mark.parametrize("name, layout, S, n, opts", GENERATE, ids=[f"{g[0]}-{g[1]}-{g[2]}-{g[4]}" for g in GENERATE])
+def test_generate_equals_single_process(world, name, layout, S, n, opts):
+    for same_as_reference, same_on_every_rank, logits_rel in world.run(gc.generate_equal, name=name, layout=layout,
+                                                                       S=S, n=n, timeout=600, **opts):
+        assert same_as_reference and same_on_every_rank
+        assert logits_rel < 2e-5
+
+
+def test_cache_balance_and_window_eviction(world):
+    res = world.run(gc.balance, S=37, n=23)
+    length = 37 + 22  # the last new token is returned, not yet run through the model
+    full = [r["llama"] for r in res]
+    assert all(f[0] == length for f in full)
+    held = [f[1][0] for f in full]
+    assert sum(held) == length and max(held) - min(held) <= 1  # balanced within one token
+    positions = sorted(p for f in full for p in f[2])
+    assert positions == list(range(length))  # every token exactly once
+    window = [r["qwen2_window"] for r in res]
+    kept = sorted(p for f in window for p in f[2])
+    assert kept == list(range(length - 24, length))  # the last query (length - 1) sees the 24 latest
+
+
+@pytest.mark.parametrize("opts", [{}, {"window": 5}, {"softcap": 5.0, "sinks": True}])
+def test_hand_written_decode_loop_fp64(world, opts):
+    res = world.run(gc.kv_shard_decode, **opts)
+    assert all(err < 1e-12 for err, _ in res)
+    if "window" in opts:  # 6 keys visible to the last query, spread over the ranks
+        assert sum(held for _, held in res) == opts["window"] + 1
+
+
+def test_hand_written_decode_loop_fp32(world):
+    assert all(err < 2e-6 for err, _ in world.run(gc.kv_shard_decode, dtype=torch.float32, window=3, sinks=True))
+
+
+def test_merge_across_ranks_vs_fp64(world):
+    for err, lse_err, empty_ok in world.run(gc.merge_numerics):
+        assert err < 1e-6 and lse_err < 1e-4 and empty_ok  # lse ~300 in fp32: ulp 3e-5
+
+
+def test_refusals_on_every_rank(world):
+    res = world.run(gc.refusals)
+    assert all(r == res[0] for r in res)  # the same error on every rank
+    got = {case: (kind, msg) for case, kind, msg in res[0]}
+    expect = {"layout": "another group", "group": "another group", "dynamic": "SeqparCache", "padding": "attention_mask",
+              "packed": "packed", "two_tokens": "one token per forward", "labels": "labels"}
+    for case, words in expect.items():
+        kind, msg = got[case]
+        assert kind == "ValueError" and words in msg, (case, kind, msg)
