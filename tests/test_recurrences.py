@@ -306,3 +306,25 @@ def test_adapters_on_thread_ranks():
                     continue
                 got = sum(torch.zeros_like(want) if res[k][4][pi] is None else res[k][4][pi] for res in ranks)
                 assert rel(got, want) <= 1e-5, (name, layout, pi)
+
+
+def test_probe_inputs():
+    """Every adapter of this family gives its module's input width and a plain call on a probe's x (1, 32, width)
+    that the module accepts and the adapter equals on 32 tokens cut at 5, 14, 23 (as parallelize's probe)."""
+    from seqpar.mixing import lightning, short_conv
+    from test_short_conv import ADAPTER, KINDS, _pick
+
+    cases = [(short_conv.SHORT_CONV_ADAPTERS[ADAPTER[k]], _pick(k)(k, torch.float32)[0]) for k in KINDS]
+    cases += [(rglru.RGLRU_ADAPTERS[0], _rg_block(torch.float32)),
+              (lightning.LIGHTNING_ADAPTERS[0], _lightning(torch.float32)[0])]
+    for adapter, module in cases:
+        x = torch.randn(1, 32, adapter.input_width(module), generator=torch.Generator().manual_seed(9))
+        args, kwargs = adapter.probe_inputs(module, x)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        want = first_output(module(xs[0], *args[1:], **kwargs))
+        got = first_output(adapter.forward(module, LocalContext(32, (5, 14, 23)), (xs[1], *args[1:]), kwargs))
+        w = torch.randn(want.shape, generator=torch.Generator().manual_seed(10))
+        (want * w).sum().backward()
+        (got * w).sum().backward()
+        for a, b in ((got, want), (xs[1].grad, xs[0].grad)):
+            assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5, adapter.name

@@ -130,5 +130,7 @@ def test_refusals():
                                           {"cache": object()})
     with pytest.raises(ValueError, match="attention_mask"):  # a 4D attention mask is not a padding mask
         sc.SHORT_CONV_ADAPTERS[0].forward(lfm, ctx, (x,), {"attention_mask": torch.ones(2, 1, T, T)})
+    with pytest.raises(TypeError, match="attention_mask"):  # e.g. a mask object, not a tensor
+        sc.SHORT_CONV_ADAPTERS[0].forward(lfm, ctx, (x,), {"attention_mask": object()})
     with pytest.raises(ValueError, match="output="):
         sc.InklingShortConvAdapter("scaled")

@@ -21,6 +21,8 @@ The state is not reset at document starts (the module does not read ``position_i
 The module's second output (its state after the last token) is, per rank, the state after this rank's
 last run in global order: the module's own on the rank holding the sequence end. A 2D padding mask
 ``(B, S_local)`` is applied per token as the module does. Refused by name: a ``cache`` (decode state).
+``input_width`` / ``probe_inputs``: the module's input width and a plain call on a probe's ``x`` (the module
+needs ``position_embeddings`` and ``attention_mask`` passed, both unread or None), as in short_conv.
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ class LightningAttentionAdapter:
                 and all(tuple(getattr(getattr(module, n, None), "shape", ())) == s for n, s in shapes.items())
                 and {"hidden_states", "attention_mask"} <= params)
 
+    def input_width(self, module: nn.Module) -> int:
+        """The width of the module's input (what a probe's hidden states must have)."""
+        return module.qkv_proj.in_features
+
+    def probe_inputs(self, module: nn.Module, x: torch.Tensor) -> tuple[tuple, dict]:
+        """A plain call on the probe's ``x`` (1, T, C): no rotary embeddings (the module reads none), no mask."""
+        return (x,), {"position_embeddings": None, "attention_mask": None}
+
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict):
         name = type(module).__name__
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
@@ -89,6 +99,9 @@ class LightningAttentionAdapter:
                                           f"under sequence parallelism; pass None")
         hidden, mask = arg["hidden_states"], arg.get("attention_mask")  # (B, S_local, C), (B, S_local) or None
         bsz, seq, _ = hidden.shape
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name}: attention_mask must be None or a 2D padding mask tensor (batch, local tokens), "
+                            f"got {type(mask).__name__}")
         if mask is not None and tuple(mask.shape) != (bsz, seq):
             raise ValueError(f"{name}: attention_mask must be a 2D padding mask (batch, local tokens) = "
                              f"{(bsz, seq)}, got shape {tuple(mask.shape)}; pass None or the local slice")

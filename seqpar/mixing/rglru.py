@@ -23,6 +23,8 @@ the reset zeroes ``P`` from that token on, cutting the run off its entry state::
 
 The conv is not reset at document starts (the module's conv is not), and the block ignores its
 ``attention_mask``, as the module does. Refused by name: ``use_cache=True`` and a ``cache`` (decode states).
+``input_width`` / ``probe_inputs``: the module's input width and a plain call on a probe's ``x`` (the module
+needs ``position_ids`` and ``attention_mask`` passed), as in :mod:`seqpar.mixing.short_conv`.
 """
 
 from __future__ import annotations
@@ -101,6 +103,18 @@ class RecurrentGemmaBlockAdapter:
                 and heads * bw == w and callable(getattr(module, "act_fn", None)) and _sqrt_bound(lru) is not None
                 and all(tuple(getattr(getattr(lru, n, None), "shape", ())) == s for n, s in shapes.items())
                 and {"input_states", "position_ids", "use_cache"} <= params)
+
+    def input_width(self, module: nn.Module) -> int:
+        """The width of the module's input (what a probe's hidden states must have)."""
+        return module.linear_x.in_features
+
+    def probe_inputs(self, module: nn.Module, x: torch.Tensor) -> tuple[tuple, dict]:
+        """A plain call on the probe's ``x`` (1, T, D): positions restart at 0 at 3/5 of T (a document start
+        inside the probe's sequence), no cache, no mask (the module reads none)."""
+        n = x.shape[1]
+        cut = (3 * n) // 5
+        pos = torch.cat([torch.arange(cut), torch.arange(n - cut)]).to(x.device)[None]
+        return (x,), {"position_ids": pos, "attention_mask": None, "use_cache": False}
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict):
         name = type(module).__name__

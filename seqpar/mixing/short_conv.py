@@ -18,6 +18,11 @@ The adapters mirror the modules' CPU path (transformers' torch fallback ``causal
 cast to the weight's dtype, the output back). Refused by name: a cache (decode state), ``seq_idx``
 (documents: the torch fallback ignores it and the fused kernel does not, so no single answer is exact).
 A 2D padding mask ``(B, S_local)`` is applied per token before the conv as the modules do, so it is exact.
+
+Besides the :class:`StateAdapter` protocol each adapter has ``input_width(module)`` and
+``probe_inputs(module, x)``: the width of the module's input and a plain call of it on a probe's ``x``
+(1, T, width) (extra arguments the module needs, e.g. Inkling2's ``dynamic_input``), for a probe that
+proves the adapter against the module.
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ def _refuse(name: str, bound: dict[str, Any], *keys: str) -> None:
 
 
 def _padding_mask(name: str, mask: torch.Tensor | None, x: torch.Tensor, arg: str) -> None:
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be None or a 2D padding mask tensor (batch, local tokens), got "
+                        f"{type(mask).__name__}")
     if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2])):
         raise ValueError(f"{name}: {arg} must be a 2D padding mask (batch, local tokens) = {tuple(x.shape[:2])}, "
                          f"got shape {tuple(mask.shape)}; pass None or the local slice of the 2D mask")
@@ -108,6 +116,14 @@ class Lfm2ShortConvAdapter:
         return (_depthwise(conv, c) and inp.out_features == 3 * c and out.in_features == c
                 and {"hidden_states", "attention_mask"} <= _params(module))
 
+    def input_width(self, module: nn.Module) -> int:
+        """The width of the module's input (what a probe's hidden states must have)."""
+        return module.in_proj.in_features
+
+    def probe_inputs(self, module: nn.Module, x: torch.Tensor) -> tuple[tuple, dict]:
+        """A plain call of the module on the probe's ``x`` (1, T, C): ``module(*args, **kwargs)``."""
+        return (x,), {}
+
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
         name = type(module).__name__
         bound = _bind(module, args, kwargs)
@@ -139,6 +155,12 @@ class InklingShortConvAdapter:
                 and getattr(module, "conv_kernel_size", None) == conv.kernel_size[0]
                 and {"hidden_states", "conv_mask"} <= params and variant == self.output)
 
+    def input_width(self, module: nn.Module) -> int:
+        return module.conv1d.in_channels
+
+    def probe_inputs(self, module: nn.Module, x: torch.Tensor) -> tuple[tuple, dict]:
+        return (x,), {}
+
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
         name = type(module).__name__
         bound = _bind(module, args, kwargs)
@@ -166,6 +188,15 @@ class InklingDynamicShortConvAdapter:
         return (isinstance(w, nn.Parameter) and w.dim() == 2 and isinstance(proj, nn.Linear)
                 and isinstance(k, int) and isinstance(heads, int) and w.shape[0] == k and w.shape[1] % heads == 0
                 and proj.out_features == heads * k and {"hidden_states", "dynamic_input", "conv_mask"} <= _params(module))
+
+    def input_width(self, module: nn.Module) -> int:
+        return module.static_weight.shape[1]
+
+    def probe_inputs(self, module: nn.Module, x: torch.Tensor) -> tuple[tuple, dict]:
+        """``x`` and a ``dynamic_input`` (1, T, the taps' projection input) drawn from a fixed seed."""
+        g = torch.Generator(device=x.device).manual_seed(2)
+        dyn = torch.randn(x.shape[0], x.shape[1], module.weight_proj.in_features, generator=g, device=x.device)
+        return (x,), {"dynamic_input": dyn.to(x.dtype)}
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
         name = type(module).__name__
