@@ -287,6 +287,7 @@ def attention(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     return_lse: bool = False,
+    cache=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention over a sequence sharded across ``group``; drop-in for SDPA.
 
@@ -307,10 +308,38 @@ def attention(
     visible are skipped, and the ring stops early when no rank has work left. ``sinks`` (Hq,):
     attention sinks (gpt-oss's ``s_aux``): one extra logit per head, with value 0, in every row's
     softmax; differentiable.
+
+    ``cache``: a :class:`seqpar.inference.KVShard` of this layer (made with this ``group`` and ``layout``),
+    for hand-written decode loops. Empty: the call is the prompt's (prefill, as above) and the shard keeps
+    this rank's k, v. Filled: q, k, v are the new token's (B, H, 1, D), the same on every rank; its K/V go
+    to one rank and the output, (B, Hq, 1, Dv) the same on every rank, is the attention over the whole
+    cache (:func:`seqpar.inference.decode_attention`; ``return_lse`` is not available there).
     """
+    if cache is not None:
+        return _cached(q, k, v, cache, group=group, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                       layout=layout, method=method, backend=backend, window_size=window_size,
+                       cu_seqlens=cu_seqlens, softcap=softcap, sinks=sinks, return_lse=return_lse)
     call = AttentionCall(group, is_causal, scale, enable_gqa, layout, method, backend, window_size, cu_seqlens,
                          softcap, sinks)
     return attend(q, k, v, call, return_lse=return_lse)
+
+
+def _cached(q, k, v, cache, *, group, layout, method, return_lse, **options):
+    """``attention(..., cache=)``: prefill into an empty :class:`seqpar.inference.KVShard`, else decode on it."""
+    from seqpar.inference import KVShard, decode_attention  # the layer above: imported on use
+
+    if not isinstance(cache, KVShard):
+        raise TypeError(f"cache must be a seqpar.inference.KVShard (one per layer), got {type(cache).__name__}")
+    if resolve_group(group) is not cache.group or layout != cache.layout:
+        raise ValueError(f"cache: this KVShard was made for another group or layout ({cache.layout!r}) than the "
+                         f"call's (layout {layout!r}); make one KVShard(group, layout) per layer for this sequence")
+    if cache.length == 0:  # prefill: the prompt's shards, then the shard keeps this rank's k, v
+        out = attention(q, k, v, group=group, layout=layout, method=method, return_lse=return_lse, **options)
+        cache.fill(k, v)
+        return out
+    if return_lse:
+        raise ValueError("return_lse=True with a filled cache (decode): not available; call without it")
+    return decode_attention(q, k, v, cache, **options)
 
 
 def attend(

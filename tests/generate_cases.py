@@ -92,7 +92,8 @@ def balance(rank, size, *, S=37, n=23, layout="zigzag"):
     return out
 
 
-def kv_shard_decode(rank, size, *, S=40, n=9, window=-1, softcap=0.0, sinks=False, dtype=torch.float64):
+def kv_shard_decode(rank, size, *, S=40, n=9, window=-1, softcap=0.0, sinks=False, dtype=torch.float64,
+                    via_attention=False):
     """Hand-written decode loop (KVShard + decode_attention) vs fp64 attention over the whole sequence: the
     worst error over the n steps (each new query at its position, its keys the whole causal / window past)."""
     g = torch.Generator().manual_seed(5)
@@ -107,12 +108,18 @@ def kv_shard_decode(rank, size, *, S=40, n=9, window=-1, softcap=0.0, sinks=Fals
     pad = (-S) % (2 * size)
     kp = torch.cat([k[:, :, :S], torch.zeros(B, Hkv, pad, D, dtype=torch.float64)], dim=2)
     vp = torch.cat([v[:, :, :S], torch.zeros(B, Hkv, pad, D, dtype=torch.float64)], dim=2)
-    shard.fill(seqpar.shard(kp.to(dtype), 2, group, "zigzag"), seqpar.shard(vp.to(dtype), 2, group, "zigzag"), S)
+    local = lambda t: seqpar.shard(t.to(dtype), 2, group, "zigzag")  # noqa: E731
+    opts = dict(window_size=(window, -1), softcap=softcap, enable_gqa=True, sinks=None if s is None else s.to(dtype))
+    if via_attention:  # seqpar.attention(cache=): the prompt (S divides: no padding) runs the ring and fills
+        assert pad == 0
+        seqpar.attention(local(q[:, :, :S]), local(kp), local(vp), group=group, is_causal=True, cache=shard, **opts)
+    else:
+        shard.fill(local(kp), local(vp), S)
     worst = 0.0
     for p in range(S, total):
-        got = decode_attention(q[:, :, p:p + 1].to(dtype), k[:, :, p:p + 1].to(dtype), v[:, :, p:p + 1].to(dtype),
-                               shard, window_size=(window, -1), softcap=softcap, enable_gqa=True,
-                               sinks=None if s is None else s.to(dtype))
+        new = [t[:, :, p:p + 1].to(dtype) for t in (q, k, v)]
+        got = seqpar.attention(*new, group=group, is_causal=True, cache=shard, **opts) if via_attention else \
+            decode_attention(*new, shard, **opts)
         lo = 0 if window < 0 else max(0, p - window)
         kk = k[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
         vv = v[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)

@@ -77,7 +77,8 @@ def test_cache_balance_and_window_eviction(world):
     assert kept == list(range(length - 24, length))  # the last query (length - 1) sees the 24 latest
 
 
-@pytest.mark.parametrize("opts", [{}, {"window": 5}, {"softcap": 5.0, "sinks": True}])
+@pytest.mark.parametrize("opts", [{}, {"window": 5}, {"softcap": 5.0, "sinks": True},
+                                  {"window": 5, "sinks": True, "via_attention": True}])
 def test_hand_written_decode_loop_fp64(world, opts):
     res = world.run(gc.kv_shard_decode, **opts)
     assert all(err < 1e-12 for err, _ in res)
