@@ -12,9 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from gated_delta_cases import ADAPTER, MODELS, dist_context_vs_module, mixer, rel
 from seqpar.mixing.adapters import ADAPTERS
 from seqpar.mixing.base import LocalContext, compose_maps
-from seqpar.mixing.gated_delta import GatedDeltaAdapter, chunk_gated_delta, gated_delta_run
+from seqpar.mixing.gated_delta import chunk_gated_delta, gated_delta_run
+from seqpar.vocab import LAYOUTS
 
 F64 = torch.float64
 
@@ -51,10 +53,6 @@ def inputs(T, B=2, H=3, dk=5, dv=6, seed=0, dtype=F64):
     g = -torch.rand(B, H, T, generator=gen, dtype=F64) * 0.3
     beta = torch.rand(B, H, T, generator=gen, dtype=F64)
     return tuple(x.to(dtype) for x in (q, k, r(B, H, T, dv), g, beta)), r(B, H, dk, dv).to(dtype)
-
-
-def rel(a, b):
-    return ((a.to(F64) - b.to(F64)).abs().max() / b.to(F64).abs().max().clamp_min(1e-30)).item()
 
 
 # -- the core
@@ -118,46 +116,6 @@ def test_core_refuses_bad_shapes():
 # -- the transformers mixers
 
 pytest.importorskip("transformers")
-
-# model_type -> causal LM class; qwen4_exp's model is not buildable tiny (its attention indexer), its mixer is
-MODELS = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
-          "qwen3_5_moe": "Qwen3_5MoeForCausalLM", "lara_mini": "LaraMiniForCausalLM",
-          "olmo_hybrid": "OlmoHybridForCausalLM", "qwen4_exp": None}
-ADAPTER = GatedDeltaAdapter()
-
-
-def mixer(model_type: str, dtype=torch.float32, **over) -> nn.Module:
-    """The first gated-DeltaNet mixer of the tiny model, weights made large enough that every token matters and
-    decays slow enough that the state crosses every run."""
-    import transformers
-
-    from seqpar.testing import zoo
-
-    if MODELS[model_type] is None:
-        from transformers.models.qwen4_exp import modeling_qwen4_exp as mq
-
-        cfg = zoo.tiny_config(model_type, transformers.Qwen4ExpForCausalLM)
-        for key, val in over.items():
-            setattr(cfg, key, val)
-        torch.manual_seed(0)
-        mod = mq.Qwen4ExpTextGatedDeltaNet(cfg, cfg.layer_types.index("linear_attention"))
-    else:
-        cfg = zoo.tiny_config(model_type, getattr(transformers, MODELS[model_type]))
-        for key, val in over.items():
-            setattr(cfg, key, val)
-        torch.manual_seed(0)
-        model = getattr(transformers, MODELS[model_type])(cfg)
-        mod = next(m for m in model.modules() if ADAPTER.projection(m) is not None and hasattr(m, "conv1d"))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in mod.named_parameters():
-            if name == "A_log":
-                p.copy_(torch.empty(p.shape).uniform_(0.02, 0.2, generator=gen).log())
-            elif name == "dt_bias":
-                p.copy_(torch.empty(p.shape).uniform_(-1, 0, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.ndim > 1 else 1.0))
-    return mod.to(dtype).train()
 
 
 def fp64_kernel(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
@@ -230,6 +188,17 @@ def test_adapter_equals_module(model_type, monkeypatch):
                 assert want_g.keys() == got_g.keys()
                 for name in want_g:
                     assert rel(got_g[name], want_g[name]) <= bound, (dtype, T, cuts, name)
+
+
+def test_distributed_context_equals_module(worlds):
+    """4 gloo ranks, every layout, the distributed context (halo exchange, entry-state scan): each rank's output and
+    input gradient, and the parameter gradients summed over ranks, equal the module on the whole sequence
+    (S = 16: runs of 2-4 tokens, shorter than the conv kernel; S = 264: runs across the 64-token chunks)."""
+    w = worlds(4)
+    for model_type in ("qwen3_next", "olmo_hybrid"):
+        for res in w.run(dist_context_vs_module, model_type, tuple(LAYOUTS), (16, 264)):
+            for layout, S, err in res:
+                assert err <= 1e-5, (model_type, layout, S, err)
 
 
 def test_a_wrong_entry_state_is_noticed():
