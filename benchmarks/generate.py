@@ -1,0 +1,130 @@
+"""Prefill time and per-token decode latency of generate on a sharded sequence, on 1, 2 and 4 CPU ranks.
+
+    OMP_NUM_THREADS=1 python benchmarks/generate.py                       # S = 2048 and 4096, 16 new tokens
+    OMP_NUM_THREADS=1 python benchmarks/generate.py --seq 1024 --new 8    # quicker
+    python benchmarks/generate.py --report                                # table and plot from the JSON
+
+The model: transformers' ``LlamaForCausalLM`` from a config (random init; vocab 32000, hidden 256,
+2 layers, 8 query heads of 32, 2 kv heads, MLP 1024, fp32) under ``seqpar.parallelize`` (zigzag ring,
+``fsdp=False``) on P spawned gloo ranks (``seqpar.testing.worlds.World``). Per (P, S): one prompt of S
+random tokens, the same on every rank; the prefill is ``model(input_ids=prompt, cache=SeqparCache)``
+(the prompt sharded, the ring, the cache filled), then ``--new`` greedy decode forwards of one token
+each on the cache; a first warm-up run of 64 tokens is not timed. Times are rank 0's wall clock
+(every rank waits in the same collectives), the decode latency the median over the new tokens. The
+ids of the P-rank run are checked equal to the 1-rank run's (the same greedy tokens).
+
+Results: benchmarks/results/generate.json and .png, and the table printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _model():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1 << 16)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval()
+
+
+def run(rank, size, *, seqs, new):
+    """On every rank: [(S, prefill s, decode s per token (median), the generated ids)] (rank 0's clock)."""
+    import torch
+
+    import seqpar
+    from seqpar.inference import SeqparCache
+
+    mesh = seqpar.init_mesh(cp=size)
+    model = seqpar.parallelize(_model(), mesh, layout="zigzag", fsdp=False)
+    out = []
+    for S in [64, *seqs]:
+        ids = torch.randint(1, 32000, (1, S), generator=torch.Generator().manual_seed(S))
+        cache = SeqparCache(mesh["cp"], "zigzag")
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            logits = model(input_ids=ids, cache=cache).logits
+            prefill = time.perf_counter() - t0
+            tokens, times = [], []
+            for _ in range(new):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(nxt))
+                t0 = time.perf_counter()
+                logits = model(input_ids=nxt, cache=cache).logits
+                times.append(time.perf_counter() - t0)
+        if S != 64:
+            out.append((S, prefill, statistics.median(times), tokens))
+    return out
+
+
+def report(rows: list[dict]) -> None:
+    print(f"{'ranks':>5} {'S':>6} {'prefill s':>10} {'decode ms/token':>16} {'same ids as 1 rank':>19}")
+    for r in rows:
+        print(f"{r['ranks']:>5} {r['seq']:>6} {r['prefill_s']:>10.3f} {1e3 * r['decode_s']:>16.2f} "
+              f"{str(r['same_ids']):>19}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for S in sorted({r["seq"] for r in rows}):
+        sel = sorted((r for r in rows if r["seq"] == S), key=lambda r: r["ranks"])
+        axes[0].plot([r["ranks"] for r in sel], [r["prefill_s"] for r in sel], "o-", label=f"S={S}")
+        axes[1].plot([r["ranks"] for r in sel], [1e3 * r["decode_s"] for r in sel], "o-", label=f"S={S}")
+    axes[0].set(xlabel="CPU ranks", ylabel="prefill (s)", title="prefill (ring)")
+    axes[1].set(xlabel="CPU ranks", ylabel="decode (ms / token)", title="decode on the sharded cache")
+    for ax in axes:
+        ax.legend()
+        ax.set_xticks([1, 2, 4])
+    fig.tight_layout()
+    fig.savefig(RESULTS / "generate.png", dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--report", action="store_true")
+    a = ap.parse_args()
+    path = RESULTS / "generate.json"
+    if a.report:
+        report(json.loads(path.read_text())["rows"])
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from seqpar.testing.worlds import World
+
+    rows, first = [], {}
+    for P in a.ranks:
+        w = World(P)
+        try:
+            res = w.run(run, seqs=a.seq, new=a.new, timeout=3600)[0]
+        finally:
+            w.close()
+        for S, prefill, decode, tokens in res:
+            first.setdefault(S, tokens)
+            rows.append(dict(ranks=P, seq=S, prefill_s=prefill, decode_s=decode, new=a.new,
+                             same_ids=tokens == first[S]))
+            print(rows[-1], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"model": "Llama hidden 256, 2 layers, 8 heads / 2 kv, vocab 32000, fp32",
+                                "rows": rows}, indent=1))
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()
