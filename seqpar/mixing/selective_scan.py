@@ -5,9 +5,9 @@ The scan (per channel d of D = G x R, channels in G groups sharing B and C; stat
     h_t = exp(dt_t A) * h_{t-1} + dt_t x_t B_t        y_t = h_t . C_t  (+ D x_t, then * silu(gate), by the mixer)
 
 decays elementwise, so a run is the "scale" map ``h_out = M * h_in + b`` with ``M = exp(A * sum_t dt_t)``
-(B, D, N) and ``b`` the final state from zeros, and ``y_t = y0_t + (exp(A * cumsum(dt)_t) * h_in) . C_t``.
-A rank scans each run once from zeros (:func:`selective_scan`), the context scans the runs' maps into entry
-states, and each run adds its entry term (:func:`selective_entry`).
+(B, D, N) and ``b`` the final state from zeros. A rank scans each run once from zeros (:func:`selective_scan`),
+the context scans the runs' maps into entry states, and each run's outputs follow from its entry state, which
+only shifts the run's chunk starts (:meth:`SelectiveRun.out`).
 
 Note
 ----
@@ -17,7 +17,9 @@ once, then one over the chunk starts. Only products of decays <= 1, so nothing o
     run (T tokens)      | chunk 0 | chunk 1 | ... |     padded with dt = 0 (decay 1, no input)
     within chunks       s[k, l] = exp(dt A)[k, l] * s[k, l-1] + (dt x B)[k, l]     (Q steps, all chunks at once)
     chunk starts        H[0] = 0, H[k+1] = prod_l exp(dt A)[k, l] * H[k] + s[k, Q-1]   (T / Q steps)
-    states              h[k, l] = s[k, l] + cumprod_l exp(dt A)[k] * H[k]
+    run map             M = prod_k prod_l exp(dt A)[k, l],  b = H[nc]
+    entry state h_in    H'[k] = H[k] + (prod_{j<k} prod_l exp(dt A)[j, l]) * h_in
+    states              h[k, l] = s[k, l] + cumprod_l exp(dt A)[k] * H'[k],   y = h . C
 
 The Mamba mixers of transformers (``MambaMixer``, ``FalconMambaMixer``, ``JambaMambaMixer``: one head;
 ``ZambaMambaMixer``: ``n_mamba_heads`` heads with their own x / dt projections) share the torch path:
@@ -38,7 +40,7 @@ from torch import nn
 from seqpar.mixing.base import MixerContext
 from seqpar.mixing.ssd import _is_conv, _transformers_class, bind_mixer_call, causal_conv_runs
 
-__all__ = ["selective_scan", "selective_entry", "MambaAdapter", "MAMBA"]
+__all__ = ["selective_scan", "SelectiveRun", "MambaAdapter", "MAMBA"]
 
 MambaFlavour = Literal["mamba", "normed", "zamba"]  # plain / RMS norms on dt, B, C / multi-head (Zamba)
 
@@ -47,55 +49,70 @@ MAMBA_CLASSES: dict[str, MambaFlavour] = {"MambaMixer": "mamba", "FalconMambaMix
 RMS_NORMS = ("FalconMambaWeightlessRMSNorm", "JambaRMSNorm")  # per-token norms over the last dim
 
 
+class SelectiveRun:
+    """One run of the selective scan, scanned from a zero state, waiting for its entry state.
+
+    ``m`` (b, D, N) and ``b`` (b, D, N) are the run's map (``h_out = m * h_in + b``); :meth:`out` gives the
+    outputs (b, T, D) for an entry state (the entry only shifts the chunk starts, so no (b, T, D, N) term is
+    added), :meth:`final` the state after the run."""
+
+    def __init__(self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 chunk_size: int | None = None):
+        bsz, t, d = x.shape
+        g, n = B.shape[2], B.shape[3]
+        if d % g or dt.shape != x.shape or A.shape != (d, n) or B.shape[:2] != (bsz, t) or C.shape != B.shape:
+            raise ValueError(f"selective_scan: shapes x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
+                             f"B {tuple(B.shape)}, C {tuple(C.shape)} do not agree (x = dt (b,T,D), A (D,N), "
+                             f"B = C (b,T,G,N), D a multiple of G)")
+        work = torch.promote_types(x.dtype, torch.float32)
+        x, dt, A, B, C = (v.to(work) for v in (x, dt, A, B, C))
+        q = chunk_size or max(1, math.isqrt(t - 1) + 1)
+        nc = -(-t // q)
+        pad = nc * q - t
+
+        def chunks(v):  # (b, T, ...) -> (b, nc, Q, ...), zero-padded
+            return F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)).view(bsz, nc, q, *v.shape[2:])
+
+        decay = torch.exp(chunks(dt)[..., None] * A)  # (b, nc, Q, D, N); padding: dt = 0, decay 1
+        inject = chunks(((dt * x).view(bsz, t, g, d // g)[..., None] * B[:, :, :, None]).view(bsz, t, d, n))
+        s = torch.zeros_like(inject[:, :, 0])  # (b, nc, D, N)
+        local = []
+        for i in range(q):  # every chunk's recurrence from zero, all chunks at once
+            s = decay[:, :, i] * s + inject[:, :, i]
+            local.append(s)
+        self.local = torch.stack(local, 2)  # (b, nc, Q, D, N)
+        self.through = decay.cumprod(2)  # (b, nc, Q, D, N): decay from the chunk start to each position
+        starts, prefix = [torch.zeros_like(s[:, 0])], [torch.ones_like(s[:, 0])]  # (b, D, N) per chunk start
+        for k in range(nc):
+            starts.append(self.through[:, k, -1] * starts[-1] + self.local[:, k, -1])
+            prefix.append(self.through[:, k, -1] * prefix[-1])
+        self.starts, self.prefix = torch.stack(starts, 1), torch.stack(prefix, 1)  # (b, nc+1, D, N)
+        self.m, self.b = prefix[-1], starts[-1]
+        self.C, self.shape = C, (bsz, t, g, d // g, n, nc, q)
+
+    def out(self, h_in: torch.Tensor | None = None) -> torch.Tensor:
+        """The run's outputs (b, T, D) (without the D skip) from the entry state ``h_in`` (b, D, N) (None: zeros)."""
+        bsz, t, g, r, n, nc, q = self.shape
+        starts = self.starts[:, :-1]
+        if h_in is not None:
+            starts = starts + self.prefix[:, :-1] * h_in.to(starts.dtype)[:, None]
+        states = self.local + self.through * starts[:, :, None]  # (b, nc, Q, D, N)
+        y = states.view(bsz, nc * q, g, r, n)[:, :t] * self.C[:, :, :, None]
+        return y.sum(-1).reshape(bsz, t, g * r)
+
+    def final(self, h_in: torch.Tensor) -> torch.Tensor:
+        """The state after the run from the entry state ``h_in``."""
+        return self.m * h_in.to(self.b.dtype) + self.b
+
+
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   *, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   *, chunk_size: int | None = None) -> SelectiveRun:
     """One run of the selective scan from a zero state.
 
     ``x`` / ``dt`` (b, T, D) (``dt`` already softplus'd), ``A`` (D, N) (negative), ``B`` / ``C`` (b, T, G, N) with
     D a multiple of G (channel d reads group d // (D / G)). Computed in fp32 (fp64 for fp64 input); ``chunk_size``
-    defaults to ceil(sqrt(T)). Returns ``y0`` (b, T, D), ``b`` (b, D, N) the final state, and ``cum_dt``
-    (b, T, D) = ``cumsum(dt)`` (the run's map is ``M = exp(A * cum_dt[:, -1, :, None])``)."""
-    bsz, t, d = x.shape
-    g, n = B.shape[2], B.shape[3]
-    if d % g or dt.shape != x.shape or A.shape != (d, n) or B.shape[:2] != (bsz, t) or C.shape != B.shape:
-        raise ValueError(f"selective_scan: shapes x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
-                         f"B {tuple(B.shape)}, C {tuple(C.shape)} do not agree (x = dt (b,T,D), A (D,N), "
-                         f"B = C (b,T,G,N), D a multiple of G)")
-    work = torch.promote_types(x.dtype, torch.float32)
-    x, dt, A, B, C = (v.to(work) for v in (x, dt, A, B, C))
-    q = chunk_size or max(1, math.isqrt(t - 1) + 1)
-    nc = -(-t // q)
-    pad = nc * q - t
-
-    def chunks(v, value=0.0):  # (b, T, D, N) -> (b, nc, Q, D, N), padded with value
-        return F.pad(v, (0, 0, 0, 0, 0, pad), value=value).view(bsz, nc, q, d, n)
-
-    per_channel = lambda v: v[:, :, :, None, :].expand(bsz, t, g, d // g, n).reshape(bsz, t, d, n)  # noqa: E731
-    decay = chunks(torch.exp(dt[..., None] * A), 1.0)  # (b, nc, Q, D, N)
-    inject = chunks((dt * x)[..., None] * per_channel(B))  # (b, nc, Q, D, N)
-    s = torch.zeros_like(inject[:, :, 0])  # (b, nc, D, N)
-    local = []
-    for i in range(q):  # every chunk's recurrence from zero, all chunks at once
-        s = decay[:, :, i] * s + inject[:, :, i]
-        local.append(s)
-    local = torch.stack(local, 2)  # (b, nc, Q, D, N)
-    through = decay.cumprod(2)  # (b, nc, Q, D, N): decay from the chunk start to each position
-    starts = [torch.zeros_like(s[:, 0])]  # (b, D, N) per chunk start
-    for k in range(nc):
-        starts.append(through[:, k, -1] * starts[-1] + local[:, k, -1])
-    states = local + through * torch.stack(starts[:-1], 1)[:, :, None]  # (b, nc, Q, D, N)
-    y0 = (states.view(bsz, nc * q, d, n)[:, :t] * per_channel(C)).sum(-1)
-    return y0, starts[-1], dt.cumsum(1)
-
-
-def selective_entry(C: torch.Tensor, A: torch.Tensor, cum_dt: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
-    """A run's outputs from its entry state: ``C`` (b, T, G, N), ``A`` (D, N), ``cum_dt`` (b, T, D), ``h_in``
-    (b, D, N) -> (b, T, D) = ``(exp(A * cum_dt_t) * h_in) . C_t``."""
-    bsz, t, g, n = C.shape
-    d = A.shape[0]
-    work = cum_dt.dtype
-    h = torch.exp(cum_dt[..., None] * A.to(work)) * h_in.to(work)[:, None]  # (b, T, D, N)
-    return (h.view(bsz, t, g, d // g, n) * C.to(work)[:, :, :, None]).sum(-1).reshape(bsz, t, d)
+    defaults to ceil(sqrt(T)). The :class:`SelectiveRun` has the map ``(m, b)``, ``out(h_in)`` and ``final(h_in)``."""
+    return SelectiveRun(x, dt, A, B, C, chunk_size)
 
 
 class MambaAdapter:
@@ -164,9 +181,8 @@ class MambaAdapter:
 
         xs, dts, Bs, Cs = (ctx.split(v, dim=1) for v in (x, dt, B, C))
         scans = [selective_scan(xr, dtr, A, br, cr) for xr, dtr, br, cr in zip(xs, dts, Bs, Cs)]
-        maps = [(torch.exp(A.to(cum.dtype) * cum[:, -1, :, None]), b) for _, b, cum in scans]  # (B, inner, N) each
-        entries = ctx.entry_states(maps, "scale")
-        ys = [y0 + selective_entry(c, A, cum, e) for (y0, _, cum), c, e in zip(scans, Cs, entries)]
+        entries = ctx.entry_states([(r.m, r.b) for r in scans], "scale")  # (B, inner, N) each
+        ys = [r.out(e) for r, e in zip(scans, entries)]
         y = (ctx.join(ys, dim=1) + x * D) * F.silu(gate)  # (B, S_local, inner)
         return m.out_proj(y.to(dtype))
 

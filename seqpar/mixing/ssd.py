@@ -87,7 +87,7 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
                          f"B = C (b,T,G,N), H a multiple of G)")
     r = h // g
     work = torch.promote_types(x.dtype, torch.float32)
-    q = chunk_size
+    q = min(chunk_size, t)  # a run shorter than a chunk is one chunk (no padding)
     nc = -(-t // q)
     pad = nc * q - t
     x, dt, A, B, C = (v.to(work) for v in (x, dt, A, B, C))
