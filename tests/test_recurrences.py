@@ -328,3 +328,22 @@ def test_probe_inputs():
         (got * w).sum().backward()
         for a, b in ((got, want), (xs[1].grad, xs[0].grad)):
             assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5, adapter.name
+
+
+def test_adapters_read_the_class_signature():
+    """parallelize replaces a taken mixer's forward by an instance attribute (*args, **kwargs): the adapters bind
+    a call against the class's forward, so a positional call still reads its arguments by name."""
+    block = _rg_block(torch.float32)
+    inputs = _rg_inputs(torch.float32, PACKED)
+    want = first_output(block(**inputs))
+    inner = block.forward
+    block.forward = lambda *a, _inner=inner, **k: _inner(*a, **k)
+    adapter = rglru.RGLRU_ADAPTERS[0]
+    assert adapter.matches(block)
+    got = first_output(adapter.forward(block, LocalContext(T, (5,)), (inputs["input_states"], inputs["position_ids"]),
+                                       {"attention_mask": None, "use_cache": False}))
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+    with pytest.raises(TypeError, match="RecurrentGemmaRecurrentBlock"):
+        adapter.forward(block, LocalContext(T, (5,)), (inputs["input_states"],), {"bogus": 1, "position_ids": 1,
+                                                                                  "attention_mask": None, "x": 2,
+                                                                                  "input_states": 3})

@@ -27,12 +27,11 @@ needs ``position_embeddings`` and ``attention_mask`` passed, both unread or None
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from seqpar.mixing.base import MixerContext
+from seqpar.mixing.calls import call_arguments, forward_parameters
 
 __all__ = ["LightningAttentionAdapter", "LIGHTNING_ADAPTERS"]
 
@@ -68,10 +67,7 @@ class LightningAttentionAdapter:
         qkv, gate, out = (getattr(module, a, None) for a in ("qkv_proj", "output_gate", "out_proj"))
         shapes = {"slope_rate": (heads, 1, 1), "query_decay": (heads, bs, 1), "key_decay": (heads, bs, 1),
                   "diagonal_decay": (1, heads, bs, bs)}
-        try:
-            params = set(inspect.signature(module.forward).parameters)
-        except (TypeError, ValueError):
-            return False
+        params = forward_parameters(module)
         return (all(isinstance(m, nn.Linear) for m in (qkv, gate, out)) and qkv.out_features == 3 * heads * d
                 and gate.out_features == heads * d and out.in_features == heads * d
                 and qkv.in_features == gate.in_features and callable(getattr(module, "act_fn", None))
@@ -89,12 +85,9 @@ class LightningAttentionAdapter:
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict):
         name = type(module).__name__
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        arg = dict(bound.arguments)
-        extra = arg.pop("kwargs", {})
+        arg = call_arguments(module, args, kwargs)
         for key in ("cache", "past_key_values"):
-            if arg.get(key) is not None or extra.get(key) is not None:
+            if arg.get(key) is not None:
                 raise NotImplementedError(f"{name}: {key}= (the linear-attention decode state) is not supported "
                                           f"under sequence parallelism; pass None")
         hidden, mask = arg["hidden_states"], arg.get("attention_mask")  # (B, S_local, C), (B, S_local) or None

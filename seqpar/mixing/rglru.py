@@ -29,7 +29,6 @@ needs ``position_ids`` and ``attention_mask`` passed), as in :mod:`seqpar.mixing
 
 from __future__ import annotations
 
-import inspect
 import sys
 
 import torch
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqpar.mixing.base import MixerContext
+from seqpar.mixing.calls import call_arguments, forward_parameters
 
 __all__ = ["RecurrentGemmaBlockAdapter", "RGLRU_ADAPTERS"]
 
@@ -93,10 +93,7 @@ class RecurrentGemmaBlockAdapter:
         heads, bw = getattr(lru, "num_attention_heads", None), getattr(lru, "block_width", None)
         shapes = {"recurrent_param": (w,), "input_gate_weight": (heads, bw, bw), "input_gate_bias": (heads, bw),
                   "recurrent_gate_weight": (heads, bw, bw), "recurrent_gate_bias": (heads, bw)}
-        try:
-            params = set(inspect.signature(module.forward).parameters)
-        except (TypeError, ValueError):
-            return False
+        params = forward_parameters(module)
         return (ly.out_features == w and lo.in_features == w and conv.in_channels == conv.out_channels
                 == conv.groups == w and conv.stride == (1,) and conv.dilation == (1,)
                 and conv.padding == (conv.kernel_size[0] - 1,) and isinstance(heads, int) and isinstance(bw, int)
@@ -118,15 +115,12 @@ class RecurrentGemmaBlockAdapter:
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict):
         name = type(module).__name__
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        arg = dict(bound.arguments)
-        extra = arg.pop("kwargs", {})
+        arg = call_arguments(module, args, kwargs)
         if arg.get("use_cache"):
             raise NotImplementedError(f"{name}: use_cache=True (the conv / RG-LRU decode states) is not supported "
                                       f"under sequence parallelism; pass use_cache=False")
         for key in ("cache", "past_key_values"):
-            if extra.get(key) is not None:
+            if arg.get(key) is not None:
                 raise NotImplementedError(f"{name}: {key}= is not supported under sequence parallelism; pass None")
         h, pos = arg["input_states"], arg["position_ids"]  # (B, S_local, D), (B or 1, S_local)
         if not (torch.is_tensor(pos) and pos.dim() == 2 and pos.shape[1] == h.shape[1]

@@ -27,7 +27,6 @@ proves the adapter against the module.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Literal
 
@@ -36,30 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqpar.mixing.base import MixerContext
+from seqpar.mixing.calls import call_arguments, forward_parameters
 
 __all__ = ["Lfm2ShortConvAdapter", "InklingShortConvAdapter", "InklingDynamicShortConvAdapter",
            "SHORT_CONV_ADAPTERS"]
 
 InklingOutput = Literal["residual", "scaled_residual"]  # Inkling: conv + x; Inkling2: (conv + x) / sqrt(k + 1)
-
-
-def _params(module: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """``module.forward``'s arguments by name (defaults applied; ``**kwargs`` merged in)."""
-    sig = inspect.signature(module.forward)
-    bound = sig.bind(*args, **kwargs)
-    bound.apply_defaults()
-    out = dict(bound.arguments)
-    for name, p in sig.parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(out.pop(name, {}))
-    return out
 
 
 def _depthwise(conv: Any, channels: int) -> bool:
@@ -114,7 +95,7 @@ class Lfm2ShortConvAdapter:
             return False
         c = inp.in_features
         return (_depthwise(conv, c) and inp.out_features == 3 * c and out.in_features == c
-                and {"hidden_states", "attention_mask"} <= _params(module))
+                and {"hidden_states", "attention_mask"} <= forward_parameters(module))
 
     def input_width(self, module: nn.Module) -> int:
         """The width of the module's input (what a probe's hidden states must have)."""
@@ -126,7 +107,7 @@ class Lfm2ShortConvAdapter:
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
         name = type(module).__name__
-        bound = _bind(module, args, kwargs)
+        bound = call_arguments(module, args, kwargs)
         _refuse(name, bound, "cache", "past_key_values", "seq_idx")
         hidden = bound["hidden_states"]  # (B, S_local, C)
         mask = bound.get("attention_mask")
@@ -148,7 +129,7 @@ class InklingShortConvAdapter:
 
     def matches(self, module: nn.Module) -> bool:
         conv = getattr(module, "conv1d", None)
-        params = _params(module)
+        params = forward_parameters(module)
         # Inkling2's forward takes (and ignores) dynamic_input, for the dynamic conv's interface; Inkling's does not
         variant = "scaled_residual" if "dynamic_input" in params else "residual"
         return (isinstance(conv, nn.Conv1d) and _depthwise(conv, conv.in_channels)
@@ -163,7 +144,7 @@ class InklingShortConvAdapter:
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
         name = type(module).__name__
-        bound = _bind(module, args, kwargs)
+        bound = call_arguments(module, args, kwargs)
         _refuse(name, bound, "cache", "past_key_values", "seq_idx")
         hidden = bound["hidden_states"]  # (B, S_local, C)
         mask = bound.get("conv_mask")
@@ -187,7 +168,7 @@ class InklingDynamicShortConvAdapter:
         k, heads = getattr(module, "conv_kernel_size", None), getattr(module, "num_heads", None)
         return (isinstance(w, nn.Parameter) and w.dim() == 2 and isinstance(proj, nn.Linear)
                 and isinstance(k, int) and isinstance(heads, int) and w.shape[0] == k and w.shape[1] % heads == 0
-                and proj.out_features == heads * k and {"hidden_states", "dynamic_input", "conv_mask"} <= _params(module))
+                and proj.out_features == heads * k and {"hidden_states", "dynamic_input", "conv_mask"} <= forward_parameters(module))
 
     def input_width(self, module: nn.Module) -> int:
         return module.static_weight.shape[1]
@@ -200,7 +181,7 @@ class InklingDynamicShortConvAdapter:
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
         name = type(module).__name__
-        bound = _bind(module, args, kwargs)
+        bound = call_arguments(module, args, kwargs)
         _refuse(name, bound, "cache", "past_key_values")
         hidden, dyn = bound["hidden_states"], bound["dynamic_input"]  # (B, S_local, C), (B, S_local, hidden)
         mask = bound.get("conv_mask")

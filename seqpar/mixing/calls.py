@@ -1,0 +1,54 @@
+"""A mixer call's arguments by name, for adapters that read a module's ``forward`` arguments.
+
+``parallelize`` wraps a taken mixer's ``forward`` with an instance attribute (``module.forward = wrapper``),
+so the signature to bind a call against is the class's (``type(module).forward``), not the instance's.
+
+Note
+----
+::
+
+    call_arguments(block, (h,), {"position_ids": p})  ->  {"input_states": h, "position_ids": p,
+                                                             "attention_mask": <default>, ..., **extra kwargs}
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+__all__ = ["forward_parameters", "call_arguments"]
+
+
+def _signature(module: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(type(module).forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def forward_parameters(module: nn.Module) -> set[str]:
+    """The names of the parameters of the module class's ``forward`` (without ``self``; empty if unreadable)."""
+    sig = _signature(module)
+    return set() if sig is None else set(list(sig.parameters)[1:])
+
+
+def call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``module(*args, **kwargs)``'s arguments by name: bound to the class's ``forward``, defaults applied, the
+    ``**kwargs`` catch-all merged in. ``TypeError`` (naming the module) for a call its forward does not accept."""
+    sig = _signature(module)
+    if sig is None:
+        raise TypeError(f"{type(module).__name__}.forward has no readable signature")
+    try:
+        bound = sig.bind(module, *args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{type(module).__name__}.forward does not accept this call: {e}") from None
+    bound.apply_defaults()
+    out = dict(list(bound.arguments.items())[1:])  # without self
+    for name, p in sig.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(out.pop(name, {}))
+        elif p.kind is inspect.Parameter.VAR_POSITIONAL and out.pop(name, ()):
+            raise TypeError(f"{type(module).__name__}.forward: extra positional arguments are not supported here")
+    return out
