@@ -201,6 +201,16 @@ def test_distributed_context_equals_module(worlds):
                 assert err <= 1e-5, (model_type, layout, S, err)
 
 
+def test_probe_inputs():
+    """What a probe calls: ``input_width`` wide hidden states through ``probe_inputs``, the adapter equal to the
+    module on 32 tokens cut at 5 / 14 / 23."""
+    for model_type in MODELS:
+        mod = mixer(model_type)
+        x = torch.randn(1, 32, ADAPTER.input_width(mod), generator=torch.Generator().manual_seed(9))
+        args, kwargs = ADAPTER.probe_inputs(mod, x)
+        assert rel(ADAPTER.forward(mod, LocalContext(32, (5, 14, 23)), args, kwargs), mod(*args, **kwargs)) <= 1e-5
+
+
 def test_a_wrong_entry_state_is_noticed():
     mod = mixer("qwen3_next")
     (want, _), (got, _) = run_both(mod, 150, (64, 128), torch.float32, ZeroEntryContext)

@@ -257,6 +257,14 @@ class GatedDeltaAdapter:
     def matches(self, module: nn.Module) -> bool:
         return self.why_not(module) is None
 
+    def input_width(self, module: nn.Module) -> int:
+        """The width of the module's input (what a probe's hidden states must have)."""
+        return module.hidden_size
+
+    def probe_inputs(self, module: nn.Module, x: torch.Tensor) -> tuple[tuple, dict]:
+        """A plain call of the module on a probe's ``x`` (1, T, hidden): ``module(*args, **kwargs)``."""
+        return (x,), {}
+
     # -- forward
 
     @staticmethod
