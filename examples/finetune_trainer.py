@@ -5,7 +5,7 @@ The seqpar change to an ordinary Trainer script is the import and ``cp=`` (marke
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 examples/finetune_trainer.py --cp 4
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 examples/finetune_trainer.py --cp 2 --trainer sft
-    accelerate launch --config_file launch/accelerate_cp.yaml examples/finetune_trainer.py   # cp from the config
+    accelerate launch --config_file launch/accelerate_cp.yaml examples/finetune_trainer.py   # cp=2 from the config
     GPUS_PER_NODE=4 sbatch -N 1 launch/slurm/train.sbatch examples/finetune_trainer.py --cp 2
 
 Task: each document hides a key -> value record in its first 3/4 and asks for the key's value at its end; only
@@ -62,6 +62,8 @@ def main(argv=None):
     p.add_argument("--trainer", choices=["trainer", "sft"], default="trainer")
     p.add_argument("--model", choices=["llama", "qwen2"], default="llama")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (FSDP2 MixedPrecisionPolicy); "
+                   "given explicitly for both trainers, since TRL's SFTConfig would default to bf16=True")
     p.add_argument("--output", default="finetune-out")
     a = p.parse_args(argv)
     import datasets
@@ -72,7 +74,8 @@ def main(argv=None):
     evals = datasets.Dataset.from_list(make_documents(32, vocab, 1))
     common = dict(output_dir=a.output, max_steps=a.steps, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                   learning_rate=3e-3, warmup_steps=5, logging_steps=5, eval_strategy="steps", eval_steps=a.steps,
-                  save_steps=a.steps, report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+                  save_steps=a.steps, report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                  bf16=a.bf16)
     if a.trainer == "trainer":
         from seqpar.trainer import SeqparTrainer  # seqpar (was: from transformers import Trainer)
 

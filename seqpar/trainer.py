@@ -15,7 +15,8 @@ What the mixin does, step by step (cp ranks are the ``cp`` ranks of one sequence
 
 - ``__init__``: after the Trainer is built (its accelerator initialised torch.distributed), the mesh
   ``seqpar.init_mesh(cp)`` and ``seqpar.parallelize(model, mesh, ...)`` -- once: FSDP2 over dp x cp, seqpar's
-  checkpointing, ``precision="bf16"`` when ``args.bf16``. The model is marked prepared for accelerate, so
+  checkpointing, ``precision="bf16"`` when ``args.bf16`` (or the accelerate config's ``mixed_precision: bf16``;
+  TRL's ``SFTConfig`` defaults to ``bf16=True``). The model is marked prepared for accelerate, so
   ``accelerator.prepare`` does not wrap it a second time (no DDP around FSDP2). Refusals (a cp that does not
   divide the world, a model ``parallelize`` refuses, options of the Trainer that would compute the loss on local
   logits) raise here on every rank, before any step.
@@ -34,8 +35,20 @@ What the mixin does, step by step (cp ranks are the ``cp`` ranks of one sequence
   both back into the sharded model / optimizer. Scheduler, RNG and trainer state are the Trainer's own.
 
 ``cp`` comes from one place: the ``cp=`` argument, or else ``parallelism_config_cp_size`` of the accelerate config
-(``accelerate launch --config_file``), which this trainer takes over: accelerate is then given a parallelism
-config without cp, so it does not apply its own context parallelism as well.
+(``accelerate launch --config_file``), which this trainer takes over: accelerate is then given an empty parallelism
+config (every size 1), so it applies no context parallelism of its own and accepts it on CPU ranks too.
+
+Note
+----
+Launches: ``torchrun``, ``accelerate launch`` with ``distributed_type: MULTI_GPU`` (accelerate starts the ranks
+with torchrun; ``use_cpu: true`` in the script's arguments makes them gloo CPU ranks; ``MULTI_CPU`` starts one
+process unless accelerate is given an mpirun hostfile) and SLURM's ``launch/slurm/train.sbatch`` (torchrun per
+node). An accelerate config with ``distributed_type: FSDP`` or DeepSpeed is refused: seqpar shards the model.
+
+Precision: ``bf16`` is FSDP2's MixedPrecisionPolicy (bf16 parameters and activations in the forward and backward,
+fp32 sharded parameters, gradient reduction and optimizer), not accelerate's autocast, which is not applied to a
+model accelerate does not wrap. A bf16 run therefore equals single-process bf16 training to bf16 accuracy, not
+bitwise; fp32 runs equal it to fp32 rounding (tests/test_trainer.py).
 """
 
 from __future__ import annotations
@@ -75,7 +88,8 @@ class SeqparTrainerMixin:
     Keyword arguments besides the Trainer's: ``cp`` (ranks per sequence; None: the accelerate config's
     ``parallelism_config_cp_size``, else 1), ``layout`` (of :func:`seqpar.shard_batch` and the model, default
     ``"packed"``), ``parallelize_kwargs`` (more options of :func:`seqpar.parallelize`: ``method``, ``checkpoint``,
-    ``loss``, ``mlp``, ``reshard``, ...). ``args.bf16`` -> ``precision="bf16"``; ``args.fp16`` -> ``"fp16"``.
+    ``loss``, ``mlp``, ``reshard``, ...). ``args.bf16`` -> ``precision="bf16"``; ``args.fp16`` -> ``"fp16"`` (also when set by the accelerate config's
+    ``mixed_precision``).
     """
 
     _seqpar_model_reduces_loss = True  # the model's own loss: already summed over cp by seqpar's loss pass
@@ -90,6 +104,7 @@ class SeqparTrainerMixin:
         world = dist.get_world_size()
         cp = self._seqpar_resolve_cp(world)
         self._seqpar_refuse_local_loss()
+        self._seqpar_refuse_accelerate_sharding()
         if world % cp:
             raise ValueError(f"seqpar Trainer: cp={cp} does not divide the world size {world} (launched ranks); pass a "
                              f"cp that divides it (dp = world // cp ranks then get different batches)")
@@ -105,8 +120,13 @@ class SeqparTrainerMixin:
             options.setdefault("checkpoint", True)
             for n in ckpt:
                 setattr(self.args, n, False)
-        if self.args.bf16 or self.args.fp16:
-            options.setdefault("precision", "bf16" if self.args.bf16 else "fp16")
+        precision = self._seqpar_precision()
+        if options.get("precision", precision) != precision:
+            raise ValueError(f"seqpar Trainer: parallelize_kwargs['precision']={options['precision']!r} but the "
+                             f"Trainer's mixed precision (args.bf16 / args.fp16 / the accelerate config) is "
+                             f"{precision!r}; set it in one place")
+        if precision != "fp32":
+            options["precision"] = precision
             options.setdefault("fsdp", True)
         options.setdefault("layout", layout)
         if options["layout"] != layout:
@@ -127,6 +147,31 @@ class SeqparTrainerMixin:
     def _seqpar_default_options(self) -> dict[str, Any]:
         return {}
 
+    def _seqpar_precision(self) -> str:
+        """The Trainer's mixed precision (``args.bf16`` / ``args.fp16``, or the accelerate config's ``mixed_precision``,
+        which TrainingArguments reads from ACCELERATE_MIXED_PRECISION) -> parallelize's FSDP2 ``precision``. The model
+        is not wrapped by accelerate, so its autocast does not apply: FSDP2's MixedPrecisionPolicy does instead."""
+        mp = str(getattr(self.args, "mixed_precision", None) or "no").lower()
+        if self.args.bf16 or mp == "bf16":
+            return "bf16"
+        if self.args.fp16 or mp == "fp16":
+            return "fp16"
+        if mp != "no":
+            raise ValueError(f"seqpar Trainer: mixed precision {mp!r} (args / the accelerate config's mixed_precision) "
+                             f"is not supported; use bf16, fp16 or no")
+        return "fp32"
+
+    def _seqpar_refuse_accelerate_sharding(self) -> None:
+        """accelerate's own model wrappers (FSDP / DeepSpeed plugins from args or the accelerate config): seqpar
+        parallelizes the model itself (FSDP2 over dp x cp), a second wrapper would shard it again."""
+        for flag, arg, what in (("is_fsdp_enabled", "fsdp", "FSDP (args.fsdp / distributed_type: FSDP)"),
+                                ("is_deepspeed_enabled", "deepspeed",
+                                 "DeepSpeed (args.deepspeed / distributed_type: DEEPSPEED)")):
+            if getattr(self, flag, False) or getattr(self.args, arg, None):
+                raise ValueError(f"seqpar Trainer: the Trainer is set up for {what}; seqpar applies FSDP2 over dp x cp "
+                                 f"itself. Launch plain ranks (torchrun, or an accelerate config with distributed_type: "
+                                 f"MULTI_GPU, use_cpu: true on CPU ranks) and pass seqpar's options as parallelize_kwargs")
+
     def _seqpar_resolve_cp(self, world: int) -> int:
         cp, from_env = self._seqpar_cp_arg, cp_from_accelerate()
         if cp is None:
@@ -136,19 +181,21 @@ class SeqparTrainerMixin:
                              f"{from_env}; give the cp size in one place")
         if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
             raise ValueError(f"seqpar Trainer: cp must be a positive int (ranks per sequence), got {cp!r}")
+        if from_env is not None and world % cp == 0:
+            _check_accelerate_sizes(os.environ, world // cp)
         return cp
 
     def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
-        """The accelerate config's cp is seqpar's: accelerate gets a parallelism config without it (data
-        parallelism over the whole world, which this trainer narrows to dp itself), so it adds no context
-        parallelism of its own."""
+        """The accelerate config's cp is seqpar's: accelerate gets an empty parallelism config (every size 1) in place
+        of the one it would build from the launch environment, so it adds no context parallelism of its own. An empty
+        config is valid on every distributed type (accelerate refuses a non-empty one on MULTI_CPU ranks); on GPU ranks
+        accelerate sets its dp_replicate to the world itself, and this trainer narrows data parallelism to dp."""
         out = super()._build_accelerator_args(**kwargs)
         from_env = cp_from_accelerate()
         if out.get("parallelism_config") is None and from_env is not None:
             from accelerate import ParallelismConfig
 
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            out["parallelism_config"] = ParallelismConfig(dp_replicate_size=world, dp_shard_size=1, cp_size=1,
+            out["parallelism_config"] = ParallelismConfig(dp_replicate_size=1, dp_shard_size=1, cp_size=1,
                                                           tp_size=1, sp_size=1)
         elif out.get("parallelism_config") is not None:
             pc = out["parallelism_config"]
@@ -312,6 +359,28 @@ class SeqparTrainerMixin:
             for group, saved in zip(opt.param_groups, state.get("param_groups", [])):
                 group.update({k: v for k, v in saved.items() if k != "params"})
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+
+def _check_accelerate_sizes(environ, dp: int) -> None:
+    """The other sizes of the accelerate config's parallelism_config: tp / sp are refused, data parallelism
+    (dp_replicate x dp_shard) must be 1 (unset) or the dp that cp leaves (seqpar shards it with FSDP2 over dp x cp)."""
+    def size(name: str) -> int:
+        key = f"PARALLELISM_CONFIG_{name.upper()}_SIZE"
+        try:
+            return int(environ.get(key, "1"))
+        except ValueError:
+            raise ValueError(f"{key}={environ[key]!r} (the accelerate config's parallelism_config_{name}_size) is not "
+                             f"an integer") from None
+
+    for name in ("tp", "sp"):
+        if size(name) > 1:
+            raise ValueError(f"seqpar Trainer: the accelerate config sets parallelism_config_{name}_size="
+                             f"{size(name)}; seqpar does context parallelism only (cp): set it to 1")
+    data = size("dp_replicate") * size("dp_shard")
+    if data not in (1, dp):
+        raise ValueError(f"seqpar Trainer: the accelerate config's parallelism_config_dp_replicate_size x "
+                         f"dp_shard_size = {data}, but world // cp = {dp}; leave them 1 (dp is world // cp, sharded "
+                         f"with FSDP2 over dp x cp by seqpar)")
 
 
 def _read_weights(folder: str) -> dict[str, torch.Tensor]:

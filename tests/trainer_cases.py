@@ -2,9 +2,13 @@
 single-process trainers, same data, same global batch, same seed, fp32.
 
 Run as a script: ``python tests/trainer_cases.py reference OUT`` (one process: the plain ``Trainer`` /
-``SFTTrainer``, no seqpar anywhere) and ``torchrun --nproc-per-node 4 tests/trainer_cases.py seqpar OUT``
-(the seqpar trainers on cp=4 and dp=2 x cp=2, the resume, the refusals). Each writes JSON (and the
-reference its final parameters) under OUT; the pytest side compares.
+``SFTTrainer``, no seqpar anywhere), ``torchrun --nproc-per-node 4 tests/trainer_cases.py seqpar OUT``
+(the seqpar trainers on cp=4 and dp=2 x cp=2, bf16, the resume, the refusals) and
+``accelerate launch --config_file launch/accelerate_cp.yaml tests/trainer_cases.py launched OUT [CP]`` (a short
+run whose cp comes from the accelerate config, or from CP; also under SLURM's train.sbatch). Each writes JSON
+(and the reference its final parameters) under OUT; the pytest side compares.
+
+fp32 throughout except the bf16 case: TRL's ``SFTConfig`` defaults to ``bf16=True``, so it is passed False.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import warnings
 import torch
 
 V, STEPS, GA, GLOBAL_BATCH = 96, 20, 2, 4
+SHORT = 3  # optimizer steps of the bf16 case and of the launched runs (accelerate launch, SLURM)
 N_TRAIN, N_EVAL = STEPS * GA * GLOBAL_BATCH, 16
 SFT_LEN = 32  # SFTTrainer's packed rows (max_length)
 
@@ -33,6 +38,9 @@ def make_model(kind: str):
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).float()
     if kind == "mistral":  # a short sliding window: most pairs of a document lie outside it
         return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=6)).float()
+    if kind == "qwen2":  # layer 0 full causal, layer 1 a window of 6 (layers >= max_window_layers slide)
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **common, use_sliding_window=True, sliding_window=6, max_window_layers=1)).float()
     raise ValueError(kind)
 
 
@@ -64,26 +72,28 @@ def _args(cls, out_dir: str, dp: int, **kw):
                 per_device_eval_batch_size=GLOBAL_BATCH // dp, gradient_accumulation_steps=GA, optim="sgd",
                 learning_rate=0.3, lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=0.5, logging_steps=1,
                 save_strategy="no", report_to=[], seed=7, dataloader_drop_last=True, use_cpu=True,
-                disable_tqdm=True, dataloader_num_workers=0)
+                disable_tqdm=True, dataloader_num_workers=0, bf16=False)
     return cls(**{**base, **kw})
 
 
 def run(case: str, kind: str, out_dir: str, *, seqpar_cp: int | None, dp: int = 1, save_steps: int | None = None,
-        resume: str | None = None) -> dict:
-    """One training run: 20 optimizer steps (accumulation 2), then evaluate(). ``seqpar_cp`` None: the plain
-    single-process trainer. Returns the logged losses, grad norms, eval loss and the trainer."""
+        resume: str | None = None, steps: int = STEPS, bf16: bool = False, plain: bool = False) -> dict:
+    """One training run: ``steps`` optimizer steps (accumulation 2), then evaluate(). ``plain``: the plain
+    single-process trainer; else seqpar's with ``seqpar_cp`` (None: the accelerate config's). Returns the logged
+    losses, grad norms, eval loss and the trainer."""
     import datasets
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
     train = datasets.Dataset.from_list(make_examples(N_TRAIN, 1))
     evals = datasets.Dataset.from_list(make_examples(N_EVAL, 2))
     save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
+    save.update(max_steps=steps, bf16=bf16)
     model = make_model(kind)
     if case == "trainer":
         args = _args(TrainingArguments, out_dir, dp, **save)
         kw = dict(model=model, args=args, train_dataset=train, eval_dataset=evals,
                   data_collator=DataCollatorWithFlattening())
-        if seqpar_cp is None:
+        if plain:
             trainer = Trainer(**kw)
         else:
             from seqpar.trainer import SeqparTrainer
@@ -94,7 +104,7 @@ def run(case: str, kind: str, out_dir: str, *, seqpar_cp: int | None, dp: int = 
 
         args = _args(SFTConfig, out_dir, dp, packing=True, max_length=SFT_LEN, **save)
         kw = dict(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=make_tokenizer())
-        if seqpar_cp is None:
+        if plain:
             trainer = SFTTrainer(**kw)
         else:
             from seqpar.trainer import SeqparSFTTrainer
@@ -102,12 +112,18 @@ def run(case: str, kind: str, out_dir: str, *, seqpar_cp: int | None, dp: int = 
             trainer = SeqparSFTTrainer(**kw, cp=seqpar_cp)
     else:
         raise ValueError(case)
+    seen = set()  # the dtypes a block's MLP projection computes in (its weight, its input) during training
+    proj = dict(trainer.model.named_modules())["model.layers.0.mlp.down_proj"]
+    hook = proj.register_forward_hook(lambda m, a, o: seen.add((str(m.weight.dtype), str(a[0].dtype))))
     trainer.train(resume_from_checkpoint=resume)
+    hook.remove()
     ev = trainer.evaluate()
     hist = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     return dict(losses={int(h["step"]): float(h["loss"]) for h in hist},
                 grad_norms={int(h["step"]): float(h["grad_norm"]) for h in hist if "grad_norm" in h},
-                eval_loss=float(ev["eval_loss"]), trainer=trainer)
+                eval_loss=float(ev["eval_loss"]), compute_dtypes=sorted(seen), trainer=trainer,
+                cp=getattr(trainer, "seqpar_cp", None), dp=getattr(trainer, "seqpar_dp", None),
+                world=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -118,16 +134,23 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-CONFIGS = [("trainer", "llama"), ("trainer", "mistral"), ("sft", "mistral")]
+CONFIGS = [("trainer", "llama"), ("trainer", "mistral"), ("trainer", "qwen2"), ("sft", "mistral")]
+SHORT_RUNS = {"trainer_llama_bf16": dict(bf16=True), "trainer_llama_fp32": {}}  # + "launched": trainer_mistral
 
 
 def reference(out: str) -> None:
     results = {}
     for case, kind in CONFIGS:
         with tempfile.TemporaryDirectory() as d:
-            r = run(case, kind, d, seqpar_cp=None)
+            r = run(case, kind, d, seqpar_cp=None, plain=True)
         torch.save(full_state(r.pop("trainer").model), os.path.join(out, f"ref_{case}_{kind}.pt"))
         results[f"{case}_{kind}"] = r
+    for key, kw in {**SHORT_RUNS, "launched": {}}.items():
+        case, kind = ("trainer", "mistral") if key == "launched" else key.split("_")[:2]
+        with tempfile.TemporaryDirectory() as d:
+            r = run(case, kind, d, seqpar_cp=None, plain=True, steps=SHORT, **kw)
+        r.pop("trainer")
+        results[f"short_{key}"] = r
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(results, f)
 
@@ -183,6 +206,11 @@ def refusals(out_dir: str) -> dict:
 
     res["model"] = _refusal(lambda: SeqparTrainer(model=MHA(), args=_args(TrainingArguments, out_dir, 1),
                                                   train_dataset=train, cp=4))
+    res["fsdp"] = _refusal(lambda: SeqparTrainer(model=make_model("llama"), train_dataset=train, cp=4,
+                                                 args=_args(TrainingArguments, out_dir, 1, fsdp="full_shard")))
+    res["precision"] = _refusal(lambda: SeqparTrainer(model=make_model("llama"), train_dataset=train, cp=4,
+                                                      args=_args(TrainingArguments, out_dir, 1, bf16=True),
+                                                      parallelize_kwargs={"precision": "fp32"}))
     return res
 
 
@@ -213,7 +241,31 @@ def seqpar_runs(out: str) -> None:
                 state = full_state(r2.pop("trainer").model)
                 r2["param"] = _rel_params(state, refs[key]) if rank == 0 else None
                 results[f"{key}_cp{cp}_dp{dp}_resumed"] = r2
-    with open(os.path.join(out, f"seqpar_rank{rank}.json"), "w") as f:
+    for key, kw in SHORT_RUNS.items():  # bf16 (FSDP2 MixedPrecisionPolicy) and its fp32 twin, dp=2 x cp=2
+        case, kind = key.split("_")[:2]
+        r = run(case, kind, tempfile.mkdtemp(prefix="seqpar-t-"), seqpar_cp=2, dp=2, steps=SHORT, **kw)
+        r.pop("trainer")
+        results[f"short_{key}"] = r
+    _write(out, f"seqpar_rank{rank}.json", results)
+
+
+def launched(out: str, cp: str | None = None) -> None:
+    """A short packed sliding-window run whose cp comes from the launcher's config (accelerate launch) or from the
+    command line (SLURM); the Trainer's accelerator starts torch.distributed, as in a user's script."""
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])  # torchrun's (accelerate launch and train.sbatch start torchrun)
+    cp = int(cp) if cp is not None else None
+    dp = world // (cp if cp is not None else int(os.environ.get("PARALLELISM_CONFIG_CP_SIZE", "1")))
+    r = run("trainer", "mistral", tempfile.mkdtemp(prefix="seqpar-t-"), seqpar_cp=cp, dp=dp, steps=SHORT)
+    r.pop("trainer")
+    _write(out, f"launched_rank{dist.get_rank()}.json", r)
+
+
+def _write(out: str, name: str, results: dict) -> None:
+    import torch.distributed as dist
+
+    with open(os.path.join(out, name), "w") as f:
         json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
@@ -225,5 +277,5 @@ if __name__ == "__main__":
     faulthandler.dump_traceback_later(840, exit=True)  # a hang prints every rank's stack instead of waiting
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    mode, out = sys.argv[1], sys.argv[2]
-    {"reference": reference, "seqpar": seqpar_runs}[mode](out)
+    mode, out, *rest = sys.argv[1:]
+    {"reference": reference, "seqpar": seqpar_runs, "launched": launched}[mode](out, *rest)
