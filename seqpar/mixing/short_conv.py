@@ -168,7 +168,8 @@ class InklingDynamicShortConvAdapter:
         k, heads = getattr(module, "conv_kernel_size", None), getattr(module, "num_heads", None)
         return (isinstance(w, nn.Parameter) and w.dim() == 2 and isinstance(proj, nn.Linear)
                 and isinstance(k, int) and isinstance(heads, int) and w.shape[0] == k and w.shape[1] % heads == 0
-                and proj.out_features == heads * k and {"hidden_states", "dynamic_input", "conv_mask"} <= forward_parameters(module))
+                and proj.out_features == heads * k
+                and {"hidden_states", "dynamic_input", "conv_mask"} <= forward_parameters(module))
 
     def input_width(self, module: nn.Module) -> int:
         return module.static_weight.shape[1]
