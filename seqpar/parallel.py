@@ -63,7 +63,10 @@ from seqpar.passes.lm_loss import plan as plan_lm_loss
 from seqpar.passes.loss import loss_pass
 from seqpar.passes.offload import OffloadMode, offload_pass
 from seqpar.passes.router import check_router_loss
+from seqpar.mixing.base import MixerMode
+from seqpar.passes.mixers import holds_interface_attention
 from seqpar.passes.runtime import Runtime
+from seqpar.passes.sequence_mixers import plan_mixers, sequence_mixer_pass
 from seqpar.passes.sync import sync_params
 from seqpar.passes.tiled_mlp import MLPMode, tiled_mlp_pass
 
@@ -88,6 +91,7 @@ def parallelize(
     mlp: MLPMode = "auto",
     mlp_chunk: int | None = None,
     offload: OffloadMode = "none",
+    mixers: MixerMode = "auto",
 ) -> nn.Module:
     """Apply sequence parallelism (and FSDP2 / activation checkpointing) to ``model`` in place.
 
@@ -109,19 +113,21 @@ def parallelize(
     "cpu" keeps the checkpointed block inputs in host memory until their backward.
     """
     fsdp_options = FSDPOptions(precision=precision, reshard=reshard, fsdp_offload=fsdp_offload)
-    dp, kind, blocks = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
-                             compile=compile, backend=backend, loss=loss, loss_chunk=loss_chunk,
-                             fsdp_options=fsdp_options,
-                             mlp=mlp, mlp_chunk=mlp_chunk, offload=offload)
+    dp, kind, blocks, taken = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
+                                    compile=compile, backend=backend, loss=loss, loss_chunk=loss_chunk,
+                                    fsdp_options=fsdp_options,
+                                    mlp=mlp, mlp_chunk=mlp_chunk, offload=offload, mixers=mixers)
     check_router_loss(model)  # MoE router load-balancing loss: made global, or refused by name (passes/router.py)
-    if kind == "hf":
-        hf.check_positions(model)  # positions a module derives from the local length: refused by name
+    if kind == "hf":  # positions a module derives from the local length: refused by name
+        hf.check_positions(model, has_attention=holds_interface_attention(model))
+    mixer_plans = plan_mixers(model, taken, mixers, layout)  # probes the state-passing adapters (no communication)
     tiled_mlp_pass(model, blocks, mlp, mlp_chunk)  # probes and wraps each block's MLP (no communication)
     rt = Runtime(cp_mesh(mesh).get_group(), layout, method, backend,
                  # hybrid (and auto, which may pick it) find their sub-groups in the mesh itself
                  attention_group=mesh if method in ("hybrid", "auto") and is_hybrid_mesh(mesh) else None)
     sync_params(model, flat_mesh(mesh).get_group())
     lm = plan_lm_loss(model, kind, loss, loss_chunk, flat_mesh(mesh).get_group())  # chunked LM head + loss, or None
+    sequence_mixer_pass(model, mixer_plans, rt, kind)  # after the loss probe (a local forward): mixers wrapped
     attention_pass(model, kind, rt)
     loss_pass(model, kind, rt, lm)
     if checkpoint:

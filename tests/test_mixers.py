@@ -218,7 +218,7 @@ def test_parallelize_refuses_before_communication(rows, mesh, model_type, expect
         monkeypatch.setattr(dist, name, lambda *a, _n=name, _f=real, **k: (calls.append(_n), _f(*a, **k))[1])
     impl = row.model.config._attn_implementation
     with pytest.raises(ArchitectureNotSupported, match="does not cover") as e:
-        seqpar.parallelize(row.model, mesh, fsdp=False)
+        seqpar.parallelize(row.model, mesh, fsdp=False, mixers="refuse")  # the mixers too (default: taken)
     assert expect in str(e.value) and isinstance(e.value, NotImplementedError)
     assert calls == [] and row.model.config._attn_implementation == impl
 

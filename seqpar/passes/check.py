@@ -14,12 +14,14 @@ from seqpar.mesh import check_mesh
 from seqpar.passes import hf
 from seqpar.passes.data_parallel import check_fsdp_options
 from seqpar.passes.lm_loss import check_loss
-from seqpar.passes.mixers import ArchitectureNotSupported, architecture_problems, find_mixers, refuse_unsupported
+from seqpar.passes.mixers import (ArchitectureNotSupported, Finding, architecture_problems, find_mixers,
+                                  holds_interface_attention, refuse_unsupported, split_takeable)
 from seqpar.passes.offload import check_offload
+from seqpar.passes.sequence_mixers import check_mixers
 from seqpar.passes.tiled_mlp import check_mlp
 from seqpar.vocab import BACKENDS, LAYOUT_CHOICES, METHOD_CHOICES, check_choice
 
-__all__ = ["ArchitectureNotSupported", "ModelKind", "check", "find_blocks", "model_kind"]
+__all__ = ["ArchitectureNotSupported", "ModelKind", "check", "find_blocks", "model_kind", "mixer_findings"]
 
 ModelKind = Literal["hf", "sdpa"]
 
@@ -101,19 +103,40 @@ def _calls_sdpa(model: nn.Module) -> bool:
     return False
 
 
-def model_kind(model: nn.Module) -> ModelKind:
+def mixer_findings(model: nn.Module, kind: ModelKind) -> tuple[list[Finding], list[Finding]]:
+    """(the sequence mixers a per-module wrapper takes, everything else sequence parallelism does not cover):
+    :func:`seqpar.passes.mixers.split_takeable` with the model kind's notion of "holds seqpar's attention"."""
+    if kind == "hf":
+        return split_takeable(model, architecture_problems(model, hf_model=True), holds_interface_attention)
+    return split_takeable(model, find_mixers(model), _calls_sdpa)
+
+
+def _refuse_mixers(model: nn.Module, kind: ModelKind, mixers: str) -> None:
+    taken, rest = mixer_findings(model, kind)
+    if mixers != "refuse":
+        refuse_unsupported(model, rest)
+        return
+    problems = architecture_problems(model, hf_model=True) if kind == "hf" else find_mixers(model)
+    hint = (f"Way out (mixers='refuse'): parallelize(..., mixers='auto') takes {', '.join(f.path for f in taken[:4])}"
+            f"{' ...' if len(taken) > 4 else ''} (state passing where proven, else the mixer on the gathered "
+            f"sequence)." if taken else "")
+    refuse_unsupported(model, problems, hint=hint)
+
+
+def model_kind(model: nn.Module, mixers: str = "refuse") -> ModelKind:
     """"hf" or "sdpa", or a refusal that says why, before any communication.
 
     ``TypeError``: not a module, or no attention seqpar takes over (``nn.MultiheadAttention``, no SDPA call).
     :class:`~seqpar.passes.mixers.ArchitectureNotSupported` (a ``NotImplementedError``, also a ``TypeError``):
     the model has something sequence parallelism does not cover yet, each named with its path and class
     (:mod:`seqpar.passes.mixers`): a sequence mixer besides attention (conv1d, SSM, linear attention,
-    recurrence), attention computed outside transformers' AttentionInterface, ALiBi.
+    recurrence) that no per-module path takes (all of them with ``mixers="refuse"``), attention computed
+    outside transformers' AttentionInterface, ALiBi.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if hf.is_hf_model(model):
-        refuse_unsupported(model, architecture_problems(model, hf_model=True))
+        _refuse_mixers(model, "hf", mixers)
         if not hf.supports_attention_interface(model):
             raise ArchitectureNotSupported(
                 f"seqpar.parallelize: {type(model).__name__} does not dispatch attention through transformers' "
@@ -128,7 +151,7 @@ def model_kind(model: nn.Module) -> ModelKind:
         raise TypeError(f"model ({type(model).__name__}) has no supported attention: seqpar takes over Hugging Face "
                         f"models using AttentionInterface and models calling "
                         f"torch.nn.functional.scaled_dot_product_attention")
-    refuse_unsupported(model, find_mixers(model))
+    _refuse_mixers(model, "sdpa", mixers)
     return "sdpa"
 
 
@@ -136,8 +159,9 @@ def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, check
           compile: bool = False, backend: str = "auto", loss: str = "auto",
           loss_chunk: int | None = None,
           fsdp_options: FSDPOptions = FSDPOptions(), mlp: str = "auto", mlp_chunk: int | None = None,
-          offload: str = "none") -> tuple[int, ModelKind, list[nn.Module]]:
-    """-> (dp, model kind, blocks); raises ValueError / TypeError naming what to change."""
+          offload: str = "none", mixers: str = "refuse") -> tuple[int, ModelKind, list[nn.Module], list[Finding]]:
+    """-> (dp, model kind, blocks, the sequence mixers taken); raises ValueError / TypeError naming what to
+    change."""
     dp, _ = check_mesh(mesh)
     check_choice("layout", layout, LAYOUT_CHOICES)
     check_choice("method", method, METHOD_CHOICES)  # "auto": resolved per shape by seqpar.attention
@@ -148,7 +172,14 @@ def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, check
             raise TypeError(f"{name} must be a bool (True or False), got {type(flag).__name__} {flag!r}")
     check_mlp(mlp, mlp_chunk, compile)  # tiled MLP (passes/tiled_mlp.py)
     check_offload(offload, checkpoint, compile)  # checkpoint offload (passes/offload.py)
-    kind = model_kind(model)
+    check_mixers(mixers)  # sequence mixers besides attention (passes/sequence_mixers.py)
+    kind = model_kind(model, mixers)
+    taken = mixer_findings(model, kind)[0] if mixers != "refuse" else []
+    if compile and taken:
+        raise ValueError(f"compile=True with sequence mixers besides attention ({', '.join(f.path for f in taken[:3])}"
+                         f"{' ...' if len(taken) > 3 else ''}) is not supported: their gather / state-passing calls "
+                         f"communicate from Python inside the block, which torch.compile does not trace. Pass "
+                         f"compile=False")
     check_fsdp_options(model, fsdp, fsdp_options)  # precision / reshard / fsdp_offload (their values: FSDPOptions)
     if compile and checkpoint and kind == "sdpa":
         raise ValueError("compile=True with checkpoint=True is not supported for plain PyTorch models: inside a "
@@ -161,4 +192,4 @@ def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, check
                                                        ("compile", compile)) if f)
         raise TypeError(f"model ({type(model).__name__}) has no nn.ModuleList of blocks to shard/checkpoint/compile "
                         f"per block: pass {flags}, or keep the blocks in an nn.ModuleList")
-    return dp, kind, blocks
+    return dp, kind, blocks, taken

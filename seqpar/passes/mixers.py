@@ -43,11 +43,13 @@ import functools
 import inspect
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 from torch import nn
 
 __all__ = ["ArchitectureNotSupported", "Finding", "architecture_problems", "find_mixers", "refuse_unsupported",
+           "split_takeable", "holds_interface_attention",
            "ATTENTION_LAYER_TYPES", "TOKEN_LOCAL_LAYER_TYPES"]
 
 
@@ -208,6 +210,11 @@ def _dispatches(cls: type) -> bool:
     return src is not None and any(s in src for s in _INTERFACE)
 
 
+def holds_interface_attention(module: nn.Module) -> bool:
+    """``module`` or a module inside it calls an attention function through transformers' interface."""
+    return any(_dispatches(type(m)) for m in module.modules())
+
+
 def _attention_findings(mods: list[tuple[str, nn.Module]]) -> list[Finding]:
     out: list[Finding] = []
     for path, m in mods:
@@ -222,6 +229,13 @@ def _attention_findings(mods: list[tuple[str, nn.Module]]) -> list[Finding]:
 
 def _layer_lists(mods: list[tuple[str, nn.Module]], n: int) -> list[tuple[str, nn.ModuleList]]:
     return [(p, m) for p, m in mods if isinstance(m, nn.ModuleList) and len(m) == n]
+
+
+def _cycled_lists(mods: list[tuple[str, nn.Module]], n: int) -> list[tuple[str, nn.ModuleList]]:
+    """The outermost non-empty ``nn.ModuleList`` when it is longer than a layer pattern of ``n`` entries
+    (RecurrentGemma's ``block_types`` repeat over the layers)."""
+    lists = [(p, m) for p, m in mods if isinstance(m, nn.ModuleList) and len(m)]
+    return lists[:1] if lists and len(lists[0][1]) > n else []
 
 
 def _config_findings(model: nn.Module, mods: list[tuple[str, nn.Module]]) -> list[Finding]:
@@ -240,13 +254,13 @@ def _config_findings(model: nn.Module, mods: list[tuple[str, nn.Module]]) -> lis
                    and k.lower() not in ATTENTION_LAYER_TYPES | TOKEN_LOCAL_LAYER_TYPES]
         if not bad:
             continue
-        lists = _layer_lists(mods, len(pattern))
+        lists = _layer_lists(mods, len(pattern)) or _cycled_lists(mods, len(pattern))
         for i, k in bad:
             if lists:
                 path, ml = lists[0]
-                block = ml[i]
-                out.append(Finding(f"{path}.{i}" if path else str(i), type(block).__name__,
-                                   f"config.{attr}[{i}] = {k!r} (not an attention layer)", "mixer"))
+                for j in range(i, len(ml), len(pattern)):  # a pattern shorter than the layers repeats
+                    out.append(Finding(f"{path}.{j}" if path else str(j), type(ml[j]).__name__,
+                                       f"config.{attr}[{i}] = {k!r} (not an attention layer)", "mixer"))
             else:
                 out.append(Finding("", type(model).__name__, f"config.{attr}[{i}] = {k!r} (not an attention layer)",
                                    "mixer"))
@@ -291,15 +305,16 @@ def _is_hf(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _no_attention_finding(model: nn.Module, mods: list[tuple[str, nn.Module]]) -> Finding | None:
+def _no_attention_findings(model: nn.Module, mods: list[tuple[str, nn.Module]]) -> list[Finding]:
     """A Hugging Face causal LM none of whose modules dispatches attention through the interface mixes
-    its tokens with something else (xLSTM's mLSTM, a state-space model, ...): its first block is named."""
+    its tokens with something else (xLSTM's mLSTM, a state-space model, ...): its blocks are named."""
     if any(_dispatches(type(m)) for _, m in mods):
-        return None
+        return []
     lists = [(p, m) for p, m in mods if isinstance(m, nn.ModuleList) and len(m)]
-    path, block = (f"{lists[0][0]}.0", lists[0][1][0]) if lists else ("", model)
-    return Finding(path, type(block).__name__, "no module of the model dispatches attention through transformers' "
-                                               "AttentionInterface: the sequence is mixed by something else", "mixer")
+    blocks = [(f"{lists[0][0]}.{i}", b) for i, b in enumerate(lists[0][1])] if lists else [("", model)]
+    return [Finding(path, type(block).__name__, "no module of the model dispatches attention through transformers' "
+                                                "AttentionInterface: the sequence is mixed by something else", "mixer")
+            for path, block in blocks]
 
 
 def find_mixers(model: nn.Module) -> list[Finding]:
@@ -324,12 +339,41 @@ def architecture_problems(model: nn.Module, *, hf_model: bool) -> list[Finding]:
         own = [f for f in _attention_findings(mods) if not any(f.path == p or f.path.startswith(p + ".") for p in paths)]
         found += own
         if not found:
-            none = _no_attention_finding(model, mods)
-            found += [none] if none is not None else []
+            found += _no_attention_findings(model, mods)
         alibi = _alibi(model)
         if alibi is not None:
             found.append(alibi)
     return found
+
+
+def split_takeable(model: nn.Module, findings: list[Finding],
+                   holds_attention: Callable[[nn.Module], bool]) -> tuple[list[Finding], list[Finding]]:
+    """``findings`` -> (the mixer modules a per-module wrapper can take, the rest with why not).
+
+    Taken: a ``"mixer"`` finding that names a module holding no attention seqpar takes over
+    (``holds_attention``), i.e. the mixer itself (a Mamba mixer, a short conv, a gated DeltaNet), or a
+    whole block without seqpar attention; a config finding's block without seqpar attention is taken
+    through the modules inside it that compute attention in their own code (MiniMax's lightning
+    attention), or whole. Not taken: attention outside the interface, ALiBi, findings without a module
+    (the model's config: Blt's n-gram embeddings), blocks that also hold seqpar attention (a DSA
+    indexer's layer)."""
+    taken: list[Finding] = []
+    rest: list[Finding] = []
+    for f in findings:
+        if f.kind != "mixer" or not f.path:
+            rest.append(f)
+            continue
+        module = model.get_submodule(f.path)
+        if holds_attention(module):
+            rest.append(replace(f, why=f"{f.why}; the module also holds attention seqpar takes over, so the "
+                                       f"mixer inside it cannot be run on the gathered sequence alone"))
+            continue
+        inner = [(f"{f.path}.{p}", m) for p, m in module.named_modules() if p and _own_attention_code(type(m))] \
+            if f.why.startswith("config.") else []
+        inner = [(p, m) for p, m in inner if not any(p.startswith(q + ".") for q, _ in inner)]
+        taken += [Finding(p, type(m).__name__, f"{f.why}: {_own_attention_code(type(m))}", "mixer") for p, m in inner] \
+            or [f]
+    return taken, rest
 
 
 _WAY_OUT = {
@@ -344,8 +388,9 @@ _WAY_OUT = {
 }
 
 
-def refuse_unsupported(model: nn.Module, findings: list[Finding]) -> None:
-    """Raise :class:`ArchitectureNotSupported` naming every finding (no-op without findings)."""
+def refuse_unsupported(model: nn.Module, findings: list[Finding], hint: str = "") -> None:
+    """Raise :class:`ArchitectureNotSupported` naming every finding (no-op without findings); ``hint``: a
+    last line (another way out)."""
     if not findings:
         return
     kinds = [k for k in ("mixer", "attention", "alibi") if any(f.kind == k for f in findings)]
@@ -357,4 +402,4 @@ def refuse_unsupported(model: nn.Module, findings: list[Finding]) -> None:
     raise ArchitectureNotSupported(
         f"seqpar.parallelize: {type(model).__name__} has {' and '.join(what[k] for k in kinds)}, which sequence "
         f"parallelism does not cover yet:\n" + "\n".join(lines) + "\n" +
-        "\n".join(f"Way out ({k}): {_WAY_OUT[k]}." for k in kinds))
+        "\n".join(f"Way out ({k}): {_WAY_OUT[k]}." for k in kinds) + (f"\n{hint}" if hint else ""))

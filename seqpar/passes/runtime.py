@@ -32,6 +32,7 @@ class Frame:
 
     saved: list[tuple[torch.Tensor, torch.Tensor, AttentionCall]] = field(default_factory=list)
     next: int = 0
+    cu_seqlens: torch.Tensor | None = None  # the batch's documents at the first forward (Runtime.documents)
 
 
 class _Overrides(TorchFunctionMode):
@@ -54,8 +55,8 @@ class Runtime:
         self.attention_group = group if attention_group is None else attention_group
         self.world = dist.get_world_size(group)
         self.frames: list[tuple[Frame, bool]] = []  # stack of (frame, recording)
-        # plain models: the batch's document offsets during one forward (the loss pass sets and clears it;
-        # Hugging Face models get them as attention arguments instead)
+        # the batch's document offsets during one forward (plain models: the loss pass sets it; Hugging Face
+        # models: the sequence-mixer pass, their attention gets them as arguments; the loss pass clears it)
         self.cu_seqlens: torch.Tensor | None = None
         # the batch's seqpar_tokens during one forward (shard_batch's end padding, False; the loss pass sets
         # and clears it): the router loss leaves the padded tokens out
@@ -98,9 +99,18 @@ class Runtime:
             call = replace(call, cu_seqlens=first.cu_seqlens)
         return attend(q, k, v, call, kept=(out, lse))
 
+    def documents(self) -> torch.Tensor | None:
+        """The current batch's document offsets (None: one document); inside a checkpoint recomputation, those
+        of the block's first forward (the batch's forward has ended by then)."""
+        if self.frames and not self.frames[-1][1]:
+            return self.frames[-1][0].cu_seqlens
+        return self.cu_seqlens
+
     @contextmanager
     def frame(self, frame: Frame, recording: bool):
-        if not recording:
+        if recording:
+            frame.cu_seqlens = self.cu_seqlens
+        else:
             frame.next = 0
         self.frames.append((frame, recording))
         self.enter()

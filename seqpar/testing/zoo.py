@@ -415,10 +415,16 @@ def _raised_in_seqpar(e: BaseException) -> bool:
     return bool(frames) and any(d in frames[-1].filename for d in _SEQPAR_DIRS)
 
 
-def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str) -> dict[str, Any]:
+EQ_DOCS = (0, 13, 27, EQ_SEQ)  # packed=True: three documents, position_ids restarting at 13 and 27
+
+
+def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str, layout: str = "zigzag",
+                     mixers: str = "auto", packed: bool = False, checkpoint: bool = False,
+                     fsdp: bool = False) -> dict[str, Any]:
     """One causal LM class on this rank of a ``size``-rank gloo world: ``{"status": ...}`` with status
 
-    - ``"exact"``: ``parallelize(model, layout="zigzag")`` + ``shard_batch`` gives the single-process
+    - ``"exact"``: ``parallelize(model, layout=layout, mixers=mixers, checkpoint=..., fsdp=...)`` +
+      ``shard_batch`` gives the single-process
       model's loss (``loss`` rel <= 1e-5) and every gradient (``grad`` rel <= 1e-4 of the parameter's own
       gradient, floored at 1e-4 of the model's largest gradient entry: a key bias's gradient is zero in
       exact arithmetic and its float noise has no relative error);
@@ -427,7 +433,9 @@ def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str) 
     - ``"unbuilt"`` / ``"reference fails"``: the class cannot be built tiny or run in one process here.
 
     The model: :func:`tiny_config` with windows of 6 and chunks of 7 tokens, no dropout, matrices scaled
-    x2 (so a dropped mask shows), train mode; a batch of 40 tokens with labels.
+    x2 (so a dropped mask shows), train mode; a batch of 40 tokens with labels (``packed=True``: and
+    ``position_ids`` restarting at the documents of :data:`EQ_DOCS`, as a flattened batch has them).
+    ``"paths"``: how the model's sequence mixers ran (``seqpar.passes.sequence_mixers.mixer_plans``).
     """
     import copy
 
@@ -451,6 +459,8 @@ def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str) 
     vocab = ref.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, max(4, min(vocab, VOCAB) - 12), (1, EQ_SEQ), generator=torch.Generator().manual_seed(7))
     batch = {"input_ids": ids, "labels": ids.clone()}
+    if packed:
+        batch["position_ids"] = torch.cat([torch.arange(b - a) for a, b in zip(EQ_DOCS, EQ_DOCS[1:])])[None]
     if size not in _MESHES:
         _MESHES[size] = seqpar.init_mesh(cp=size)
     mesh = _MESHES[size]
@@ -461,7 +471,8 @@ def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str) 
         return {"status": "crash", "why": f"{type(e).__name__}: {str(e)[:300]}", "where": traceback.format_exc()[-1200:]}
 
     try:  # refusals at parallelize come first (no communication): no reference is needed for them
-        model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout="zigzag", fsdp=False)
+        model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout=layout, fsdp=fsdp, checkpoint=checkpoint,
+                                   mixers=mixers)
     except Exception as e:  # noqa: BLE001
         return failed(e)
     try:
@@ -474,15 +485,21 @@ def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str) 
         return {"status": "reference fails", "why": f"{type(e).__name__}: {_first(e)}"}
     try:
         torch.manual_seed(0)
-        got = model(**seqpar.shard_batch(batch, mesh, layout="zigzag")).loss
+        got = model(**seqpar.shard_batch(batch, mesh, layout=layout)).loss
         got.backward()
     except Exception as e:  # noqa: BLE001
         return failed(e)
+    from seqpar.passes.sequence_mixers import mixer_plans
+
+    paths = sorted({p.how for p in mixer_plans(model)})
     params = dict(model.named_parameters())
+    full = {n: (g.full_tensor() if hasattr(g, "full_tensor") else g)
+            for n, g in ((n, p.grad) for n, p in params.items()) if g is not None}  # FSDP2: DTensor gradients
     grads = [(n, p.grad) for n, p in ref.named_parameters() if p.grad is not None]
     floor = max(float(g.abs().max()) for _, g in grads) * 1e-4 if grads else 0.0
-    grad = max((_rel(params[n].grad, g, floor) for n, g in grads if params[n].grad is not None), default=0.0)
-    missing = [n for n, _ in grads if params[n].grad is None]
+    grad = max((_rel(full[n], g, floor) for n, g in grads if n in full), default=0.0)
+    missing = [n for n, _ in grads if n not in full]
     loss = _rel(got.detach(), want.detach())
     ok = loss <= 1e-5 and grad <= 1e-4 and not missing
-    return {"status": "exact" if ok else "mismatch", "loss": loss, "grad": grad, "missing": missing[:3]}
+    return {"status": "exact" if ok else "mismatch", "loss": loss, "grad": grad, "missing": missing[:3],
+            "paths": paths}
