@@ -95,3 +95,43 @@ def dist_context_vs_module(rank: int, size: int, model_type: str, layouts: tuple
                 errs.append(rel(p.grad, want_g[n]))
             out.append((layout, S, max(errs)))
     return out
+
+
+def tiny_model(model_type: str) -> nn.Module:
+    """The tiny causal LM (fp32) with its gated-DeltaNet mixers :func:`strengthen`-ed."""
+    import transformers
+
+    from seqpar.testing import zoo
+
+    cfg = zoo.tiny_config(model_type, getattr(transformers, MODELS[model_type]))
+    torch.manual_seed(0)
+    model = getattr(transformers, MODELS[model_type])(cfg).float()
+    for i, m in enumerate(m for m in model.modules() if ADAPTER.projection(m) is not None and hasattr(m, "conv1d")):
+        strengthen(m, seed=1 + i)
+    return model
+
+
+def parallelize_vs_single_process(rank: int, size: int, *, model_type: str, layout: str, checkpoint: bool = False,
+                                  S: int = 64) -> tuple:
+    """parallelize(mixers="state") against the single-process model: (loss rel error, worst gradient rel error,
+    [(mixer path, path taken, adapter, calls)])."""
+    import copy
+
+    import seqpar
+    from parallel_cases import mesh_for
+    from seqpar.passes.sequence_mixers import mixer_plans
+
+    ref = tiny_model(model_type)
+    mesh = mesh_for(1, size)
+    model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout=layout, fsdp=False, checkpoint=checkpoint,
+                               mixers="state")
+    ids = torch.randint(0, ref.config.vocab_size, (2, S), generator=torch.Generator().manual_seed(S))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    want = ref(**batch, use_cache=False).loss
+    want.backward()
+    got = model(**seqpar.shard_batch(batch, mesh, layout=layout)).loss
+    got.backward()
+    params = dict(model.named_parameters())
+    grad = max(rel(params[n].grad, p.grad) for n, p in ref.named_parameters() if p.grad is not None)
+    plans = [(p.path, p.how, p.adapter.name if p.adapter is not None else None, p.calls) for p in mixer_plans(model)]
+    return rel(got.detach(), want.detach()), grad, plans

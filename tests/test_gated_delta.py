@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from gated_delta_cases import ADAPTER, MODELS, dist_context_vs_module, mixer, rel
+from gated_delta_cases import ADAPTER, MODELS, dist_context_vs_module, mixer, parallelize_vs_single_process, rel
 from seqpar.mixing.adapters import ADAPTERS
 from seqpar.mixing.base import LocalContext, compose_maps
 from seqpar.mixing.gated_delta import chunk_gated_delta, gated_delta_run
@@ -199,6 +199,20 @@ def test_distributed_context_equals_module(worlds):
         for res in w.run(dist_context_vs_module, model_type, tuple(LAYOUTS), (16, 264)):
             for layout, S, err in res:
                 assert err <= 1e-5, (model_type, layout, S, err)
+
+
+def test_parallelize_state_equals_single_process(worlds):
+    """parallelize(mixers="state") on 4 gloo ranks: the tiny models' gated DeltaNets take the state-passing path
+    (the adapter proven by parallelize's probe) and the loss and every gradient equal the single-process model
+    (zigzag with and without checkpointing, contiguous; Qwen3-Next, Qwen3.5, OLMo-Hybrid)."""
+    w = worlds(4)
+    for model_type, layout, checkpoint in (("qwen3_next", "zigzag", False), ("qwen3_next", "zigzag", True),
+                                           ("qwen3_5", "contiguous", False), ("olmo_hybrid", "zigzag", False)):
+        for loss, grad, plans in w.run(parallelize_vs_single_process, model_type=model_type, layout=layout,
+                                       checkpoint=checkpoint):
+            assert plans and all(how == "state" and name == "gated_delta" and calls >= 1
+                                 for _, how, name, calls in plans), plans
+            assert loss <= 1e-5 and grad <= 1e-4, (model_type, layout, checkpoint, loss, grad)
 
 
 def test_probe_inputs():
