@@ -258,6 +258,8 @@ def test_refusals():
                           ({"attention_mask": torch.ones(1, 1, 8, 8)}, "attention_mask")):
         with pytest.raises(NotImplementedError, match=match):
             ADAPTER.forward(mod, ctx, (x,), kwargs)
+    with pytest.raises(TypeError, match="attention_mask"):
+        ADAPTER.forward(mod, ctx, (x,), {"attention_mask": [1] * 8})
     with pytest.raises(ValueError, match="tokens"):
         ADAPTER.forward(mod, LocalContext(9, (3,)), (x,), {})
 

@@ -303,6 +303,8 @@ class GatedDeltaAdapter:
         if T != ctx.runs.length:
             raise ValueError(f"gated_delta: hidden_states has {T} tokens, this rank's runs hold {ctx.runs.length}")
         if mask is not None:  # a padding mask zeroes its tokens' inputs, per token (the module's own rule)
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"gated_delta: attention_mask must be a (B, S_local) tensor, got {type(mask).__name__}")
             if mask.ndim != 2 or tuple(mask.shape) != (B, T):
                 raise NotImplementedError(f"gated_delta: attention_mask of shape {tuple(mask.shape)}; only a 2-D "
                                           f"padding mask of this rank's tokens ({B}, {T}) is supported")
