@@ -127,7 +127,7 @@ def parallelize(
                  attention_group=mesh if method in ("hybrid", "auto") and is_hybrid_mesh(mesh) else None)
     sync_params(model, flat_mesh(mesh).get_group())
     lm = plan_lm_loss(model, kind, loss, loss_chunk, flat_mesh(mesh).get_group())  # chunked LM head + loss, or None
-    sequence_mixer_pass(model, mixer_plans, rt, kind)  # after the loss probe (a local forward): mixers wrapped
+    sequence_mixer_pass(model, mixer_plans, rt, kind, mixers)  # after the loss probe (a local forward): mixers wrapped
     attention_pass(model, kind, rt)
     loss_pass(model, kind, rt, lm)
     if checkpoint:

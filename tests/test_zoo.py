@@ -42,12 +42,23 @@ def _run_all(worlds) -> dict:
         else:
             worst = max(per_rank, key=lambda r: (r.get("loss", 0.0), r.get("grad", 0.0)))
             results[model_type] = {"class": class_name, **worst}
+            if _state_rounding(worst):
+                results[model_type]["status"] = "exact (state rounding)"
     return results
+
+
+def _state_rounding(r: dict) -> bool:
+    """A mismatch only in gradients the reference itself knows to its own rounding (zoo.split_noise), on the
+    state path (an adapter's algorithm rounds differently from the module's): within STATE_NOISE times it."""
+    return r["status"] == "mismatch" and "state" in r.get("paths", []) and r["loss"] <= 1e-5 and \
+        not r["missing"] and (r.get("noise_ratio") or 1e9) <= STATE_NOISE
 
 
 def test_every_causal_lm_exact_or_refused(worlds):
     res = _run_all(worlds)
-    bad = {k: v for k, v in res.items() if v["status"] not in ("exact", "refused", "unbuilt", "reference fails")}
+    bad = {k: v for k, v in res.items() if v["status"] not in ("exact", "exact (state rounding)", "refused", "unbuilt",
+                                                               "reference fails")}
+    assert sum(v["status"] == "exact (state rounding)" for v in res.values()) <= 4, res
     assert not bad, "\n".join(f"{k} ({v['class']}): {v['status']} {v.get('loss', '')} {v.get('grad', '')} "
                               f"{v.get('why', '')} {v.get('where', '')}" for k, v in bad.items())
     refused = {k: v for k, v in res.items() if v["status"] == "refused"}
@@ -58,3 +69,50 @@ def test_every_causal_lm_exact_or_refused(worlds):
     assert len(exact) >= 90, (len(exact), sorted(exact))
     unjudged = {k: v["why"] for k, v in res.items() if v["status"] in ("unbuilt", "reference fails")}
     assert len(unjudged) <= 30, unjudged
+
+
+# -- every model with sequence mixers besides attention: exact under each mixer path
+
+# (mixers, layout, packed): the gather path on both causal layouts with and without packed documents
+# (position_ids restarting), and "auto" (state passing where an adapter is proven) on two of them
+MIXER_VARIANTS = [("gather", "zigzag", False), ("gather", "zigzag", True), ("gather", "contiguous", False),
+                  ("gather", "contiguous", True), ("auto", "zigzag", True), ("auto", "contiguous", False)]
+# "auto" may take an adapter whose algorithm rounds differently from the module's own: a gradient the reference
+# itself only knows to ~1e-6 of its terms (a gated DeltaNet's A_log at tiny size) may then be off by this many
+# times the reference's own rounding (zoo.split_noise); listed in the failure message of the bound below
+STATE_NOISE = 10.0
+
+
+def test_sequence_mixer_models_exact(worlds):
+    """Every causal LM in which seqpar.passes.mixers finds a mixer module (enumerated: seqpar.testing.zoo.mixer_types)
+    equals its single-process run on 4 ranks under every variant, or is refused by name for something else."""
+    types = zoo.mixer_types()
+    assert len(types) >= 25, types
+    res, bad, tolerated = {}, {}, {}
+    for model_type, class_name in types:
+        for mixers, layout, packed in MIXER_VARIANTS:
+            key = (model_type, mixers, layout, packed)
+            try:
+                per_rank = worlds(4).run(zoo.exact_or_refused, model_type=model_type, class_name=class_name,
+                                         mixers=mixers, layout=layout, packed=packed, timeout=240)
+            except WorldError as e:
+                bad[key] = f"world broke: {str(e)[-400:]}"
+                continue
+            statuses = {r["status"] for r in per_rank}
+            worst = max(per_rank, key=lambda r: (r.get("loss", 0.0), r.get("grad", 0.0)))
+            res[key] = worst
+            if len(statuses) > 1:
+                bad[key] = f"ranks differ: {sorted(statuses)}"
+            elif _state_rounding(worst):
+                tolerated[key] = (worst["noisy"], worst["noise_ratio"])
+            elif worst["status"] not in ("exact", "refused", "unbuilt", "reference fails"):
+                bad[key] = {k: str(v)[:300] for k, v in worst.items() if k != "where"}
+            elif worst["status"] == "refused" and "sequence mixer" in worst["why"] and "attention" not in worst["why"]:
+                bad[key] = f"a mixer refused: {worst['why'][:300]}"
+    assert not bad, "\n".join(f"{k}: {v}" for k, v in bad.items())
+    assert len(tolerated) <= 4, tolerated
+    gathered = {k[0] for k, v in res.items() if k[1] == "gather" and v["status"] == "exact"}
+    assert len(gathered) >= 20, sorted(gathered)
+    for (model_type, mixers, _, _), v in res.items():  # the path each variant asked for was taken
+        if v["status"] == "exact" and mixers == "gather":
+            assert v["paths"] == ["gather"], (model_type, v["paths"])

@@ -16,7 +16,8 @@ the tiled MLP: the module's hooks stay outside) and runs one of two paths:
   tokens cut into 4 runs, fp32, output and input gradient within ``rel <= 1e-5``).
 
 ``"auto"``: state passing where an adapter is proven (the ``striped`` layout: gather, every token being
-its own run there), else gather; ``"state"``: state passing, or ``ValueError`` naming each mixer
+its own run there), else gather, and gather for a call the adapter refuses with ``NotImplementedError``
+(document boundaries it cannot reset at); ``"state"``: state passing, or ``ValueError`` naming each mixer
 without a proven adapter; ``"gather"``: gather everywhere; ``"refuse"``: no mixer is taken (the check
 pass refuses them by name).
 
@@ -85,6 +86,7 @@ class MixerPlan:
     adapter: StateAdapter | None = None  # the proven adapter (how == "state")
     why: str = ""  # why this path (what the probes said)
     calls: int = 0  # calls that ran this way (bookkeeping for tests and users)
+    fallbacks: int = 0  # mixers="auto": state calls the adapter refused (NotImplementedError), run gathered instead
 
 
 # ----------------------------------------------------------------------------- the probe of an adapter
@@ -397,23 +399,34 @@ def _gather_call(plan: MixerPlan, rt: Runtime, inner: Callable, args: tuple, kwa
     return _keep(plan, out, B, S, lambda t: keep_local(t, rt.group, rt.layout, cu))
 
 
-def _state_call(plan: MixerPlan, rt: Runtime, inner: Callable, args: tuple, kwargs: dict):
+def _state_call(plan: MixerPlan, rt: Runtime, inner: Callable, args: tuple, kwargs: dict, fallback: bool):
+    """The adapter on this rank's runs. ``fallback`` (``mixers="auto"``): a call the adapter refuses with
+    ``NotImplementedError`` (documents a Mamba2 adapter cannot reset at, ...) runs on the gathered sequence
+    instead; adapters refuse from their arguments, the same on every rank, before communicating."""
     from seqpar.mixing.context import make_context
 
     x = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise _refuse(plan, f"its first argument is {type(x).__name__}, not the (B, S_local, ...) hidden states")
     ctx = make_context(rt.group, rt.layout, x.shape[1] * rt.world, rt.documents())
+    try:
+        out = plan.adapter.forward(plan.module, ctx, args, kwargs)
+    except NotImplementedError:
+        if not fallback:
+            raise
+        plan.fallbacks += 1
+        return _gather_call(plan, rt, inner, args, kwargs)
     plan.calls += 1
-    return plan.adapter.forward(plan.module, ctx, args, kwargs)
+    return out
 
 
-def _wrap(plan: MixerPlan, rt: Runtime) -> None:
+def _wrap(plan: MixerPlan, rt: Runtime, mode: str) -> None:
     inner = plan.module.forward  # the bound forward; the module's hooks stay outside
-    call = _gather_call if plan.how == "gather" else _state_call
 
     def forward(*args, _inner=inner, **kwargs):
-        return call(plan, rt, _inner, args, kwargs)
+        if plan.how == "gather":
+            return _gather_call(plan, rt, _inner, args, kwargs)
+        return _state_call(plan, rt, _inner, args, kwargs, fallback=mode == "auto")
 
     plan.module.forward = forward
 
@@ -421,14 +434,14 @@ def _wrap(plan: MixerPlan, rt: Runtime) -> None:
 # ----------------------------------------------------------------------------- the pass
 
 
-def sequence_mixer_pass(model: nn.Module, plans: list[MixerPlan], rt: Runtime, kind: str) -> None:
+def sequence_mixer_pass(model: nn.Module, plans: list[MixerPlan], rt: Runtime, kind: str, mode: str = "auto") -> None:
     """Wrap each planned mixer's forward; record the batch's documents on ``rt`` at the model's forward
     (Hugging Face models: ``cu_seq_lens_q``; plain models: the loss pass does)."""
     object.__setattr__(model, _ATTR, list(plans))  # not a submodule: invisible to state_dict, FSDP
     if not plans:
         return
     for plan in plans:
-        _wrap(plan, rt)
+        _wrap(plan, rt, mode)
     if kind == "hf":
         def pre(module, args, kwargs):
             rt.cu_seqlens = kwargs.get("cu_seq_lens_q")  # cleared by the loss pass's post-hook
