@@ -7,6 +7,8 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
                   over; what seqpar cannot make global is refused by name (MoE router losses it cannot
                   reproduce, modules that number positions from the local length): ValueError /
                   TypeError before any communication
+       mixers     (mixers != "refuse") each sequence mixer's state-passing adapter proven by a probe, or
+                  the gather path planned (passes/sequence_mixers.py; wrapped after the loss probe)
        mlp        (mlp="auto" / "tiled") each block's MLP (or a MoE's experts) proven per-token by a
                   probe, then run over chunks of tokens with recompute (passes/tiled_mlp.py); before
                   sync and before the plain-model overrides (no communication, no hooks of seqpar's)
@@ -111,6 +113,11 @@ def parallelize(
     intermediates would exceed 64 MiB, "tiled" always, "full" never; ``mlp_chunk``: tokens per chunk
     (default: what keeps a chunk's intermediates under 64 MiB). ``offload`` (``checkpoint=True`` only):
     "cpu" keeps the checkpointed block inputs in host memory until their backward.
+
+    ``mixers``: sequence mixers besides attention (Mamba, gated DeltaNet, short convs, ...; found by
+    :mod:`seqpar.passes.mixers`): "auto" state passing where an adapter is proven by a probe, else the
+    module on the gathered sequence (O(S) activations, compute replicated over cp); "state" state
+    passing or ``ValueError``; "gather" the gathered sequence everywhere; "refuse" refused by name.
     """
     fsdp_options = FSDPOptions(precision=precision, reshard=reshard, fsdp_offload=fsdp_offload)
     dp, kind, blocks, taken = check(model, mesh, layout=layout, method=method, fsdp=fsdp, checkpoint=checkpoint,
