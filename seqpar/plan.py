@@ -5,7 +5,8 @@ across nodes, kernel throughput), it predicts for each method what one layer's a
 compute and communication, whether the communication hides behind the compute, the training-step
 time and the memory per rank; :func:`compare` (or ``plan(..., method="auto")``) ranks the methods for
 one shape on one mesh and says why a method cannot run. Validated against measured CPU runs in
-benchmarks/scaling.py; docs/scaling.md has the 1M-token projection.
+benchmarks/scaling.py; docs/scaling.md has the 1M-token projection. Inference (prefill, chunks on a warm
+cache by pass-KV / pass-Q, decode on a sharded cache) is :mod:`seqpar.plan_inference`.
 
 Note
 ----
@@ -124,6 +125,8 @@ class Machine:
     linear_flops: float = 0.0  # dense matmul FLOP/s for the non-attention layers (0 = ignore)
     memory: float = 0.0  # bytes per rank (0 = unknown)
     all_to_all_bw: float | None = None  # measured all-to-all bandwidth over the whole group (default: the links)
+    memory_bw: float = 0.0  # device memory (HBM) bytes/s: decode's reads of weights and cache (0 = ignore;
+    #                          seqpar.plan_inference)
 
     def spans_nodes(self, ranks: int) -> bool:
         return bool(self.ranks_per_node and ranks > self.ranks_per_node and self.inter_node_bw)
@@ -159,7 +162,7 @@ LLAMA3_8B = ModelShape(heads=32, kv_heads=8, head_dim=128, layers=32, hidden=409
 # H100 SXM: NVLink 450 GB/s per direction within a node, 50 GB/s (400 Gb/s) per GPU across nodes;
 # FlashAttention-class kernels ~450 TFLOP/s fwd / ~350 bwd in bf16, matmuls at ~50% of 989 TFLOP/s.
 H100 = Machine(attn_flops=450e12, attn_bwd_flops=350e12, link_bw=450e9, inter_node_bw=50e9, ranks_per_node=8,
-               latency=20e-6, linear_flops=500e12, memory=80e9)
+               latency=20e-6, linear_flops=500e12, memory=80e9, memory_bw=3.35e12)
 
 
 @dataclasses.dataclass(frozen=True)

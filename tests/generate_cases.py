@@ -188,6 +188,132 @@ def refusals(rank, size):
         attempt("packed", lambda: SeqparCache(mesh["cp"], "packed"))
         cache = SeqparCache(mesh["cp"], "zigzag")
         model(input_ids=ids, cache=cache)
-        attempt("two_tokens", lambda: model(input_ids=ids[:, :2], cache=cache))
         attempt("labels", lambda: model(input_ids=ids[:, :1], cache=cache, labels=ids[:, :1]))
+        attempt("crop", lambda: cache.crop(1))
+        attempt("chunk", lambda: SeqparCache(mesh["cp"], "zigzag", chunk="ring"))
+        limit = model.config.max_position_embeddings
+        attempt("positions", lambda: model.generate(input_ids=prompt(limit + 1), max_new_tokens=2))
+        attempt("positions_warm", lambda: model(input_ids=prompt(limit - 19), cache=cache))
     return got
+
+
+def chunk_fp64(rank, size, *, mode, S=40, T=13, n=3, window=-1, softcap=0.0, sinks=False, layout="zigzag"):
+    """A prompt of S tokens prefilled, a chunk of T tokens on the warm cache (``mode``: "pass_q", the chunk
+    replicated through decode_attention; "pass_kv", sharded through extend_sharded), then n single-token
+    decode steps; -> the worst error of every chunk and decode query's output vs fp64 attention over the
+    whole causal / window past (the shards' positions checked to cover every live token once)."""
+    from seqpar.inference import extend_sharded
+    from seqpar.layout import padding_needed
+
+    g = torch.Generator().manual_seed(9)
+    B, Hq, Hkv, D = 2, 4, 2, 8
+    total = S + T + n
+    q = torch.randn(B, Hq, total, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, total, D, generator=g, dtype=torch.float64) * 3
+    v = torch.randn(B, Hkv, total, D, generator=g, dtype=torch.float64)
+    s = torch.randn(Hq, generator=g, dtype=torch.float64) if sinks else None
+    group = mesh_for(1, size)["cp"]
+    shard = KVShard(group, layout)
+    opts = dict(window_size=(window, -1), softcap=softcap, enable_gqa=True, sinks=s)
+
+    def padded(t, lo, hi):  # tokens lo..hi-1, padded at the end to the layout's multiple, this rank's shard
+        pad = padding_needed(hi - lo, layout, size)
+        t = torch.cat([t[:, :, lo:hi], torch.zeros(*t.shape[:2], pad, D, dtype=t.dtype)], dim=2)
+        return seqpar.shard(t, 2, group, layout)
+
+    shard.fill(padded(k, 0, S), padded(v, 0, S), S)
+    if mode == "pass_q":
+        got = decode_attention(q[:, :, S:S + T], k[:, :, S:S + T], v[:, :, S:S + T], shard, **opts)
+        rows = list(range(S, S + T))
+    else:
+        local = extend_sharded(padded(q, S, S + T), padded(k, S, S + T), padded(v, S, S + T), shard, length=T,
+                               **opts)
+        full = seqpar.unshard(local.contiguous(), 2, group, layout)
+        got, rows = full[:, :, :T], list(range(S, S + T))
+    outs = [(got, rows)]
+    for p in range(S + T, total):
+        outs.append((decode_attention(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], shard, **opts), [p]))
+    worst = 0.0
+    for out, ps in outs:
+        for i, p in enumerate(ps):
+            lo = 0 if window < 0 else max(0, p - window)
+            kk = k[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
+            vv = v[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
+            sc = (q[:, :, p:p + 1] @ kk.transpose(-1, -2)) / math.sqrt(D)
+            if softcap:
+                sc = softcap * torch.tanh(sc / softcap)
+            if s is not None:
+                sc = torch.cat([sc, s[None, :, None, None].expand(B, Hq, 1, 1)], dim=-1)
+                vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], dim=2)
+            want = torch.softmax(sc, dim=-1) @ vv
+            worst = max(worst, ((out[:, :, i:i + 1] - want).abs().max() / want.abs().max()).item())
+    held = [torch.empty(0, dtype=torch.long)] * size
+    sizes = [r[0] for r in seqpar.comm.gather_ints([shard.held], group.get_group())]
+    pos = torch.full((max(sizes),), -1, dtype=torch.long)
+    pos[:shard.held] = shard.positions
+    rows_ = [torch.empty_like(pos) for _ in range(size)]
+    dist.all_gather(rows_, pos, group=group.get_group())
+    held = sorted(int(x) for r in rows_ for x in r if x >= 0)
+    live = list(range(0 if window < 0 else total - 1 - window, total))
+    return worst, held == live, shard.length
+
+
+def _chunked(model, ids, S1, n, cache):
+    """A prompt of S1 tokens, then the rest of ``ids`` as one chunk on the warm cache, then n greedy tokens:
+    -> (the chunk's last-token logits, then each decode step's) (B, 1 + n, V) and the n tokens (B, n)."""
+    with torch.no_grad():
+        model(input_ids=ids[:, :S1], cache=cache, use_cache=True)
+        logits = [model(input_ids=ids[:, S1:], cache=cache, use_cache=True).logits[:, -1:]]
+        tokens = []
+        for _ in range(n):
+            nxt = logits[-1][:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            logits.append(model(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1:])
+    return torch.cat(logits, dim=1), torch.cat(tokens, dim=1)
+
+
+def chunk_equal(rank, size, *, name, S1=70, T=40, n=4, layout="zigzag", B=1):
+    """A chunk of T tokens after a prompt of S1 on a parallelized model, by pass-Q and by pass-KV, vs the
+    unmodified model with its own DynamicCache in one process: -> (worst logits rel error pass-Q, pass-KV,
+    pass-Q vs pass-KV, tokens equal the reference's for both, ``auto``'s choice ran)."""
+    from transformers import DynamicCache
+
+    from seqpar.inference import SeqparCache
+
+    ref = build(name)
+    mesh = mesh_for(1, size)
+    model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout=layout, fsdp=False)
+    ids = prompt(S1 + T, B)
+    want, want_tok = _chunked(ref, ids, S1, n, DynamicCache())
+    got = {}
+    for mode in ("pass_q", "pass_kv", "auto"):
+        got[mode] = _chunked(model, ids, S1, n, SeqparCache(mesh["cp"], layout, chunk=mode))
+
+    def rel(a, b):
+        return ((a.double() - b.double()).abs().amax() / b.double().abs().amax()).item()
+
+    return (rel(got["pass_q"][0], want), rel(got["pass_kv"][0], want), rel(got["pass_q"][0], got["pass_kv"][0]),
+            all(torch.equal(got[m][1], want_tok) for m in got))
+
+
+def generate_warm(rank, size, *, name="llama", S1=40, more=25, n=6):
+    """generate on a cache warm from an earlier generate call (the whole sequence passed again, HF slices the
+    uncached tail: a chunk on the warm cache) vs single-process generate continuing its DynamicCache."""
+    from transformers import DynamicCache
+
+    from seqpar.inference import SeqparCache
+
+    ref = build(name)
+    mesh = mesh_for(1, size)
+    model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout="zigzag", fsdp=False)
+    ids = prompt(S1)
+    extra = prompt(more + 1000)[:, :more]
+    outs = []
+    for m, cache in ((ref, DynamicCache()), (model, SeqparCache(mesh["cp"], "zigzag"))):
+        with torch.no_grad():
+            first = m.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache=cache,
+                               pad_token_id=0)
+            second = m.generate(input_ids=torch.cat([first, extra], dim=1), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, cache=cache, pad_token_id=0)
+        outs.append(second)
+    return bool(torch.equal(outs[0], outs[1]))

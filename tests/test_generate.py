@@ -63,6 +63,37 @@ def test_generate_equals_single_process(world, name, layout, S, n, opts):
         assert logits_rel < 2e-5
 
 
+# (model, prompt S1, chunk T, layout): a chunk of T tokens on the warm cache by pass-Q and by pass-KV
+CHUNKS = [
+    ("llama", 70, 40, "zigzag"),
+    ("llama", 70, 3, "striped"),  # a chunk shorter than the ranks: most ranks hold none of it (pass-KV padding)
+    ("qwen2_window", 70, 57, "zigzag"),  # window 24 < chunk: the chunk's own ring windowed, the cache evicted
+    ("gemma2", 70, 40, "zigzag"),  # window + soft-caps
+    ("gpt_oss", 70, 33, "contiguous"),  # sinks + window + MoE
+]
+
+
+@pytest.mark.parametrize("name, S1, T, layout", CHUNKS, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CHUNKS])
+def test_chunk_on_warm_cache_pass_q_equals_pass_kv_equals_single_process(world, name, S1, T, layout):
+    for q_rel, kv_rel, q_vs_kv, same_tokens in world.run(gc.chunk_equal, name=name, S1=S1, T=T, layout=layout,
+                                                          timeout=600):
+        assert q_rel < 2e-5 and kv_rel < 2e-5 and q_vs_kv < 2e-5  # measured 1.4-4.7e-7
+        assert same_tokens  # pass-Q, pass-KV and auto: the reference's greedy tokens after the chunk
+
+
+@pytest.mark.parametrize("mode", ["pass_q", "pass_kv"])
+@pytest.mark.parametrize("opts", [{}, {"window": 5}, {"softcap": 5.0, "sinks": True, "window": 7}, {"T": 2},
+                                  {"T": 30, "layout": "striped"}])
+def test_chunk_hand_written_fp64(world, mode, opts):
+    for err, live_once, length in world.run(gc.chunk_fp64, mode=mode, **opts):
+        assert err < 1e-12 and live_once  # every live token held by exactly one rank
+        assert length == 40 + opts.get("T", 13) + 3
+
+
+def test_generate_continues_a_warm_cache(world):
+    assert all(world.run(gc.generate_warm, timeout=600))
+
+
 def test_cache_balance_and_window_eviction(world):
     res = world.run(gc.balance, S=37, n=23)
     length = 37 + 22  # the last new token is returned, not yet run through the model
@@ -99,8 +130,10 @@ def test_refusals_on_every_rank(world):
     res = world.run(gc.refusals)
     assert all(r == res[0] for r in res)  # the same error on every rank
     got = {case: (kind, msg) for case, kind, msg in res[0]}
-    expect = {"layout": "another group", "group": "another group", "dynamic": "SeqparCache", "padding": "attention_mask",
-              "packed": "packed", "two_tokens": "one token per forward", "labels": "labels"}
+    expect = {"layout": "another group", "group": "another group", "dynamic": "SeqparCache",
+              "padding": "generate each prompt on its own", "packed": "packed", "labels": "labels",
+              "crop": "assisted decoding", "chunk": "chunk='ring'", "positions": "max_position_embeddings=1024",
+              "positions_warm": "20 cached + 1005 new"}
     for case, words in expect.items():
         kind, msg = got[case]
         assert kind == "ValueError" and words in msg, (case, kind, msg)

@@ -8,9 +8,15 @@ Because it is a ``transformers.cache_utils.Cache``, ``model.generate`` and a mod
 - ``prefill`` (the cache is empty): the prompt runs sharded under the layout with the model's
   sequence-parallel attention (the ring / ``auto``); ``update`` keeps this rank's K/V of the real
   prompt tokens and hands the shard on unchanged to the ring;
-- ``decode`` (one new token, replicated on every rank): ``update`` keeps the token's K/V on its owner
+- ``decode`` (a forward on a warm cache): one new token, or a chunk of new tokens run by ``mode``:
+  ``"pass_q"`` (replicated on every rank, like one token): ``update`` keeps each token's K/V on its owner
   rank only and returns this rank's whole shard; the attention then runs
-  :func:`seqpar.inference.decode.attend_shard` on that layer's shard (:meth:`SeqparCache.attend`).
+  :func:`seqpar.inference.decode.attend_shard` on that layer's shard (:meth:`SeqparCache.attend`);
+  ``"pass_kv"`` (the chunk sharded under the layout like a prompt): ``update`` holds the chunk's K/V
+  shard until the attention runs :func:`seqpar.inference.extend_sharded` (its own ring plus the cache
+  shards passed around the ring), which then keeps them. ``chunk=`` chooses between them for chunks of
+  more than one token: ``"auto"`` (the cost model, :func:`seqpar.plan_inference.choose_chunk`) or one
+  of the two.
 
 ``get_seq_length`` is the *global* number of tokens cached (what transformers numbers the next
 position from); ``get_mask_sizes`` reports the global lengths. Nothing in it depends on transformers'
@@ -25,12 +31,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from seqpar.inference.decode import attend_shard
+from seqpar.inference.extend import extend_sharded
 from seqpar.inference.kv_shard import KVShard
 from seqpar.mesh import group_rank_size, resolve_group
 
 __all__ = ["SeqparCache", "ShardLayer"]
 
 Phase = Literal["idle", "prefill", "decode"]
+Chunk = Literal["auto", "pass_q", "pass_kv"]
+CHUNKS: tuple[str, ...] = ("auto", "pass_q", "pass_kv")
 
 
 class ShardLayer(CacheLayerMixin):
@@ -45,6 +54,7 @@ class ShardLayer(CacheLayerMixin):
         self.owner = owner
         self.shard = KVShard(owner.group, owner.layout)
         self.step = -1  # the cache step that last updated this layer
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # pass-KV: the chunk's K/V shard
 
     keys = property(lambda self: self.shard.keys)
     values = property(lambda self: self.shard.values)
@@ -58,6 +68,9 @@ class ShardLayer(CacheLayerMixin):
         self.step = self.owner.step
         if phase == "prefill":  # this rank's prompt shard: kept (the real tokens), passed on to the ring as is
             self.shard.fill(key_states, value_states, self.owner.prompt_length)
+            return key_states, value_states
+        if phase == "decode" and self.owner.mode == "pass_kv":  # kept by extend_sharded, after its attention
+            self.pending = (key_states, value_states)
             return key_states, value_states
         if phase == "decode":
             self.shard.append(key_states, value_states)
@@ -97,12 +110,21 @@ class SeqparCache(Cache):
     """A KV cache sharded over ``group`` (``mesh["cp"]``, a ProcessGroup, or None: the default world) under
     ``layout``: this rank holds its layers' :class:`ShardLayer` s. Made by a parallelized model's forward
     (``model.generate(input_ids=prompt)``), or passed as ``cache=SeqparCache(mesh["cp"], layout)``; it must
-    be the model's own group and layout (checked: ``ValueError`` otherwise)."""
+    be the model's own group and layout (checked: ``ValueError`` otherwise).
 
-    def __init__(self, group=None, layout: str = "zigzag"):
+    ``chunk``: how a forward of several new tokens on a warm cache runs: ``"pass_q"`` (replicated),
+    ``"pass_kv"`` (sharded), or ``"auto"``: the faster by :func:`seqpar.plan_inference.choose_chunk` on
+    ``machine`` (a :class:`seqpar.plan.Machine`; None: ``seqpar.plan.H100`` on CUDA, else
+    ``seqpar.plan_inference.CPU``)."""
+
+    def __init__(self, group=None, layout: str = "zigzag", *, chunk: Chunk = "auto", machine=None):
         self.group = resolve_group(group)
         self.layout = layout
         KVShard(self.group, layout)  # checks the layout (raises before anything is built)
+        if chunk not in CHUNKS:
+            raise ValueError(f"SeqparCache: chunk={chunk!r}; expected one of {CHUNKS}")
+        self.chunk, self.machine = chunk, machine
+        self.mode: str | None = None  # the current forward's: "pass_q" / "pass_kv" (a warm cache), else None
         super().__init__(layers=[])
         self.phase: Phase = "idle"
         self.length = 0  # global tokens cached (every rank's)
@@ -153,26 +175,31 @@ class SeqparCache(Cache):
                              f"({self.layout!r}) than the model's (layout {layout!r}): a cache serves the mesh and "
                              f"layout of the parallelize call that filled it; start a new cache for this model")
 
-    def begin(self, phase: Phase, new_tokens: int) -> None:
+    def begin(self, phase: Phase, new_tokens: int, mode: str | None = None) -> None:
         if self.phase != "idle":
             raise ValueError("SeqparCache: a forward on this cache did not finish (it raised); the cache is "
                              "incomplete, start a new one")
-        self.phase, self.new_tokens = phase, new_tokens
+        self.phase, self.new_tokens, self.mode = phase, new_tokens, mode
         if phase == "prefill":
             self.prompt_length = new_tokens
 
     def end(self) -> None:
         self.length += self.new_tokens
-        self.phase, self.new_tokens = "idle", 0
+        self.phase, self.new_tokens, self.mode = "idle", 0, None
         self.step += 1
 
     def attend(self, layer_idx: int | None, q: torch.Tensor, **options) -> torch.Tensor:
-        """The decode attention of layer ``layer_idx`` (its shard already holds the new token)."""
+        """The attention of layer ``layer_idx`` on the warm cache: the new tokens' (replicated; the shard
+        already holds them), or with mode "pass_kv" this rank's shard of the chunk's (extend_sharded)."""
         if layer_idx is None or layer_idx >= len(self.layers) or self.layers[layer_idx].step != self.step:
             raise ValueError(f"SeqparCache: attention of layer {layer_idx} without this step's cache update of that "
                              f"layer (a model sharing K/V between layers, or an attention module without layer_idx) "
                              f"is not supported on a sharded cache")
-        return attend_shard(q, self.layers[layer_idx].shard, **options)
+        layer = self.layers[layer_idx]
+        if self.mode == "pass_kv":
+            (k, v), layer.pending = layer.pending, None
+            return extend_sharded(q, k, v, layer.shard, length=self.new_tokens, **options)
+        return attend_shard(q, layer.shard, **options)
 
     def held(self) -> list[int]:
         """The entries this rank holds, per layer."""

@@ -86,12 +86,9 @@ class KVShard:
     def fill(self, k: torch.Tensor, v: torch.Tensor, length: int | None = None) -> None:
         """Prefill: ``k`` (B, Hkv, S_local, D), ``v`` (B, Hkv, S_local, Dv), this rank's shard of a prompt of
         ``S = S_local * P`` tokens under the layout; entries at positions >= ``length`` (the prompt's padding
-        to the layout's multiple; default S) are not kept."""
+        to the layout's multiple; default S) are not kept. On a warm cache (a chunk prefilled sharded, pass-KV:
+        :func:`seqpar.inference.extend_sharded`) the chunk's positions start at the cache's ``length``."""
         self._check(k, v, "KVShard.fill")
-        if self.length:
-            raise ValueError(f"KVShard.fill: the cache already holds a sequence of {self.length} tokens; a prompt "
-                             f"continued on a warm cache (chunked prefill, pass-Q) is not implemented: start a new "
-                             f"cache, or decode the new tokens one at a time")
         s = k.shape[-2] * self.size
         length = s if length is None else length
         if not 0 < length <= s or padding_needed(s, self.layout, self.size):
@@ -101,13 +98,18 @@ class KVShard:
         for r in range(self.size):
             pos = global_indices(s, r, self.size, self.layout)
             keep = pos < length
-            self.counts[r] = int(keep.sum())
+            self.counts[r] += int(keep.sum())
             if r == self.rank:
                 idx = torch.nonzero(keep).flatten().to(k.device)
-                self.keys = k.detach().index_select(-2, idx)
-                self.values = v.detach().index_select(-2, idx)
-                self.positions = pos[keep].to(k.device)
-        self.length = length
+                mine = (k.detach().index_select(-2, idx), v.detach().index_select(-2, idx))
+                if self.keys is None:
+                    self.keys, self.values = mine
+                    self.positions = (self.length + pos[keep]).to(k.device)
+                else:
+                    self.keys = torch.cat([self.keys, mine[0]], dim=-2)
+                    self.values = torch.cat([self.values, mine[1]], dim=-2)
+                    self.positions = torch.cat([self.positions, (self.length + pos[keep]).to(self.positions.device)])
+        self.length += length
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """New tokens ``k`` (B, Hkv, T, D), ``v`` (B, Hkv, T, Dv), the same on every rank, at global positions

@@ -12,12 +12,18 @@ input (token ids are cheap), and the hooks shard it:
 - **decode** (one new token, replicated): positions continue the global count, each layer's new K/V
   goes to one rank (least loaded), the attention merges every rank's partial result exactly
   (:mod:`seqpar.inference.decode`), and rank 0's logits are broadcast so every rank samples from the
-  same numbers (with the same seed: the same tokens).
+  same numbers (with the same seed: the same tokens);
+- **a chunk on a warm cache** (several new tokens: a later prompt turn, ``generate`` continuing a cache):
+  ``"pass_q"`` runs it replicated like a decode step of T tokens; ``"pass_kv"`` shards it like a prompt
+  (positions continue the cache) and each layer runs :func:`seqpar.inference.extend_sharded`; the
+  cache's ``chunk`` option picks, ``"auto"`` by the cost model (:func:`seqpar.plan_inference.choose_chunk`
+  with the model's shape). Either way the last token's logits come back, the same on every rank.
 
 ``generate``'s own default cache (an empty ``DynamicCache`` it made itself) is replaced by a
 ``SeqparCache`` in the first forward, and the model's output carries it back to ``generate``. A
-cache the user made of another kind, a padding mask with zeros (rows of different lengths), several
-new tokens on a warm cache, ``inputs_embeds`` and labels in a cached forward are refused by name.
+cache the user made of another kind, a padding mask with zeros (rows of different lengths: see
+``_check_inputs``), a sequence longer than the model's ``max_position_embeddings``, ``inputs_embeds``
+and labels in a cached forward are refused by name, on every rank before any communication.
 """
 
 from __future__ import annotations
@@ -76,17 +82,49 @@ def _check_inputs(kwargs: dict) -> torch.Tensor:
                          "(use_cache=False) on a batch from seqpar.shard_batch")
     mask = kwargs.pop("attention_mask", None)
     if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
-        raise ValueError("seqpar: generate with an attention_mask with zeros (padded rows of different lengths) "
-                         "is not supported on a sharded sequence; generate rows of equal length together, or "
-                         "one prompt at a time")
+        # Not made exact, by decision: left padding gives every row its own positions and its own masked keys,
+        # and the ring, the decode tiles and the cache hold one set of global positions for the whole batch
+        # (per-row key masks would be per-row documents in every kernel). Rows of equal length are exact.
+        raise ValueError("seqpar: generate with an attention_mask with zeros (left-padded rows of different "
+                         "lengths) is not supported on a sharded sequence: the ring and the sharded cache number "
+                         "the positions once for the whole batch. Way out: generate each prompt on its own (one "
+                         "generate call per row, or per group of rows of equal length) without padding")
     return ids
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def generate_pass(model: nn.Module, rt: Runtime) -> None:
     """Register the prefill / decode hooks on ``model`` (an HF causal LM whose attention is ``rt``'s)."""
     takes_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
     rank, world = dist.get_rank(rt.group), dist.get_world_size(rt.group)
+    limit = _max_positions(model)
     state: dict = {}
+
+    def chunk_mode(cache, T: int, cached: int, device) -> str:
+        if cache.chunk != "auto":
+            return cache.chunk
+        from seqpar.plan_inference import choose_chunk, machine_for, shape_of
+
+        if "shape" not in state:
+            state["shape"] = shape_of(model)
+        machine = cache.machine if cache.machine is not None else machine_for(device)
+        return choose_chunk(state["shape"], T, cached, world, machine, batch=1)
+
+    def shard_ids(ids: torch.Tensor, start: int):
+        """ids (B, T) -> this rank's shard of them padded to the layout's multiple, their global positions
+        (from ``start``), the rank holding the last real token and its local index there."""
+        B, T = ids.shape
+        pad = padding_needed(T, rt.layout, world)
+        padded = torch.cat([ids, ids.new_zeros(B, pad)], dim=1)
+        pos = global_indices(T + pad, rank, world, rt.layout).to(ids.device)
+        owner = next(r for r in range(world) if bool((global_indices(T + pad, r, world, rt.layout) == T - 1).any()))
+        local = int(torch.nonzero(pos == T - 1).flatten()[0]) if owner == rank else 0
+        return shard_tensor(padded, -1, rank, world, rt.layout).contiguous(), (start + pos)[None].expand(B, -1), \
+            owner, local
 
     def pre(module, args, kwargs):
         cache = _cache_of(kwargs, rt)
@@ -106,25 +144,23 @@ def generate_pass(model: nn.Module, rt: Runtime) -> None:
         if keep is not None and not (isinstance(keep, int) and keep in (0, 1)):
             raise ValueError(f"seqpar: logits_to_keep={keep!r} in a cached forward; a sharded prefill returns the "
                              f"last token's logits only (logits_to_keep=1)")
-        if start == 0:  # prefill: this rank's shard of the padded prompt
-            pad = padding_needed(T, rt.layout, world)
-            padded = torch.cat([ids, ids.new_zeros(B, pad)], dim=1)
-            pos = global_indices(T + pad, rank, world, rt.layout).to(ids.device)
-            owner = next(r for r in range(world) if bool((global_indices(T + pad, r, world, rt.layout) == T - 1).any()))
-            local = int(torch.nonzero(pos == T - 1).flatten()[0]) if owner == rank else 0
-            kwargs["input_ids"] = shard_tensor(padded, -1, rank, world, rt.layout).contiguous()
-            kwargs["position_ids"] = pos[None].expand(B, -1)
+        if limit is not None and start + T > limit:
+            raise ValueError(f"seqpar: a sequence of {start + T} tokens ({start} cached + {T} new) is longer than the "
+                             f"model's positions (config.max_position_embeddings={limit}); shorten the prompt or "
+                             f"max_new_tokens, or use a model configured for longer positions")
+        mode = None if start == 0 or T == 1 else chunk_mode(cache, T, start, ids.device)
+        if start == 0 or mode == "pass_kv":  # this rank's shard of the padded prompt / chunk
+            kwargs["input_ids"], kwargs["position_ids"], owner, local = shard_ids(ids, start)
             if takes_keep:
                 kwargs["logits_to_keep"] = torch.tensor([local], device=ids.device)
             state.update(owner=owner, local=local, keep=takes_keep)
-            cache.begin("prefill", T)
-        else:
-            if T != 1:
-                raise ValueError(f"seqpar: {T} new tokens on a warm cache; decode on a sharded sequence takes one "
-                                 f"token per forward (chunked prefill on a warm cache, pass-Q, is not implemented)")
-            kwargs["position_ids"] = torch.arange(start, start + 1, device=ids.device)[None].expand(B, -1)
-            state.update(owner=0, local=None, keep=True)
-            cache.begin("decode", T)
+            cache.begin("prefill" if start == 0 else "decode", T, mode)
+        else:  # one token, or a chunk replicated (pass-Q)
+            kwargs["position_ids"] = torch.arange(start, start + T, device=ids.device)[None].expand(B, -1)
+            if takes_keep:
+                kwargs["logits_to_keep"] = 1
+            state.update(owner=0, local=T - 1, keep=takes_keep or T == 1)
+            cache.begin("decode", T, mode)
         kwargs.pop("past_key_values", None)
         kwargs["cache"], kwargs["use_cache"] = cache, True
         rt.cache = cache
