@@ -103,7 +103,7 @@ def scan_errors(ctx, kind: str, seed: int) -> tuple[float, float]:
     n = runs.n
     maps = random_maps(n, kind, seed)
     V = [torch.randn(2, 2, 3, 4, generator=_gen(seed + 1 + i), dtype=torch.float64) for i in range(n)]
-    local = [tuple(t.clone().requires_grad_() for t in maps[i]) for i in runs.index]
+    local = [tuple(t.float().requires_grad_() for t in maps[i]) for i in runs.index]  # fp32 maps: the fp32 scan
     got = ctx.entry_states(local, kind)
     sum((V[i].float() * h).sum() for i, h in zip(runs.index, got)).backward()
     ref_maps = [tuple(t.clone().requires_grad_() for t in mb) for mb in maps]

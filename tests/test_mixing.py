@@ -69,6 +69,22 @@ def test_world_one_is_the_local_context():
     assert torch.equal(ctx.entry_states(maps, "matrix")[0], ref.entry_states(maps, "matrix")[0])
 
 
+def test_entry_states_dtype():
+    """The scan runs in fp32 for fp32 / bf16 maps and in fp64 for fp64 maps (an fp64 model stays fp64-tight across
+    runs): three runs of fp64 scale maps whose fp32 scan would be off by ~1e-8."""
+    m = torch.full((1, 1), 1 + 1e-9, dtype=torch.float64)
+    b = torch.full((1, 1), 1 / 3, dtype=torch.float64)
+    assert make_context(None, "contiguous", 3).entry_states([(m, b)], "scale")[0].dtype == torch.float64
+    for ctx in (LocalContext(3, (1, 2)),):
+        h64 = ctx.entry_states([(m, b)] * 3, "scale")
+        assert all(h.dtype == torch.float64 for h in h64)
+        assert abs(h64[2].item() - (m.item() * b.item() + b.item())) < 1e-15
+        h32 = ctx.entry_states([(m.float(), b.float())] * 3, "scale")
+        assert all(h.dtype == torch.float32 for h in h32)
+        h16 = ctx.entry_states([(m.bfloat16(), b.bfloat16())] * 3, "scale")
+        assert all(h.dtype == torch.float32 for h in h16)
+
+
 def test_halo_four_ranks(worlds):
     """halo on 4 gloo ranks equals the shifted global tensor for every layout (packed with documents of 1-3 tokens,
     zigzag chunks of 1: runs shorter than the width), widths 0-4, fp64; the gradient of a random linear functional

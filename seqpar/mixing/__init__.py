@@ -6,9 +6,9 @@ single-process reference context; ``runs``: every layout's runs; ``context``: th
 """
 
 from seqpar.mixing.base import (MIXER_MODES, LocalContext, MapKind, MixerContext, MixerMode, Runs, StateAdapter,
-                                apply_map, compose_maps)
+                                apply_map, compose_maps, scan_dtype)
 from seqpar.mixing.context import DistContext, make_context
 from seqpar.mixing.runs import all_runs, local_runs
 
 __all__ = ["DistContext", "make_context", "all_runs", "local_runs", "MIXER_MODES", "LocalContext", "MapKind",
-           "MixerContext", "MixerMode", "Runs", "StateAdapter", "apply_map", "compose_maps"]
+           "MixerContext", "MixerMode", "Runs", "StateAdapter", "apply_map", "compose_maps", "scan_dtype"]

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 __all__ = ["MixerMode", "MIXER_MODES", "MapKind", "Runs", "MixerContext", "StateAdapter", "LocalContext",
-           "apply_map", "compose_maps"]
+           "apply_map", "compose_maps", "scan_dtype"]
 
 # parallelize(mixers=...): "auto" state passing where an adapter is proven equal (else gather); "state" state
 # passing or refused by name; "gather" every mixer on the gathered sequence; "refuse" the mixers are refused
@@ -101,6 +101,11 @@ class StateAdapter(Protocol):
         ...
 
 
+def scan_dtype(maps: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.dtype:
+    """The entry-state scan's dtype: fp32, or fp64 when any map is fp64 (bf16 / fp16 maps are scanned in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for mb in maps for t in mb) else torch.float32
+
+
 def apply_map(m: torch.Tensor, b: torch.Tensor, h: torch.Tensor, kind: MapKind) -> torch.Tensor:
     """``m . h + b``: ``m`` (..., a, a) times ``h`` (..., a, c) for ``"matrix"``, elementwise for ``"scale"``."""
     return (m @ h if kind == "matrix" else m * h) + b
@@ -141,9 +146,10 @@ class LocalContext:
         return [padded.narrow(dim, a, width + b - a) for a, b in self.runs.bounds]
 
     def entry_states(self, maps: list[tuple[torch.Tensor, torch.Tensor]], kind: MapKind) -> list[torch.Tensor]:
-        h = torch.zeros_like(maps[0][1], dtype=torch.float32)
+        dt = scan_dtype(maps)
+        h = torch.zeros_like(maps[0][1], dtype=dt)
         out = []
         for m, b in maps:
             out.append(h)
-            h = apply_map(m.float(), b.float(), h, kind)
+            h = apply_map(m.to(dt), b.to(dt), h, kind)
         return out

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from seqpar.comm import TransportGroup, all_gather_tensor, reduce_scatter_tensor
 from seqpar.layout import check_dim
 from seqpar.mesh import group_rank_size, resolve_group
-from seqpar.mixing.base import MapKind, Runs, apply_map
+from seqpar.mixing.base import MapKind, Runs, apply_map, scan_dtype
 from seqpar.mixing.runs import all_runs
 
 __all__ = ["DistContext", "make_context"]
@@ -247,13 +247,14 @@ class DistContext:
         return m_shape, b_shape
 
     def entry_states(self, maps: list[tuple[torch.Tensor, torch.Tensor]], kind: MapKind) -> list[torch.Tensor]:
-        """Per run (local order): its fp32 entry state, shaped like ``b``, from every rank's maps. One all-gather of
-        R * (|M| + |b|) fp32 numbers per rank, then a sequential scan of the n runs in global order (see the
+        """Per run (local order): its entry state (fp32; fp64 when a map is fp64), shaped like ``b``, from every rank's
+        maps. One all-gather of R * (|M| + |b|) such numbers per rank, then a sequential scan of the n runs in global order (see the
         module's Note)."""
         m_shape, b_shape = self._check_maps(maps, kind)
         nm = m_shape.numel()
         R = max(len(r.bounds) for r in self.all_runs)
-        rows = torch.stack([torch.cat([m.float().reshape(-1), b.float().reshape(-1)]) for m, b in maps])  # (runs, F)
+        dt = scan_dtype(maps)
+        rows = torch.stack([torch.cat([m.to(dt).reshape(-1), b.to(dt).reshape(-1)]) for m, b in maps])  # (runs, F)
         if rows.shape[0] < R:
             rows = torch.cat([rows, rows.new_zeros((R - rows.shape[0], rows.shape[1]))])
         gathered = self._gather(rows)  # (P, R, F)
