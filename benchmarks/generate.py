@@ -3,6 +3,12 @@
     OMP_NUM_THREADS=1 python benchmarks/generate.py                       # S = 2048 and 4096, 16 new tokens
     OMP_NUM_THREADS=1 python benchmarks/generate.py --seq 1024 --new 8    # quicker
     python benchmarks/generate.py --report                                # table and plot from the JSON
+    OMP_NUM_THREADS=1 python benchmarks/generate.py --check               # issue 20's exactness run (below)
+
+``--check``: greedy ``generate`` of 64 new tokens after a prompt of 2,000-4,000 tokens on 4 gloo ranks vs
+single-process ``generate`` (fp32) for tiny random-init Llama, Qwen2 (sliding window 64), Gemma 2 (window +
+soft-caps) and gpt-oss (sinks + window + MoE): the token ids (equal or not) and the worst per-step logits
+error; results/generate_check.json.
 
 The model: transformers' ``LlamaForCausalLM`` from a config (random init; vocab 32000, hidden 256,
 2 layers, 8 query heads of 32, 2 kv heads, MLP 1024, fp32) under ``seqpar.parallelize`` (zigzag ring,
@@ -69,6 +75,74 @@ def run(rank, size, *, seqs, new):
     return out
 
 
+# the --check models: tiny random-init configs (fp32), positions long enough for the prompt + 64 tokens
+CHECK = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=64,
+                                                            max_window_layers=0)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=64, head_dim=8, query_pre_attn_scalar=8,
+                                                         attn_logit_softcapping=20.0, final_logit_softcapping=15.0)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(head_dim=8, sliding_window=64, num_local_experts=4,
+                                                          num_experts_per_tok=2)),
+}
+CHECK_PROMPTS = {"llama": 4000, "qwen2_window": 3001, "gemma2": 2500, "gpt_oss": 2047}
+
+
+def _check_model(name: str):
+    import torch
+    import transformers
+
+    cfg_cls, model_cls, over = CHECK[name]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_cls)(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                                         **over)
+    cfg._attn_implementation = "eager" if name in ("gemma2", "gpt_oss") else "sdpa"
+    model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # spread the logits out (no near-ties between tokens)
+        for n, p in model.named_parameters():
+            if p.ndim > 1 or "sinks" in n:
+                p.mul_(3.0)
+    return model
+
+
+def check(rank, size, *, new=64):
+    """On every rank, per family: (name, prompt length, ids equal single-process, ids equal on every rank,
+    worst per-step logits max-abs error relative to the largest logit, seconds)."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    import seqpar
+
+    mesh = seqpar.init_mesh(cp=size)
+    out = []
+    for name, S in CHECK_PROMPTS.items():
+        ref = _check_model(name)
+        model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout="zigzag", fsdp=False)
+        ids = torch.randint(1, 256, (1, S), generator=torch.Generator().manual_seed(S))
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True, pad_token_id=0)
+        with torch.no_grad():
+            want = ref.generate(input_ids=ids, **kw) if rank == 0 else None
+            t0 = time.perf_counter()
+            got = model.generate(input_ids=ids, **kw)
+            took = time.perf_counter() - t0
+        if rank == 0:
+            ref_ids = want.sequences
+            rel = max(((g.double() - w.double()).abs().max() / w.double().abs().max()).item()
+                      for g, w in zip(got.logits, want.logits))
+        else:
+            ref_ids, rel = torch.zeros_like(got.sequences), 0.0
+        dist.broadcast(ref_ids, group=mesh["cp"].get_group(), group_src=0)
+        rows = [torch.empty_like(got.sequences) for _ in range(size)]
+        dist.all_gather(rows, got.sequences, group=mesh["cp"].get_group())
+        out.append((name, S, bool(torch.equal(got.sequences, ref_ids)), all(torch.equal(r, rows[0]) for r in rows),
+                    rel, took))
+    return out
+
+
 def report(rows: list[dict]) -> None:
     print(f"{'ranks':>5} {'S':>6} {'prefill s':>10} {'decode ms/token':>16} {'same ids as 1 rank':>19}")
     for r in rows:
@@ -99,6 +173,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--check", action="store_true", help="issue 20's exactness run on 4 ranks (see the docstring)")
     a = ap.parse_args()
     path = RESULTS / "generate.json"
     if a.report:
@@ -107,6 +182,20 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from seqpar.testing.worlds import World
+
+    if a.check:
+        w = World(4)
+        try:
+            res = w.run(check, timeout=3600)
+        finally:
+            w.close()
+        rows = [dict(model=n, prompt=S, new=64, ranks=4, same_ids_as_single_process=same, same_on_every_rank=every,
+                     worst_step_logits_rel=rel, seconds=took) for n, S, same, every, rel, took in res[0]]
+        for r in rows:
+            print(r, flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "generate_check.json").write_text(json.dumps({"rows": rows}, indent=1))
+        return
 
     rows, first = [], {}
     for P in a.ranks:
