@@ -311,9 +311,10 @@ def attention(
 
     ``cache``: a :class:`seqpar.inference.KVShard` of this layer (made with this ``group`` and ``layout``),
     for hand-written decode loops. Empty: the call is the prompt's (prefill, as above) and the shard keeps
-    this rank's k, v. Filled: q, k, v are the new token's (B, H, 1, D), the same on every rank; its K/V go
-    to one rank and the output, (B, Hq, 1, Dv) the same on every rank, is the attention over the whole
-    cache (:func:`seqpar.inference.decode_attention`; ``return_lse`` is not available there).
+    this rank's k, v. Filled: q, k, v are the new tokens' (B, H, T, D), the same on every rank (one token, or
+    a chunk: pass-Q); their K/V go to the least loaded ranks and the output, (B, Hq, T, Dv) the same on every
+    rank, is the attention over the whole cache (:func:`seqpar.inference.decode_attention`; ``return_lse`` is
+    not available there; a chunk sharded under the layout: :func:`seqpar.inference.extend_sharded`).
     """
     if cache is not None:
         return _cached(q, k, v, cache, group=group, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,

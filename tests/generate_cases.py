@@ -197,7 +197,8 @@ def refusals(rank, size):
     return got
 
 
-def chunk_fp64(rank, size, *, mode, S=40, T=13, n=3, window=-1, softcap=0.0, sinks=False, layout="zigzag"):
+def chunk_fp64(rank, size, *, mode, S=40, T=13, n=3, window=-1, softcap=0.0, sinks=False, layout="zigzag",
+               via_attention=False):
     """A prompt of S tokens prefilled, a chunk of T tokens on the warm cache (``mode``: "pass_q", the chunk
     replicated through decode_attention; "pass_kv", sharded through extend_sharded), then n single-token
     decode steps; -> the worst error of every chunk and decode query's output vs fp64 attention over the
@@ -223,7 +224,9 @@ def chunk_fp64(rank, size, *, mode, S=40, T=13, n=3, window=-1, softcap=0.0, sin
 
     shard.fill(padded(k, 0, S), padded(v, 0, S), S)
     if mode == "pass_q":
-        got = decode_attention(q[:, :, S:S + T], k[:, :, S:S + T], v[:, :, S:S + T], shard, **opts)
+        new = (q[:, :, S:S + T], k[:, :, S:S + T], v[:, :, S:S + T])
+        got = seqpar.attention(*new, group=group, layout=layout, is_causal=True, cache=shard, **opts) \
+            if via_attention else decode_attention(*new, shard, **opts)
         rows = list(range(S, S + T))
     else:
         local = extend_sharded(padded(q, S, S + T), padded(k, S, S + T), padded(v, S, S + T), shard, length=T,

@@ -83,7 +83,7 @@ def test_chunk_on_warm_cache_pass_q_equals_pass_kv_equals_single_process(world, 
 
 @pytest.mark.parametrize("mode", ["pass_q", "pass_kv"])
 @pytest.mark.parametrize("opts", [{}, {"window": 5}, {"softcap": 5.0, "sinks": True, "window": 7}, {"T": 2},
-                                  {"T": 30, "layout": "striped"}])
+                                  {"T": 30, "layout": "striped"}, {"window": 5, "via_attention": True}])
 def test_chunk_hand_written_fp64(world, mode, opts):
     for err, live_once, length in world.run(gc.chunk_fp64, mode=mode, **opts):
         assert err < 1e-12 and live_once  # every live token held by exactly one rank

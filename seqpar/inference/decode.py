@@ -6,7 +6,8 @@ kernels (one full tile: a decode query sees every cached entry, earlier ones by 
 window's after :meth:`~seqpar.inference.KVShard.evict`; soft-cap and GQA as in training), giving a
 partial ``(out, lse)`` in fp32; a rank that holds nothing visible skips its tile (``lse = -inf``,
 weight 0). :func:`seqpar.inference.merge.merge_across` merges the partials exactly; attention sinks
-join after the merge, as in training.
+join after the merge, as in training. Several new tokens replicated on every rank (pass-Q: a chunk on a
+warm cache) take the same path, each rank's tile masked by global position (:func:`position_tile`).
 
 Note
 ----
