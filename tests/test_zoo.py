@@ -75,8 +75,10 @@ def test_every_causal_lm_exact_or_refused(worlds):
 
 # (mixers, layout, packed): the gather path on both causal layouts with and without packed documents
 # (position_ids restarting), and "auto" (state passing where an adapter is proven) on two of them
-MIXER_VARIANTS = [("gather", "zigzag", False), ("gather", "zigzag", True), ("gather", "contiguous", False),
-                  ("gather", "contiguous", True), ("auto", "zigzag", True), ("auto", "contiguous", False)]
+# (+ checkpoint: the recomputation gathers again with the batch's documents kept in the block's frame)
+MIXER_VARIANTS = [("gather", "zigzag", False, {}), ("gather", "zigzag", True, {}), ("gather", "contiguous", False, {}),
+                  ("gather", "contiguous", True, {}), ("auto", "zigzag", True, {}), ("auto", "contiguous", False, {}),
+                  ("gather", "zigzag", True, {"checkpoint": True})]
 # "auto" may take an adapter whose algorithm rounds differently from the module's own: a gradient the reference
 # itself only knows to ~1e-6 of its terms (a gated DeltaNet's A_log at tiny size) may then be off by this many
 # times the reference's own rounding (zoo.split_noise); listed in the failure message of the bound below
@@ -90,11 +92,11 @@ def test_sequence_mixer_models_exact(worlds):
     assert len(types) >= 25, types
     res, bad, tolerated = {}, {}, {}
     for model_type, class_name in types:
-        for mixers, layout, packed in MIXER_VARIANTS:
-            key = (model_type, mixers, layout, packed)
+        for mixers, layout, packed, more in MIXER_VARIANTS:
+            key = (model_type, mixers, layout, packed, *sorted(more))
             try:
                 per_rank = worlds(4).run(zoo.exact_or_refused, model_type=model_type, class_name=class_name,
-                                         mixers=mixers, layout=layout, packed=packed, timeout=240)
+                                         mixers=mixers, layout=layout, packed=packed, timeout=240, **more)
             except WorldError as e:
                 bad[key] = f"world broke: {str(e)[-400:]}"
                 continue
@@ -113,6 +115,6 @@ def test_sequence_mixer_models_exact(worlds):
     assert len(tolerated) <= 4, tolerated
     gathered = {k[0] for k, v in res.items() if k[1] == "gather" and v["status"] == "exact"}
     assert len(gathered) >= 20, sorted(gathered)
-    for (model_type, mixers, _, _), v in res.items():  # the path each variant asked for was taken
+    for (model_type, mixers, *_), v in res.items():  # the path each variant asked for was taken
         if v["status"] == "exact" and mixers == "gather":
             assert v["paths"] == ["gather"], (model_type, v["paths"])
