@@ -189,7 +189,7 @@ def refusals(rank, size):
         cache = SeqparCache(mesh["cp"], "zigzag")
         model(input_ids=ids, cache=cache)
         attempt("labels", lambda: model(input_ids=ids[:, :1], cache=cache, labels=ids[:, :1]))
-        attempt("crop", lambda: cache.crop(1))
+        attempt("crop", lambda: cache.crop(-21))  # more than the cache holds
         attempt("chunk", lambda: SeqparCache(mesh["cp"], "zigzag", chunk="ring"))
         limit = model.config.max_position_embeddings
         attempt("positions", lambda: model.generate(input_ids=prompt(limit + 1), max_new_tokens=2))
@@ -320,3 +320,31 @@ def generate_warm(rank, size, *, name="llama", S1=40, more=25, n=6):
                                 do_sample=False, cache=cache, pad_token_id=0)
         outs.append(second)
     return bool(torch.equal(outs[0], outs[1]))
+
+
+def assisted_equal(rank, size, *, name="llama", S=45, n=10):
+    """Assisted decoding (a small assistant drafts tokens; the parallelized model verifies a draft as a chunk on
+    its warm cache, pass-Q, and crops what it rejects) vs single-process assisted and plain greedy generate:
+    -> (ids equal single-process assisted, ids equal plain greedy, (every rank's held positions, cache length))."""
+    from seqpar.inference import SeqparCache
+
+    ref = build(name)
+    mesh = mesh_for(1, size)
+    model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout="zigzag", fsdp=False)
+    torch.manual_seed(3)
+    asst = build(name)
+    with torch.no_grad():  # a different assistant: some drafts are rejected, so the cache is cropped
+        for p in asst.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ids = prompt(S)
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    cache = SeqparCache(mesh["cp"], "zigzag")
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, assistant_model=asst, **kw)
+        plain = ref.generate(input_ids=ids, **kw)
+        got = model.generate(input_ids=ids, assistant_model=asst, cache=cache, **kw)
+    shard = cache.layers[0].shard
+    rows = [torch.empty(0)] * size
+    dist.all_gather_object(rows, shard.positions.tolist(), group=mesh["cp"].get_group())
+    held = sorted(p for r in rows for p in r)
+    return bool(torch.equal(got, want)), bool(torch.equal(got, plain)), (held, cache.length)

@@ -94,6 +94,14 @@ def test_generate_continues_a_warm_cache(world):
     assert all(world.run(gc.generate_warm, timeout=600))
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2_window"])
+def test_assisted_decoding(world, name):
+    for same_as_assisted, same_as_greedy, (held, length) in world.run(gc.assisted_equal, name=name, timeout=600):
+        assert same_as_assisted and same_as_greedy
+        live = range(length - 24, length) if name == "qwen2_window" else range(length)  # window 24: the rest evicted
+        assert len(set(held)) == len(held) and set(live) <= set(held) and max(held) < length  # rejected drafts gone
+
+
 def test_cache_balance_and_window_eviction(world):
     res = world.run(gc.balance, S=37, n=23)
     length = 37 + 22  # the last new token is returned, not yet run through the model
@@ -132,7 +140,7 @@ def test_refusals_on_every_rank(world):
     got = {case: (kind, msg) for case, kind, msg in res[0]}
     expect = {"layout": "another group", "group": "another group", "dynamic": "SeqparCache",
               "padding": "generate each prompt on its own", "packed": "packed", "labels": "labels",
-              "crop": "assisted decoding", "chunk": "chunk='ring'", "positions": "max_position_embeddings=1024",
+              "crop": "remembers the owners of its latest 20", "chunk": "chunk='ring'", "positions": "max_position_embeddings=1024",
               "positions_warm": "20 cached + 1005 new"}
     for case, words in expect.items():
         kind, msg = got[case]

@@ -47,7 +47,7 @@ class ShardLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, owner: "SeqparCache"):  # noqa: UP037
         # not CacheLayerMixin.__init__: keys / values are the shard's (read-only properties)
@@ -102,8 +102,15 @@ class ShardLayer(CacheLayerMixin):
         self.shard.select_batch(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("SeqparCache: crop (rolling back tokens, e.g. assisted decoding) is not supported on a "
-                         "sharded cache")
+        self.shard.crop(_to_remove(tokens_to_remove))
+
+
+def _to_remove(tokens_to_remove: int) -> int:
+    """transformers' crop argument (``-n``: remove n tokens; 0: nothing) -> n; a positive value (an absolute
+    length, transformers' legacy form) is refused by name, as transformers' own layers do."""
+    if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+        raise ValueError(f"SeqparCache.crop({tokens_to_remove!r}): pass -n to remove the latest n tokens")
+    return -tokens_to_remove
 
 
 class SeqparCache(Cache):
@@ -161,8 +168,14 @@ class SeqparCache(Cache):
         return shards[0].shape[0] if shards else -1
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("SeqparCache: crop (rolling back tokens, e.g. assisted decoding) is not supported on a "
-                         "sharded cache")
+        """Roll back the latest ``-tokens_to_remove`` tokens (assisted / speculative decoding's rejected draft):
+        only tokens decoded or run as a replicated chunk (pass-Q) since the last sharded prefill."""
+        n = _to_remove(tokens_to_remove)
+        if self.phase != "idle":
+            raise ValueError("SeqparCache.crop inside a forward on this cache; crop between forwards")
+        for layer in self.layers:
+            layer.crop(-n)
+        self.length -= n
 
     # -- what seqpar's hooks and attention use
 

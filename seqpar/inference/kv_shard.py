@@ -22,12 +22,16 @@ kept), then 5 new tokens (positions 10..14) dealt to the least loaded rank::
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from seqpar.layout import check_layout, global_indices, padding_needed
 from seqpar.mesh import group_rank_size, resolve_group
 
-__all__ = ["KVShard", "place"]
+__all__ = ["KVShard", "place", "CROPPABLE"]
+
+CROPPABLE = 4096  # the latest dealt tokens whose owners a KVShard remembers, so that crop can roll them back
 
 
 def place(counts: list[int], n: int) -> list[int]:
@@ -63,6 +67,7 @@ class KVShard:
         self.positions = torch.empty(0, dtype=torch.long)
         self.length = 0
         self.counts = [0] * self.size
+        self.dealt: deque[int] = deque(maxlen=CROPPABLE)  # owners of the latest tokens (what crop rolls back)
 
     @property
     def held(self) -> int:
@@ -95,9 +100,11 @@ class KVShard:
             raise ValueError(f"KVShard.fill: a shard of {k.shape[-2]} tokens on {self.size} ranks is a prompt of {s} "
                              f"tokens (a multiple of the layout's unit), of which length={length} are real; got "
                              f"an invalid length or a shard that does not divide under layout={self.layout!r}")
+        owner = torch.empty(s, dtype=torch.long)  # the rank of each position of the (padded) prompt / chunk
         for r in range(self.size):
             pos = global_indices(s, r, self.size, self.layout)
             keep = pos < length
+            owner[pos] = r
             self.counts[r] += int(keep.sum())
             if r == self.rank:
                 idx = torch.nonzero(keep).flatten().to(k.device)
@@ -110,13 +117,16 @@ class KVShard:
                     self.values = torch.cat([self.values, mine[1]], dim=-2)
                     self.positions = torch.cat([self.positions, (self.length + pos[keep]).to(self.positions.device)])
         self.length += length
+        self.dealt.extend(owner[max(0, length - CROPPABLE):length].tolist())
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """New tokens ``k`` (B, Hkv, T, D), ``v`` (B, Hkv, T, Dv), the same on every rank, at global positions
         ``length .. length + T - 1``: each kept by its owner (:func:`place`) only. Returns their positions."""
         self._check(k, v, "KVShard.append")
         n = k.shape[-2]
-        owners = torch.tensor(place(self.counts, n))
+        dealt = place(self.counts, n)
+        self.dealt.extend(dealt)
+        owners = torch.tensor(dealt)
         pos = torch.arange(self.length, self.length + n)
         mine = torch.nonzero(owners == self.rank).flatten()
         if self.keys is None:  # nothing prefilled on any rank: an empty shard of the right shape
@@ -130,6 +140,24 @@ class KVShard:
             self.positions = torch.cat([self.positions, pos[mine].to(self.positions.device)])
         self.length += n
         return pos
+
+    def crop(self, n: int) -> None:
+        """Roll back the latest ``n`` tokens (a rejected speculative draft): each owner drops its entries of
+        them and the counts that placement reads go back, on every rank without communication. At most the
+        latest :data:`CROPPABLE` tokens (their owners are remembered)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"KVShard.crop: n must be an int >= 0 tokens to remove, got {n!r}")
+        if n > len(self.dealt):
+            raise ValueError(f"KVShard.crop: {n} tokens to roll back, but the cache remembers the owners of its latest "
+                             f"{len(self.dealt)} only (at most {CROPPABLE}); start a new cache")
+        for _ in range(n):
+            self.counts[self.dealt.pop()] -= 1
+        self.length -= n
+        if self.keys is not None and self.held:
+            idx = torch.nonzero(self.positions < self.length).flatten()
+            self.keys = self.keys.index_select(-2, idx)
+            self.values = self.values.index_select(-2, idx)
+            self.positions = self.positions[idx]
 
     def evict(self, before: int) -> None:
         """Drop the entries at positions < ``before`` (a sliding window's: no later query sees them)."""

@@ -17,7 +17,9 @@ input (token ids are cheap), and the hooks shard it:
   ``"pass_q"`` runs it replicated like a decode step of T tokens; ``"pass_kv"`` shards it like a prompt
   (positions continue the cache) and each layer runs :func:`seqpar.inference.extend_sharded`; the
   cache's ``chunk`` option picks, ``"auto"`` by the cost model (:func:`seqpar.plan_inference.choose_chunk`
-  with the model's shape). Either way the last token's logits come back, the same on every rank.
+  with the model's shape). Either way the last token's logits come back, the same on every rank (the last
+  k tokens' with ``logits_to_keep=k``, as assisted decoding asks: sharded, each rank's rows of them summed
+  into place over the ranks; ``SeqparCache.crop`` rolls a rejected draft back).
 
 ``generate``'s own default cache (an empty ``DynamicCache`` it made itself) is replaced by a
 ``SeqparCache`` in the first forward, and the model's output carries it back to ``generate``. A
@@ -141,24 +143,32 @@ def generate_pass(model: nn.Module, rt: Runtime) -> None:
             raise ValueError(f"seqpar: position_ids of a cached forward must continue the cache ({start}, "
                              f"{start + 1}, ...); other positions are not supported on a sharded sequence")
         keep = kwargs.get("logits_to_keep", None)
-        if keep is not None and not (isinstance(keep, int) and keep in (0, 1)):
-            raise ValueError(f"seqpar: logits_to_keep={keep!r} in a cached forward; a sharded prefill returns the "
-                             f"last token's logits only (logits_to_keep=1)")
+        many = isinstance(keep, int) and not isinstance(keep, bool) and keep > 1  # the last `keep` tokens' logits
+        if keep is not None and not (isinstance(keep, int) and keep >= 0) or (many and (keep > T or not takes_keep)):
+            raise ValueError(f"seqpar: logits_to_keep={keep!r} in a cached forward of {T} tokens on "
+                             f"{type(model).__name__}; a cached forward returns the logits of its last k <= T tokens "
+                             f"(logits_to_keep=k, 0 or 1: the last token's), through the model's logits_to_keep")
         if limit is not None and start + T > limit:
             raise ValueError(f"seqpar: a sequence of {start + T} tokens ({start} cached + {T} new) is longer than the "
                              f"model's positions (config.max_position_embeddings={limit}); shorten the prompt or "
                              f"max_new_tokens, or use a model configured for longer positions")
         mode = None if start == 0 or T == 1 else chunk_mode(cache, T, start, ids.device)
+        state.update(gather=None)
         if start == 0 or mode == "pass_kv":  # this rank's shard of the padded prompt / chunk
             kwargs["input_ids"], kwargs["position_ids"], owner, local = shard_ids(ids, start)
-            if takes_keep:
+            if many:  # this rank's rows among the last `keep` tokens, summed into place over the ranks
+                pos = kwargs["position_ids"][0] - start
+                rows = torch.nonzero((pos >= T - keep) & (pos < T)).flatten()
+                kwargs["logits_to_keep"] = rows
+                state["gather"] = (keep, pos[rows] - (T - keep))
+            elif takes_keep:
                 kwargs["logits_to_keep"] = torch.tensor([local], device=ids.device)
             state.update(owner=owner, local=local, keep=takes_keep)
             cache.begin("prefill" if start == 0 else "decode", T, mode)
         else:  # one token, or a chunk replicated (pass-Q)
             kwargs["position_ids"] = torch.arange(start, start + T, device=ids.device)[None].expand(B, -1)
             if takes_keep:
-                kwargs["logits_to_keep"] = 1
+                kwargs["logits_to_keep"] = keep if many else 1
             state.update(owner=0, local=T - 1, keep=takes_keep or T == 1)
             cache.begin("decode", T, mode)
         kwargs.pop("past_key_values", None)
@@ -172,6 +182,14 @@ def generate_pass(model: nn.Module, rt: Runtime) -> None:
             return output
         cache.end()
         logits = output["logits"]
+        if state["gather"] is not None:  # the last k tokens' rows, each from its rank: exact sums with zeros
+            k, where = state["gather"]
+            rows = logits.new_zeros(logits.shape[0], k, logits.shape[-1])
+            rows[:, where] = logits
+            if world > 1:
+                dist.all_reduce(rows, group=rt.group)
+            output["logits"], output["cache"] = rows, cache
+            return output
         if not state["keep"]:  # the model computed every local token's logits: the last real token's row
             logits = logits[:, state["local"]:state["local"] + 1]
         logits = logits.contiguous()
