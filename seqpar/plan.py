@@ -127,6 +127,8 @@ class Machine:
     all_to_all_bw: float | None = None  # measured all-to-all bandwidth over the whole group (default: the links)
     memory_bw: float = 0.0  # device memory (HBM) bytes/s: decode's reads of weights and cache (0 = ignore;
     #                          seqpar.plan_inference)
+    mixer_flops: float = 0.0  # FLOP/s of the sequence mixers' chunked recurrences and convs (seqpar.plan_mixers;
+    #                            0 = linear_flops, else attn_flops)
 
     def spans_nodes(self, ranks: int) -> bool:
         return bool(self.ranks_per_node and ranks > self.ranks_per_node and self.inter_node_bw)

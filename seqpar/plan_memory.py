@@ -410,6 +410,12 @@ def max_seq_len(model, limit: float, *, multiple: int | None = None, hi: int = 1
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
+def _hybrids() -> dict:
+    from seqpar.plan_mixers import HYBRIDS
+
+    return HYBRIDS
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m seqpar.plan``: the per-rank breakdown of one training step and the longest sequence that fits."""
     import argparse
@@ -438,7 +444,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reshard", default="after_forward", choices=RESHARDS)
     ap.add_argument("--fsdp-offload", default="none", choices=FSDP_OFFLOADS)
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="GB (1e9 bytes) per GPU")
+    ap.add_argument("--hybrid", default=None, choices=sorted(_hybrids()),
+                    help="a hybrid model's sequence-mixer layers instead (seqpar.plan_mixers): every method's time, "
+                         "bytes and memory per layer type on --cp (or --gpus) ranks at --seq, H100, and auto's choice")
     a = ap.parse_args(argv)
+    if a.hybrid:
+        from seqpar.plan_mixers import hybrid_table
+
+        print(hybrid_table(a.hybrid, a.seq, a.cp or a.gpus, layout="zigzag"))
+        return
     if a.precision is None:
         a.precision = "bf16" if a.param_dtype == "fp32" else "fp32"
     cp = a.cp or (a.gpus // a.dp if a.dp else a.gpus)

@@ -16,10 +16,12 @@ the tiled MLP: the module's hooks stay outside) and runs one of two paths:
   tokens cut into 4 runs, fp32, output and input gradient within ``rel <= 1e-5``).
 
 ``"auto"``: state passing where an adapter is proven (the ``striped`` layout: gather, every token being
-its own run there), else gather, and gather for a call the adapter refuses with ``NotImplementedError``
-(document boundaries it cannot reset at); ``"state"``: state passing, or ``ValueError`` naming each mixer
-without a proven adapter; ``"gather"``: gather everywhere; ``"refuse"``: no mixer is taken (the check
-pass refuses them by name).
+its own run there) and, per call shape, :func:`seqpar.plan_mixers.choose_mixer` predicts it no slower than
+gather (one rank, tiny local lengths where the fixed cost of the summaries dominates: gather; kinds the cost
+model does not cover keep the proven adapter), else gather, and gather for a call the adapter refuses
+with ``NotImplementedError`` (document boundaries it cannot reset at); ``"state"``: state passing, or
+``ValueError`` naming each mixer without a proven adapter; ``"gather"``: gather everywhere; ``"refuse"``: no
+mixer is taken (the check pass refuses them by name).
 
 Note
 ----
@@ -48,7 +50,7 @@ import dis
 import functools
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
@@ -87,6 +89,9 @@ class MixerPlan:
     why: str = ""  # why this path (what the probes said)
     calls: int = 0  # calls that ran this way (bookkeeping for tests and users)
     fallbacks: int = 0  # mixers="auto": state calls the adapter refused (NotImplementedError), run gathered instead
+    shape: Any = None  # the cost model's seqpar.plan_mixers.MixerShape of the module (None: a kind it does not cover)
+    choices: dict = field(default_factory=dict)  # mixers="auto": (B, S_local, dtype, machine) -> "state" | "gather"
+    gathered: int = 0  # mixers="auto": calls the cost model sent to the gather path (the adapter proven)
 
 
 # ----------------------------------------------------------------------------- the probe of an adapter
@@ -225,7 +230,10 @@ def _plan_one(model: nn.Module, f: Finding, module: nn.Module, mode: str, layout
             continue
         whys = [probe_adapter(adapter, module, h) for h in _hidden_sizes(model, module)] or ["no input width"]
         if any(w is None for w in whys):
-            return MixerPlan(f.path, module, "state", adapter, why=f"adapter {adapter.name} proven by the probe"), ""
+            from seqpar.plan_mixers import mixer_shape
+
+            return MixerPlan(f.path, module, "state", adapter, why=f"adapter {adapter.name} proven by the probe",
+                             shape=mixer_shape(module)), ""
         tried.append(whys[0])
     why = "; ".join(tried) if tried else "no state-passing adapter matches it"
     return MixerPlan(f.path, module, "gather", why=why), why
@@ -420,11 +428,34 @@ def _state_call(plan: MixerPlan, rt: Runtime, inner: Callable, args: tuple, kwar
     return out
 
 
+def _auto_path(plan: MixerPlan, rt: Runtime, args: tuple, kwargs: dict) -> str:
+    """``mixers="auto"``: the path of a call of a proven adapter, by the cost model at the call's shape (the
+    group's machine if it has one, else the device's nominal one), remembered per shape. The same on every
+    rank (the same shapes and machine), no communication."""
+    from seqpar.plan_mixers import choose_mixer
+    from seqpar.state import group_state
+
+    x = args[0] if args else kwargs.get("hidden_states")
+    if plan.shape is None or not isinstance(x, torch.Tensor) or x.ndim < 2:
+        return "state"
+    machine = group_state(rt.group).machine
+    key = (x.shape[0], x.shape[1], x.dtype, machine)
+    if key not in plan.choices:
+        if len(plan.choices) >= 64:  # a model has a few shapes per step
+            plan.choices.clear()
+        plan.choices[key] = choose_mixer(plan.shape, x.shape[1], rt.world, layout=rt.layout, machine=machine,
+                                         device=x.device.type, batch=x.shape[0], dtype_bytes=x.element_size())
+    return plan.choices[key]
+
+
 def _wrap(plan: MixerPlan, rt: Runtime, mode: str) -> None:
     inner = plan.module.forward  # the bound forward; the module's hooks stay outside
 
     def forward(*args, _inner=inner, **kwargs):
         if plan.how == "gather":
+            return _gather_call(plan, rt, _inner, args, kwargs)
+        if mode == "auto" and _auto_path(plan, rt, args, kwargs) == "gather":
+            plan.gathered += 1
             return _gather_call(plan, rt, _inner, args, kwargs)
         return _state_call(plan, rt, _inner, args, kwargs, fallback=mode == "auto")
 

@@ -514,7 +514,8 @@ def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str, 
     from seqpar.passes.sequence_mixers import mixer_plans
 
     plans = mixer_plans(model)
-    paths = sorted({p.how for p in plans} | ({"gather"} if any(p.fallbacks for p in plans) else set()))
+    paths = sorted({p.how for p in plans if p.how != "state" or p.calls > p.fallbacks + p.gathered}  # state calls ran
+                   | ({"gather"} if any(p.fallbacks or p.gathered for p in plans) else set()))
     params = dict(model.named_parameters())
     full = {n: (g.full_tensor() if hasattr(g, "full_tensor") else g)
             for n, g in ((n, p.grad) for n, p in params.items()) if g is not None}  # FSDP2: DTensor gradients
