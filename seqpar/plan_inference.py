@@ -40,7 +40,8 @@ from typing import Literal
 
 from seqpar.plan import H100, Machine, ModelShape
 
-__all__ = ["InferencePlan", "prefill_plan", "decode_plan", "choose_chunk", "shape_of", "machine_for", "CPU",
+__all__ = ["InferencePlan", "prefill_plan", "decode_plan", "choose_chunk", "merge_choice", "shape_of", "machine_for",
+           "CPU",
            "LLAMA3_70B", "LLAMA3_405B", "Merge", "ChunkMode"]
 
 ChunkMode = Literal["pass_kv", "pass_q"]
@@ -189,6 +190,12 @@ def choose_chunk(model: ModelShape, new_tokens: int, cached: int, ranks: int, ma
     kv = prefill_plan(model, new_tokens, ranks, machine, mode="pass_kv", **opts)
     q = prefill_plan(model, new_tokens, ranks, machine, mode="pass_q", **opts)
     return "pass_q" if q.time < kv.time else "pass_kv"
+
+
+def merge_choice(machine: Machine, nbytes: float, ranks: int) -> str:
+    """``"all_gather"`` or ``"tree"``: the cheaper merge of ``nbytes`` of partials per rank over ``ranks`` adjacent
+    ranks (ties: the all-gather)."""
+    return _merge(machine, nbytes, ranks, machine.ring_bw(ranks), "auto")[1] if ranks > 1 else "all_gather"
 
 
 def shape_of(model) -> ModelShape:

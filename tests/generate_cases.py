@@ -59,15 +59,19 @@ def _run(model, ids, n, **kw):
 
 
 def generate_equal(rank, size, *, name, layout="zigzag", S=150, n=12, B=1, do_sample=False, method="ring",
-                   num_beams=1):
+                   num_beams=1, merge=None):
     """(ids equal the single-process ids, ids equal on every rank, worst per-step logits rel error, balance)."""
     ref = build(name)
     model = seqpar.parallelize(copy.deepcopy(ref), mesh_for(1, size), layout=layout, method=method, fsdp=False)
     ids = prompt(S, B)
     kw = dict(do_sample=True, top_k=0, temperature=1.0) if do_sample else dict(do_sample=False)
     kw["num_beams"] = num_beams
+    if merge is not None:
+        from seqpar.inference import SeqparCache
+
+        kw["cache"] = SeqparCache(mesh_for(1, size)["cp"], layout, merge=merge)
     torch.manual_seed(7)
-    want_ids, want_logits = _run(ref, ids, n, **kw)
+    want_ids, want_logits = _run(ref, ids, n, **{k: v for k, v in kw.items() if k != "cache"})
     torch.manual_seed(7)
     got_ids, got_logits = _run(model, ids, n, **kw)
     rows = [torch.empty_like(got_ids) for _ in range(size)]
@@ -134,7 +138,7 @@ def kv_shard_decode(rank, size, *, S=40, n=9, window=-1, softcap=0.0, sinks=Fals
     return worst, shard.held
 
 
-def merge_numerics(rank, size):
+def merge_numerics(rank, size, merge="all_gather"):
     """merge_across on partials of very different magnitudes (lse spread over ~200) and empty shards
     (lse = -inf, garbage out) vs the fp64 merge; -> worst rel error of out, worst abs error of lse."""
     g = torch.Generator().manual_seed(11)
@@ -144,7 +148,10 @@ def merge_numerics(rank, size):
     outs[1] = float("nan")  # never read
     lses[0, 0, 0, 0] = 300.0  # one rank dominates a row by e^hundreds
     lses[:, 1, 2, 3] = float("-inf")  # a row no rank saw
-    out, lse = merge_across(outs[rank].float(), lses[rank].float(), mesh_for(1, size)["cp"].get_group())
+    from seqpar.inference import merge_tree
+
+    fn = merge_tree if merge == "tree" else merge_across
+    out, lse = fn(outs[rank].float(), lses[rank].float(), mesh_for(1, size)["cp"].get_group())
     w = torch.exp(lses - lses.max(0).values.nan_to_num(neginf=0.0))
     w = torch.where(torch.isneginf(lses), torch.zeros_like(w), w)
     den = w.sum(0)
@@ -154,7 +161,9 @@ def merge_numerics(rank, size):
     err = ((out.double() - want).abs()[seen].max() / want.abs().max()).item()
     lse_err = (lse.double() - want_lse)[seen].abs().max().item()
     empty_ok = bool(torch.isneginf(lse[~seen]).all() and (out[~seen] == 0).all())
-    return err, lse_err, empty_ok
+    rows = [torch.empty_like(out) for _ in range(size)]
+    dist.all_gather(rows, out.contiguous())
+    return err, lse_err, empty_ok and all(torch.equal(r, out) for r in rows)  # bit-identical on every rank
 
 
 def refusals(rank, size):
@@ -191,6 +200,7 @@ def refusals(rank, size):
         attempt("labels", lambda: model(input_ids=ids[:, :1], cache=cache, labels=ids[:, :1]))
         attempt("crop", lambda: cache.crop(-21))  # more than the cache holds
         attempt("chunk", lambda: SeqparCache(mesh["cp"], "zigzag", chunk="ring"))
+        attempt("merge", lambda: SeqparCache(mesh["cp"], "zigzag", merge="ring"))
         limit = model.config.max_position_embeddings
         attempt("positions", lambda: model.generate(input_ids=prompt(limit + 1), max_new_tokens=2))
         attempt("positions_warm", lambda: model(input_ids=prompt(limit - 19), cache=cache))

@@ -52,6 +52,7 @@ GENERATE = [
     ("qwen2_window", "zigzag", 150, 12, {}),  # window 24 < prompt: prefill and decode windows, eviction
     ("gemma2", "zigzag", 150, 12, {}),  # window + attention / final soft-cap
     ("gpt_oss", "zigzag", 150, 12, {}),  # sinks + window + MoE
+    ("gemma2", "zigzag", 61, 6, {"merge": "tree"}),  # the partials merged by recursive doubling
 ]
 
 
@@ -129,8 +130,9 @@ def test_hand_written_decode_loop_fp32(world):
     assert all(err < 2e-6 for err, _ in world.run(gc.kv_shard_decode, dtype=torch.float32, window=3, sinks=True))
 
 
-def test_merge_across_ranks_vs_fp64(world):
-    for err, lse_err, empty_ok in world.run(gc.merge_numerics):
+@pytest.mark.parametrize("merge", ["all_gather", "tree"])
+def test_merge_across_ranks_vs_fp64(world, merge):
+    for err, lse_err, empty_ok in world.run(gc.merge_numerics, merge=merge):
         assert err < 1e-6 and lse_err < 1e-4 and empty_ok  # lse ~300 in fp32: ulp 3e-5
 
 
@@ -140,7 +142,7 @@ def test_refusals_on_every_rank(world):
     got = {case: (kind, msg) for case, kind, msg in res[0]}
     expect = {"layout": "another group", "group": "another group", "dynamic": "SeqparCache",
               "padding": "generate each prompt on its own", "packed": "packed", "labels": "labels",
-              "crop": "remembers the owners of its latest 20", "chunk": "chunk='ring'", "positions": "max_position_embeddings=1024",
+              "crop": "remembers the owners of its latest 20", "chunk": "chunk='ring'", "merge": "merge='ring'", "positions": "max_position_embeddings=1024",
               "positions_warm": "20 cached + 1005 new"}
     for case, words in expect.items():
         kind, msg = got[case]

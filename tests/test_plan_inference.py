@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from seqpar.plan import H100, Machine, ModelShape
-from seqpar.plan_inference import LLAMA3_405B, choose_chunk, decode_plan, prefill_plan
+from seqpar.plan_inference import LLAMA3_405B, choose_chunk, decode_plan, merge_choice, prefill_plan
 
 # 4 query / 2 kv heads of 8, 2 layers of 1000 parameters each (no hidden: no TP all-reduce, no LM head)
 TOY = ModelShape(heads=4, kv_heads=2, head_dim=8, layers=2, params=2000)
@@ -54,6 +54,15 @@ def test_decode_is_memory_bound():
 def test_choose_chunk_short_chunk_pass_q_long_chunk_pass_kv():
     assert choose_chunk(TOY, 8, 56, 4, BOX) == "pass_q"
     assert choose_chunk(TOY, 4096, 64, 4, BOX) == "pass_kv"
+
+
+def test_merge_choice():
+    assert merge_choice(BOX, 1152, 4) == "tree"  # 2 (1 ms + 1.152 ms) < 1 ms + 3 x 1.152 ms
+    assert merge_choice(BOX, 144, 4) == "all_gather"  # 1.432 ms < 2.288 ms
+    assert merge_choice(BOX, 1e9, 1) == "all_gather"
+    # H100, batch-1 decode of Llama-3-8B (32 heads x 129 fp32) on 128 ranks: the gather; batch 256: the tree
+    assert merge_choice(H100, 32 * 129 * 4, 128) == "all_gather"
+    assert merge_choice(H100, 256 * 32 * 129 * 4, 128) == "tree"
 
 
 def test_one_rank_has_no_communication():

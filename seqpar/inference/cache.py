@@ -33,6 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from seqpar.inference.decode import attend_shard
 from seqpar.inference.extend import extend_sharded
 from seqpar.inference.kv_shard import KVShard
+from seqpar.inference.merge import MERGES, tree_applies
 from seqpar.mesh import group_rank_size, resolve_group
 
 __all__ = ["SeqparCache", "ShardLayer"]
@@ -122,15 +123,24 @@ class SeqparCache(Cache):
     ``chunk``: how a forward of several new tokens on a warm cache runs: ``"pass_q"`` (replicated),
     ``"pass_kv"`` (sharded), or ``"auto"``: the faster by :func:`seqpar.plan_inference.choose_chunk` on
     ``machine`` (a :class:`seqpar.plan.Machine`; None: ``seqpar.plan.H100`` on CUDA, else
-    ``seqpar.plan_inference.CPU``)."""
+    ``seqpar.plan_inference.CPU``). ``merge``: how the partials of the replicated tokens (decode, pass-Q) are
+    merged: ``"all_gather"`` (one collective), ``"tree"`` (log2 P exchanges; a power-of-two torch.distributed
+    group), or ``"auto"``: the cheaper for each forward's bytes on ``machine``
+    (:func:`seqpar.plan_inference.merge_choice`)."""
 
-    def __init__(self, group=None, layout: str = "zigzag", *, chunk: Chunk = "auto", machine=None):
+    def __init__(self, group=None, layout: str = "zigzag", *, chunk: Chunk = "auto", machine=None,
+                 merge: str = "auto"):
         self.group = resolve_group(group)
         self.layout = layout
         KVShard(self.group, layout)  # checks the layout (raises before anything is built)
         if chunk not in CHUNKS:
             raise ValueError(f"SeqparCache: chunk={chunk!r}; expected one of {CHUNKS}")
-        self.chunk, self.machine = chunk, machine
+        if merge not in ("auto", *MERGES):
+            raise ValueError(f"SeqparCache: merge={merge!r}; expected 'auto' or one of {MERGES}")
+        if merge == "tree" and group_rank_size(self.group)[1] > 1 and not tree_applies(self.group):
+            raise ValueError(f"SeqparCache: merge='tree' needs a torch.distributed group of a power-of-two size; this "
+                             f"one has {group_rank_size(self.group)[1]} ranks: use merge='all_gather' or 'auto'")
+        self.chunk, self.machine, self.merge = chunk, machine, merge
         self.mode: str | None = None  # the current forward's: "pass_q" / "pass_kv" (a warm cache), else None
         super().__init__(layers=[])
         self.phase: Phase = "idle"
@@ -212,7 +222,18 @@ class SeqparCache(Cache):
         if self.mode == "pass_kv":
             (k, v), layer.pending = layer.pending, None
             return extend_sharded(q, k, v, layer.shard, length=self.new_tokens, **options)
-        return attend_shard(q, layer.shard, **options)
+        return attend_shard(q, layer.shard, merge=self._merge_for(q), **options)
+
+    def _merge_for(self, q: torch.Tensor) -> str:
+        size = group_rank_size(self.group)[1]
+        if self.merge != "auto":
+            return self.merge if size > 1 else "all_gather"
+        if not tree_applies(self.group):
+            return "all_gather"
+        from seqpar.plan_inference import machine_for, merge_choice
+
+        nbytes = q.shape[0] * q.shape[1] * q.shape[2] * (self.layers[0].shard.values.shape[-1] + 1) * 4
+        return merge_choice(self.machine if self.machine is not None else machine_for(q.device), nbytes, size)
 
     def held(self) -> list[int]:
         """The entries this rank holds, per layer."""

@@ -27,7 +27,7 @@ import math
 import torch
 
 from seqpar.inference.kv_shard import KVShard
-from seqpar.inference.merge import merge_across
+from seqpar.inference.merge import MERGES, merge_across, merge_tree
 from seqpar.kernels import TileMask, acc_dtype, block_attention, resolve_backend
 from seqpar.methods.base import merge_sinks
 
@@ -115,14 +115,18 @@ def attend_shard(
     sinks: torch.Tensor | None = None,
     backend: str = "auto",
     cu_seqlens=None,
+    merge: str = "all_gather",
 ) -> torch.Tensor:
     """The last T tokens' attention over the whole sharded cache -> (B, Hq, T, Dv) in q's dtype, the same on
     every rank. ``window_size=(left, right)``: entries before ``first position - left`` are evicted first.
     T = 1 (decode): one full tile of the kernels; T > 1 (pass-Q: a chunk on a warm cache, replicated): the
     chunk's queries against this rank's entries masked by global position (:func:`position_tile`: the
-    cache before the chunk, and the chunk's own causal part, its tokens dealt over the ranks)."""
+    cache before the chunk, and the chunk's own causal part, its tokens dealt over the ranks). ``merge``: the
+    partials merged by one all-gather (:func:`merge_across`) or log2 P exchanges (:func:`merge_tree`)."""
     _check_query(q, shard, is_causal=is_causal, window_size=window_size, enable_gqa=enable_gqa,
                  cu_seqlens=cu_seqlens)
+    if merge not in MERGES:
+        raise ValueError(f"decode: merge={merge!r}; expected one of {MERGES}")
     backend = resolve_backend(backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     T = q.shape[-2]
@@ -142,7 +146,7 @@ def attend_shard(
     else:  # nothing visible here: no tile, weight 0 in the merge
         out = torch.zeros((*q.shape[:-1], dv), dtype=acc, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
-    out, lse = merge_across(out, lse, shard.group)
+    out, lse = merge_tree(out, lse, shard.group) if merge == "tree" else merge_across(out, lse, shard.group)
     if sinks is not None:
         out, lse = merge_sinks(out, lse, sinks.detach())
     return out.to(q.dtype)

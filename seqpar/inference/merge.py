@@ -19,16 +19,32 @@ floats per rank) and merges them locally in rank order, so every rank computes b
     rank 1: (o1, l1) --+-- all-gather [o | l] -+--> the same on rank 1
     rank 2: (o2, l2) --+                       +--> ...
     rank 3: (o3, l3) --'                       '--> ...
+
+:func:`merge_tree` merges in log2 P exchanges instead (recursive doubling, Tree Attention's reduction): at
+step d = 1, 2, 4, ... each rank swaps its running partial with rank ``r xor d`` and both merge the two in
+the same order (the lower ranks' first), so every rank again ends bit-identical. It moves ``log2 P`` blocks
+per rank where the all-gather moves ``P - 1``, for ``log2 P`` latencies instead of one: it pays for large
+batches on many ranks (``seqpar.plan_inference`` picks)::
+
+    d=1:  (0 1) (2 3)      ranks 0, 1 hold m01; 2, 3 hold m23
+    d=2:  (0 2) (1 3)      every rank holds merge(m01, m23)
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.distributed as dist
 
 from seqpar.comm import all_gather_tensor
 from seqpar.kernels import acc_dtype
 
-__all__ = ["merge_partials", "merge_across"]
+__all__ = ["merge_partials", "merge_across", "merge_tree", "tree_applies", "MergeKind", "MERGES", "TAG_MERGE"]
+
+MergeKind = Literal["all_gather", "tree"]
+MERGES: tuple[str, ...] = ("all_gather", "tree")
+TAG_MERGE = 27  # the tree's messages: never an attention call's tag (seqpar.comm.call_tags: 17, 23 mod 64)
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,3 +76,34 @@ def merge_across(out: torch.Tensor, lse: torch.Tensor, group) -> tuple[torch.Ten
     packed = torch.cat([out.to(acc), lse.to(acc).unsqueeze(-1)], dim=-1)  # (..., Dv + 1)
     parts = torch.stack(all_gather_tensor(packed, group))  # (P, ..., Dv + 1)
     return merge_partials(parts[..., :-1], parts[..., -1])
+
+
+def tree_applies(group) -> bool:
+    """The tree needs a torch.distributed group of a power-of-two size."""
+    if not isinstance(group, dist.ProcessGroup):
+        return False
+    size = dist.get_world_size(group)
+    return size > 1 and not size & (size - 1)
+
+
+def merge_tree(out: torch.Tensor, lse: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`merge_across`, by recursive doubling: log2 P pairwise exchanges (``group``: a torch.distributed
+    group of a power-of-two size; ``ValueError`` otherwise). Bit-identical on every rank."""
+    if not tree_applies(group):
+        raise ValueError("merge_tree needs a torch.distributed group of a power-of-two size (2, 4, 8, ...); use "
+                         "merge='all_gather' for this group")
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    acc = acc_dtype(out.dtype if out.dtype == torch.float64 else lse.dtype)
+    mine = torch.cat([out.to(acc), lse.to(acc).unsqueeze(-1)], dim=-1).contiguous()  # (..., Dv + 1)
+    d = 1
+    while d < size:
+        peer = dist.get_global_rank(group, rank ^ d)
+        theirs = torch.empty_like(mine)
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, mine, peer, group, TAG_MERGE),
+                                            dist.P2POp(dist.irecv, theirs, peer, group, TAG_MERGE)]):
+            work.wait()
+        low, high = (mine, theirs) if rank & d == 0 else (theirs, mine)
+        o, l = merge_partials(torch.stack([low[..., :-1], high[..., :-1]]), torch.stack([low[..., -1], high[..., -1]]))
+        mine = torch.cat([o, l.unsqueeze(-1)], dim=-1).contiguous()
+        d *= 2
+    return mine[..., :-1], mine[..., -1]
