@@ -5,6 +5,9 @@
     python benchmarks/generate.py --report                                # table and plot from the JSON
     OMP_NUM_THREADS=1 python benchmarks/generate.py --check               # issue 20's exactness run (below)
 
+``--chunks``: a chunk of 4..1024 tokens on a warm cache of 2048 on 4 ranks by pass-Q and by pass-KV (median
+of 3), beside ``chunk="auto"``'s choice with ``seqpar.plan_inference.CPU``; results/generate_chunks.json.
+
 ``--check``: greedy ``generate`` of 64 new tokens after a prompt of 2,000-4,000 tokens on 4 gloo ranks vs
 single-process ``generate`` (fp32) for tiny random-init Llama, Qwen2 (sliding window 64), Gemma 2 (window +
 soft-caps) and gpt-oss (sinks + window + MoE): the token ids (equal or not) and the worst per-step logits
@@ -143,6 +146,35 @@ def check(rank, size, *, new=64):
     return out
 
 
+def chunks(rank, size, *, cached, lengths, reps=3):
+    """On every rank: [(T, pass-Q s, pass-KV s, auto's choice)]: a chunk of T tokens on a cache of ``cached``
+    (the median of ``reps`` runs, each on a fresh copy of the same warm cache: one prefill, then the chunk)."""
+    import torch
+
+    import seqpar
+    from seqpar.inference import SeqparCache
+    from seqpar.plan_inference import CPU, choose_chunk, shape_of
+
+    mesh = seqpar.init_mesh(cp=size)
+    model = seqpar.parallelize(_model(), mesh, layout="zigzag", fsdp=False)
+    ids = torch.randint(1, 32000, (1, cached + max(lengths)), generator=torch.Generator().manual_seed(1))
+    out = []
+    for T in lengths:
+        times = {}
+        for mode in ("pass_q", "pass_kv"):
+            runs = []
+            for _ in range(reps):
+                cache = SeqparCache(mesh["cp"], "zigzag", chunk=mode)
+                with torch.no_grad():
+                    model(input_ids=ids[:, :cached], cache=cache)
+                    t0 = time.perf_counter()
+                    model(input_ids=ids[:, cached:cached + T], cache=cache)
+                    runs.append(time.perf_counter() - t0)
+            times[mode] = statistics.median(runs)
+        out.append((T, times["pass_q"], times["pass_kv"], choose_chunk(shape_of(model), T, cached, size, CPU)))
+    return out
+
+
 def report(rows: list[dict]) -> None:
     print(f"{'ranks':>5} {'S':>6} {'prefill s':>10} {'decode ms/token':>16} {'same ids as 1 rank':>19}")
     for r in rows:
@@ -174,6 +206,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--check", action="store_true", help="issue 20's exactness run on 4 ranks (see the docstring)")
+    ap.add_argument("--chunks", action="store_true", help="pass-Q vs pass-KV for chunks on a warm cache, 4 ranks")
     a = ap.parse_args()
     path = RESULTS / "generate.json"
     if a.report:
@@ -183,6 +216,19 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from seqpar.testing.worlds import World
 
+    if a.chunks:
+        w = World(4)
+        try:
+            res = w.run(chunks, cached=2048, lengths=[4, 16, 64, 256, 1024], timeout=3600)[0]
+        finally:
+            w.close()
+        rows = [dict(ranks=4, cached=2048, new=T, pass_q_s=q, pass_kv_s=kv, faster="pass_q" if q < kv else "pass_kv",
+                     auto=auto) for T, q, kv, auto in res]
+        for r in rows:
+            print(r, flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "generate_chunks.json").write_text(json.dumps({"rows": rows}, indent=1))
+        return
     if a.check:
         w = World(4)
         try:

@@ -47,8 +47,9 @@ __all__ = ["InferencePlan", "prefill_plan", "decode_plan", "choose_chunk", "merg
 ChunkMode = Literal["pass_kv", "pass_q"]
 Merge = Literal["auto", "all_gather", "tree"]
 
-# A rough CPU rank (one thread of a few-year-old core, gloo over loopback): what chunk="auto" plans with on CPU
-CPU = Machine(attn_flops=2e10, link_bw=2e9, latency=1e-4, overlap="none", linear_flops=2e10, memory_bw=1e10)
+# A CPU rank as measured by benchmarks/generate.py --chunks (4 gloo ranks sharing 2 cores, fp32, one thread each:
+# ~10 ms per collective when ranks outnumber cores, ~5 GFLOP/s): what chunk="auto" plans with on CPU
+CPU = Machine(attn_flops=5e9, link_bw=2e9, latency=1e-2, overlap="none", linear_flops=5e9, memory_bw=1e10)
 LLAMA3_70B = ModelShape(heads=64, kv_heads=8, head_dim=128, layers=80, hidden=8192, intermediate=28672, vocab=128256)
 LLAMA3_405B = ModelShape(heads=128, kv_heads=8, head_dim=128, layers=126, hidden=16384, intermediate=53248,
                          vocab=128256)
