@@ -118,3 +118,51 @@ def test_sequence_mixer_models_exact(worlds):
     for (model_type, mixers, *_), v in res.items():  # the path each variant asked for was taken
         if v["status"] == "exact" and mixers == "gather":
             assert v["paths"] == ["gather"], (model_type, v["paths"])
+
+
+# -- parameters shared between blocks under FSDP2 (Zamba ties its hybrid layers' shared transformer block)
+
+def test_shared_parameters_under_fsdp(worlds):
+    """Zamba (one Parameter object in layers.1 and layers.3's shared_transf) and Zamba2 under fsdp=True: exact
+    (the shared children are one grouped FSDP2 unit, passes/data_parallel.fsdp_units), on the mixer test's world.
+    Zamba also with checkpoint=True (the recomputation gathers the grouped unit again)."""
+    for model_type, class_name, mixers, more in [("zamba", "ZambaForCausalLM", "auto", {}),
+                                                 ("zamba", "ZambaForCausalLM", "gather", {"checkpoint": True}),
+                                                 ("zamba2", "Zamba2ForCausalLM", "auto", {})]:
+        per_rank = worlds(4).run(zoo.exact_or_refused, model_type=model_type, class_name=class_name, mixers=mixers,
+                                 fsdp=True, packed=True, timeout=240, **more)
+        worst = max(per_rank, key=lambda r: (r.get("loss", 0.0), r.get("grad", 0.0)))
+        assert worst["status"] == "exact", (model_type, mixers, more, {k: str(v)[:300] for k, v in worst.items()})
+
+
+def test_fsdp_units_of_shared_parameters():
+    """One process: the grouped unit of Zamba's shared children comes first and blocks keep their own; a
+    parameter the model itself shares with its blocks is refused by name with the way out."""
+    import torch
+    from torch import nn
+
+    from seqpar.passes.check import find_blocks
+    from seqpar.passes.data_parallel import fsdp_units
+
+    m = zoo.build("zamba", "ZambaForCausalLM").model
+    blocks = find_blocks(m)
+    names = {id(x): n for n, x in m.named_modules()}
+    units = [[names[id(x)] for x in u] for u in fsdp_units(m, blocks)]
+    shared = [b for b in range(len(blocks)) if hasattr(blocks[b], "shared_transf")]
+    assert len(shared) >= 2 and units[0] == [f"model.layers.{b}.shared_transf" for b in shared], units
+    assert units[1:] == [[f"model.layers.{b}"] for b in range(len(blocks))], units
+
+    class Block(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w = w
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+            self.layers = nn.ModuleList([Block(self.w), Block(self.w)])
+
+    t = Tied()
+    with pytest.raises(ValueError, match=r"parameter 'w' is shared.*fsdp=False"):
+        fsdp_units(t, find_blocks(t))

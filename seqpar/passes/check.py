@@ -12,7 +12,7 @@ from torch import nn
 from seqpar.fsdp_options import FSDPOptions
 from seqpar.mesh import check_mesh
 from seqpar.passes import hf
-from seqpar.passes.data_parallel import check_fsdp_options
+from seqpar.passes.data_parallel import check_fsdp_options, fsdp_units
 from seqpar.passes.lm_loss import check_loss
 from seqpar.passes.mixers import (ArchitectureNotSupported, Finding, architecture_problems, find_mixers,
                                   holds_interface_attention, refuse_unsupported, split_takeable)
@@ -192,4 +192,6 @@ def check(model: nn.Module, mesh, *, layout: str, method: str, fsdp: bool, check
                                                        ("compile", compile)) if f)
         raise TypeError(f"model ({type(model).__name__}) has no nn.ModuleList of blocks to shard/checkpoint/compile "
                         f"per block: pass {flags}, or keep the blocks in an nn.ModuleList")
+    if fsdp:
+        fsdp_units(model, blocks)  # parameters shared between blocks: grouped units, or refused by name
     return dp, kind, blocks, taken
