@@ -64,19 +64,19 @@ def test_generate_equals_single_process(world, name, layout, S, n, opts):
         assert logits_rel < 2e-5
 
 
-# (model, prompt S1, chunk T, layout): a chunk of T tokens on the warm cache by pass-Q and by pass-KV
+# (model, prompt S1, chunk T, layout, batch): a chunk of T tokens on the warm cache by pass-Q and by pass-KV
 CHUNKS = [
-    ("llama", 70, 40, "zigzag"),
-    ("llama", 70, 3, "striped"),  # a chunk shorter than the ranks: most ranks hold none of it (pass-KV padding)
-    ("qwen2_window", 70, 57, "zigzag"),  # window 24 < chunk: the chunk's own ring windowed, the cache evicted
-    ("gemma2", 70, 40, "zigzag"),  # window + soft-caps
-    ("gpt_oss", 70, 33, "contiguous"),  # sinks + window + MoE
+    ("llama", 70, 40, "zigzag", 2),
+    ("llama", 70, 3, "striped", 1),  # a chunk shorter than the ranks: most ranks hold none of it (pass-KV padding)
+    ("qwen2_window", 70, 57, "zigzag", 1),  # window 24 < chunk: the chunk's own ring windowed, the cache evicted
+    ("gemma2", 70, 40, "zigzag", 1),  # window + soft-caps
+    ("gpt_oss", 70, 33, "contiguous", 1),  # sinks + window + MoE
 ]
 
 
-@pytest.mark.parametrize("name, S1, T, layout", CHUNKS, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CHUNKS])
-def test_chunk_on_warm_cache_pass_q_equals_pass_kv_equals_single_process(world, name, S1, T, layout):
-    for q_rel, kv_rel, q_vs_kv, same_tokens in world.run(gc.chunk_equal, name=name, S1=S1, T=T, layout=layout,
+@pytest.mark.parametrize("name, S1, T, layout, B", CHUNKS, ids=[f"{c[0]}-{c[2]}-{c[3]}-B{c[4]}" for c in CHUNKS])
+def test_chunk_on_warm_cache_pass_q_equals_pass_kv_equals_single_process(world, name, S1, T, layout, B):
+    for q_rel, kv_rel, q_vs_kv, same_tokens in world.run(gc.chunk_equal, name=name, S1=S1, T=T, layout=layout, B=B,
                                                           timeout=600):
         assert q_rel < 2e-5 and kv_rel < 2e-5 and q_vs_kv < 2e-5  # measured 1.4-4.7e-7
         assert same_tokens  # pass-Q, pass-KV and auto: the reference's greedy tokens after the chunk
