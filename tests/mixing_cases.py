@@ -161,6 +161,60 @@ def bad_input(rank: int, size: int) -> list[str]:
     return msgs
 
 
+def gather_errors(group, rank: int, size: int, layout: str, S: int, cu, seed: int, shape=(3,)) -> tuple[float, float,
+                                                                                                        float, float]:
+    """(gather forward error, gather gradient error, keep forward error, keep gradient error) on this rank, fp64.
+
+    gather_sequence: the gathered tensor must be the global X in global order (exactly); with every rank q reading it
+    through its own random weight W_q, the gradient at this rank's tokens must be sum_q W_q there (single-process
+    autograd of sum_q <W_q, X>). keep_local: X[:, my positions]; its gradient V_r scattered into zeros."""
+    from seqpar.mixing.gather import gather_sequence, keep_local
+
+    idx = global_indices(S, rank, size, layout, cu)
+    X = torch.randn(2, S, *shape, generator=_gen(seed), dtype=torch.float64)
+    Ws = [torch.randn(X.shape, generator=_gen(seed + 1 + q), dtype=torch.float64) for q in range(size)]
+    docs = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    x = X.index_select(1, idx).clone().requires_grad_()
+    full = gather_sequence(x, group, layout, docs)
+    (Ws[rank] * full).sum().backward()
+    Xr = X.clone().requires_grad_()
+    sum((W * Xr).sum() for W in Ws).backward()
+    g_fwd = (full.detach() - X).abs().max().item()
+    g_grad = _rel(x.grad, Xr.grad.index_select(1, idx))
+    Y = X.clone().requires_grad_()
+    V = torch.randn(2, len(idx), *shape, generator=_gen(seed + 99), dtype=torch.float64)
+    mine = keep_local(Y, group, layout, docs)
+    (V * mine).sum().backward()
+    want = torch.zeros_like(X).index_copy(1, idx, V)
+    return g_fwd, g_grad, (mine.detach() - X.index_select(1, idx)).abs().max().item(), (Y.grad - want).abs().max().item()
+
+
+def gather_all(rank: int, size: int) -> list[tuple]:
+    """For every config of CONFIGS_4 (every layout, packed with documents of 1-3 tokens), on the world's group and
+    at world 1 (group=None, and a one-rank ProcessGroup of this rank): (config, world, shape, errors of
+    :func:`gather_errors`); (B, S, C) and (B, S, H, D) tensors; plus int64 / bool tensors gathered bit-exactly."""
+    import torch.distributed as dist
+
+    from seqpar.mixing.gather import gather_sequence
+
+    singles = [dist.new_group([r]) for r in range(size)]  # every rank makes every group, in the same order
+    out = []
+    for ci, (layout, S, cu) in enumerate(CONFIGS_4):
+        for world, group, r, p in (("4", dist.group.WORLD, rank, size), ("1:None", None, 0, 1),
+                                   ("1:group", singles[rank], 0, 1)):
+            for shape in ((3,), (2, 3)):
+                errs = gather_errors(group, r, p, layout, S, cu, seed=100 * ci + len(shape), shape=shape)
+                out.append(((layout, S, cu), world, shape, *errs))
+        idx = global_indices(S, rank, size, layout, cu)
+        docs = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+        ids = torch.randint(0, 1 << 40, (2, S), generator=_gen(ci))
+        same = torch.equal(gather_sequence(ids.index_select(1, idx), dist.group.WORLD, layout, docs), ids)
+        flags = ids % 3 == 0
+        same &= torch.equal(gather_sequence(flags.index_select(1, idx), dist.group.WORLD, layout, docs), flags)
+        out.append(((layout, S, cu), "4", "int64+bool", 0.0 if same else 1.0, 0.0, 0.0, 0.0))
+    return out
+
+
 def threaded_scan(ring, S_per_rank: int, kind: str, seed: int) -> tuple[float, float]:
     """One thread-rank: entry states and gradients over a ThreadGroup, zigzag, vs the fp64 scan."""
     from seqpar.comm.threads import ThreadGroup

@@ -103,6 +103,18 @@ def test_entry_states_four_ranks(worlds):
             assert fwd <= 1e-6 and grad <= 1e-5, (cfg, kind, fwd, grad)
 
 
+def test_gather_four_ranks_and_one(worlds):
+    """seqpar.mixing.gather on 4 gloo ranks and at world 1 (group=None and a one-rank group), every layout (packed
+    with documents of 1-3 tokens), fp64: gather_sequence's forward is the global tensor in global order (exact) and
+    its gradient at a rank's tokens the sum over ranks of their gradients there (single-process autograd); keep_local
+    keeps exactly this rank's tokens and scatters its gradient into zeros; int64 / bool tensors travel bit-exactly."""
+    for res in worlds(4).run(mc.gather_all):
+        assert len(res) == len(mc.CONFIGS_4) * 7
+        for cfg, world, shape, g_fwd, g_grad, k_fwd, k_grad in res:
+            assert g_fwd == 0.0 and g_grad <= 1e-15 and k_fwd == 0.0 and k_grad == 0.0, \
+                (cfg, world, shape, g_fwd, g_grad, k_fwd, k_grad)
+
+
 def test_bad_input_raises_on_every_rank(worlds):
     wants = ["ValueError: halo: width", "TypeError: halo: width", "ValueError: halo: x.shape[2]",
              "ValueError: entry_states: maps has", "ValueError: entry_states: maps[1]",
