@@ -134,3 +134,32 @@ def test_refusals():
         sc.SHORT_CONV_ADAPTERS[0].forward(lfm, ctx, (x,), {"attention_mask": object()})
     with pytest.raises(ValueError, match="output="):
         sc.InklingShortConvAdapter("scaled")
+
+
+@pytest.mark.parametrize("model_type, class_name", [("inkling_text", "InklingForCausalLM"),
+                                                    ("inkling2_text", "Inkling2ForCausalLM"),
+                                                    ("inkling2_loop_text", "Inkling2LoopForCausalLM")])
+def test_parallelize_probe_takes_every_inkling_conv(model_type, class_name):
+    """parallelize's probe (passes/sequence_mixers) sizes its input by the adapter's ``input_width`` and calls the
+    module with the adapter's ``probe_inputs``: the key / value convolutions narrower than the hidden size and
+    Inkling2's dynamic convolution (which needs ``dynamic_input``) are proven, so mixers="state" plans every taken
+    mixer on the state path. Single process (the probe never communicates)."""
+    from seqpar.passes.check import mixer_findings
+    from seqpar.passes.sequence_mixers import _hidden_sizes, plan_mixers, probe_adapter
+    from seqpar.testing import zoo
+
+    model = zoo._reference(model_type, class_name)
+    hidden = model.config.get_text_config().hidden_size
+    plans = plan_mixers(model, mixer_findings(model, "hf")[0], "state", "zigzag")  # ValueError if one is unproven
+    assert plans and all(p.how == "state" for p in plans), [(p.path, p.how, p.why) for p in plans]
+    assert any(p.module.conv1d.in_channels < hidden for p in plans), "no narrower conv among the taken mixers"
+    proven = {}
+    for m in model.modules():  # every conv an adapter matches, taken or not (the dynamic ones sit in attention)
+        for adapter in sc.SHORT_CONV_ADAPTERS:
+            if adapter.matches(m):
+                widths = _hidden_sizes(model, m, adapter)
+                assert widths == [adapter.input_width(m)], (type(m).__name__, widths)
+                proven[adapter.name] = probe_adapter(adapter, m, widths[0])
+                assert proven[adapter.name] is None, (type(m).__name__, proven[adapter.name])
+    if model_type != "inkling_text":
+        assert "inkling2_dynamic_short_conv" in proven, proven

@@ -112,8 +112,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
-def _hidden_sizes(model: nn.Module, module: nn.Module) -> list[int]:
-    """Candidate widths of the module's input: the config's hidden size, then its first Linear's input."""
+def _hidden_sizes(model: nn.Module, module: nn.Module, adapter: StateAdapter | None = None) -> list[int]:
+    """Candidate widths of the module's input: the adapter's ``input_width(module)`` where it has one (Inkling's
+    key / value convolutions are narrower than the hidden size), else the config's hidden size, then the
+    module's first Linear's input."""
+    width = getattr(adapter, "input_width", None)
+    if width is not None:
+        try:
+            w = width(module)
+        except Exception:  # noqa: BLE001 - a module the adapter cannot size: the generic candidates
+            w = None
+        if isinstance(w, int) and not isinstance(w, bool) and w > 0:
+            return [w]
     out: list[int] = []
     cfg = getattr(model, "config", None)
     if cfg is not None:
@@ -145,8 +155,10 @@ def _probe_arguments(module: nn.Module, x: torch.Tensor) -> tuple[tuple, dict]:
 
 def probe_adapter(adapter: StateAdapter, module: nn.Module, hidden: int) -> str | None:
     """None if ``adapter.forward(module, LocalContext(32, cuts=(5, 14, 23)), (x, ...), {...})`` equals
-    ``module(x, ...)`` on a random ``x`` (1, 32, hidden) in fp32 (``...``: :func:`_probe_arguments`) (outputs and ``dx`` within ``rel <= 1e-5``);
-    else what the probe saw. One process, no communication; parameters' ``.grad`` are not touched."""
+    ``module(x, ...)`` on a random ``x`` (1, 32, hidden) in fp32 (outputs and the gradients of ``x`` and of the
+    other floating inputs within ``rel <= 1e-5``); else what the probe saw. ``...``: the adapter's
+    ``probe_inputs(module, x)`` where it has one (Inkling2's dynamic conv needs ``dynamic_input``), else
+    :func:`_probe_arguments`. One process, no communication; parameters' ``.grad`` are not touched."""
     p = next(module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     if p is not None and p.device.type == "meta":
@@ -157,17 +169,34 @@ def probe_adapter(adapter: StateAdapter, module: nn.Module, hidden: int) -> str 
     x = torch.randn(1, PROBE_TOKENS, hidden, generator=g, device=device)
     devices = [device] if device.type == "cuda" else []
 
-    rest, kwargs = _probe_arguments(module, x)
+    def inputs(xi: torch.Tensor) -> tuple[tuple, dict, list[torch.Tensor]]:
+        """The call's arguments on ``xi`` and its differentiable inputs (``xi``, then the floating tensors the
+        adapter's ``probe_inputs`` adds, e.g. Inkling2's ``dynamic_input``, made leaves)."""
+        if getattr(adapter, "probe_inputs", None) is None:
+            rest, kwargs = _probe_arguments(module, xi)
+            return (xi, *rest), dict(kwargs), [xi]
+        args, kwargs = adapter.probe_inputs(module, xi)
+        leaves = [xi]
+
+        def leaf(v):
+            if isinstance(v, torch.Tensor) and v is not xi and v.is_floating_point():
+                v = v.detach().clone().requires_grad_(True)
+                leaves.append(v)
+            return v
+
+        args = tuple(leaf(v) for v in args)
+        kwargs = {k: leaf(v) for k, v in kwargs.items()}
+        return args, kwargs, leaves
 
     def run(fn):
-        xi = x.clone().requires_grad_(True)
+        args, kwargs, leaves = inputs(x.clone().requires_grad_(True))
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
-            out = fn((xi, *rest), dict(kwargs))
+            out = fn(args, kwargs)
         ts = [t for t in _tensors(out) if t.is_floating_point()]
         w = torch.Generator(device=device).manual_seed(1)
         loss = sum((t.float() * torch.randn(t.shape, generator=w, device=device)).sum() for t in ts)
-        dx = torch.autograd.grad(loss, xi, allow_unused=True)[0] if ts and loss.requires_grad else None
+        dx = torch.autograd.grad(loss, leaves, allow_unused=True) if ts and loss.requires_grad else None
         return [t.detach() for t in ts], dx
 
     try:
@@ -183,9 +212,9 @@ def probe_adapter(adapter: StateAdapter, module: nn.Module, hidden: int) -> str 
                 f"{[tuple(t.shape) for t in want]}")
     rels = [_rel(a, b) for a, b in zip(got, want)]
     if dwant is not None:
-        if dgot is None:
+        if dgot is None or any(g is None for g, w in zip(dgot, dwant) if w is not None):
             return f"adapter {adapter.name} gives no input gradient"
-        rels.append(_rel(dgot, dwant))
+        rels += [_rel(g, w) for g, w in zip(dgot, dwant) if w is not None]
     worst = max(rels, default=0.0)
     if not math.isfinite(worst) or worst > PROBE_REL:
         return f"adapter {adapter.name} differs from the module on the probe (rel {worst:.2e} > {PROBE_REL:g})"
@@ -228,7 +257,7 @@ def _plan_one(model: nn.Module, f: Finding, module: nn.Module, mode: str, layout
         except Exception as e:  # noqa: BLE001 - a structural test that fails does not match
             tried.append(f"{adapter.name}.matches raised {type(e).__name__}: {e}")
             continue
-        whys = [probe_adapter(adapter, module, h) for h in _hidden_sizes(model, module)] or ["no input width"]
+        whys = [probe_adapter(adapter, module, h) for h in _hidden_sizes(model, module, adapter)] or ["no input width"]
         if any(w is None for w in whys):
             from seqpar.plan_mixers import mixer_shape
 
