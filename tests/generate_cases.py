@@ -193,7 +193,15 @@ def refusals(rank, size):
         user = DynamicCache()
         attempt("dynamic", lambda: model.generate(input_ids=ids, max_new_tokens=2, cache=user))
         attempt("padding", lambda: model.generate(input_ids=prompt(20, 2), attention_mask=torch.tensor(
-            [[1] * 20, [0] * 3 + [1] * 17]), max_new_tokens=2))
+            [[1] * 20, [1] * 17 + [0] * 3]), max_new_tokens=2))  # right padding
+        attempt("empty_row", lambda: model.generate(input_ids=prompt(20, 2), attention_mask=torch.tensor(
+            [[1] * 20, [0] * 20]), max_new_tokens=2))
+        left = torch.tensor([[1] * 20, [0] * 3 + [1] * 17])
+        rows = SeqparCache(mesh["cp"], "zigzag", chunk="pass_kv")
+        model(input_ids=prompt(20, 2), attention_mask=left, cache=rows)  # a left-padded prompt: fine
+        attempt("padding_warm", lambda: model(input_ids=prompt(1, 2), cache=rows, attention_mask=torch.ones(2, 21)))
+        attempt("rows_pass_kv", lambda: model(input_ids=prompt(3, 2), cache=rows,
+                                              attention_mask=torch.cat([left, torch.ones(2, 3, dtype=torch.long)], 1)))
         attempt("packed", lambda: SeqparCache(mesh["cp"], "packed"))
         cache = SeqparCache(mesh["cp"], "zigzag")
         model(input_ids=ids, cache=cache)
@@ -358,3 +366,76 @@ def assisted_equal(rank, size, *, name="llama", S=45, n=10):
     dist.all_gather_object(rows, shard.positions.tolist(), group=mesh["cp"].get_group())
     held = sorted(p for r in rows for p in r)
     return bool(torch.equal(got, want)), bool(torch.equal(got, plain)), (held, cache.length)
+
+
+def left_padded(lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``lengths`` tokens, left-padded with the pad id 0 to the longest: (ids (B, S), mask (B, S))."""
+    S = max(lengths)
+    ids = torch.zeros(len(lengths), S, dtype=torch.long)
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, S - n:] = prompt(n)[0]
+        mask[b, S - n:] = 1
+    return ids, mask
+
+
+def padded_equal(rank, size, *, name, lengths=(37, 60, 81), n=8, layout="zigzag", num_beams=1, do_sample=False):
+    """generate on a left-padded batch of rows of different lengths (HF's attention_mask with zeros) on a
+    parallelized model vs the unmodified model's own generate on the same padded batch in one process:
+    -> (ids equal, ids equal on every rank, worst per-step logits rel error)."""
+    ref = build(name)
+    model = seqpar.parallelize(copy.deepcopy(ref), mesh_for(1, size), layout=layout, fsdp=False)
+    ids, mask = left_padded(lengths)
+    kw = dict(attention_mask=mask, num_beams=num_beams, do_sample=do_sample)
+    if do_sample:
+        kw.update(top_k=0, temperature=1.0)
+    torch.manual_seed(7)
+    want_ids, want_logits = _run(ref, ids, n, **kw)
+    torch.manual_seed(7)
+    got_ids, got_logits = _run(model, ids, n, **kw)
+    rows = [torch.empty_like(got_ids) for _ in range(size)]
+    dist.all_gather(rows, got_ids)
+    rel = ((got_logits.double() - want_logits.double()).abs().amax() / want_logits.double().abs().amax()).item()
+    return bool(torch.equal(got_ids, want_ids)), all(torch.equal(r, got_ids) for r in rows), rel
+
+
+def kv_shard_rows_fp64(rank, size, *, lengths=(13, 29, 40), n=6, T=1, window=-1, softcap=0.0, layout="zigzag"):
+    """A hand-written loop on rows of different lengths: KVShard.fill(lengths=) of the rows left-justified (the
+    padding after each row filled with large random keys), then steps of T new tokens per row (decode_attention,
+    the same slots for every row) -> the worst error vs fp64 attention of each row over its own sequence alone
+    (its position p sees its positions max(0, p - window) .. p)."""
+    from seqpar.layout import padding_needed
+
+    g = torch.Generator().manual_seed(13)
+    B, Hq, Hkv, D, W = len(lengths), 4, 2, 8, max(lengths)
+    steps = n * T
+    seqs = []  # each row's own sequence: q, k, v (Hq / Hkv, L_b + steps, D)
+    for L in lengths:
+        seqs.append((torch.randn(Hq, L + steps, D, generator=g, dtype=torch.float64),
+                     torch.randn(Hkv, L + steps, D, generator=g, dtype=torch.float64) * 3,
+                     torch.randn(Hkv, L + steps, D, generator=g, dtype=torch.float64)))
+    pad = padding_needed(W, layout, size)
+    k = torch.randn(B, Hkv, W + pad, D, generator=g, dtype=torch.float64) * 30  # the padding: large, must not count
+    v = torch.randn(B, Hkv, W + pad, D, generator=g, dtype=torch.float64) * 30
+    for b, L in enumerate(lengths):
+        k[b, :, :L], v[b, :, :L] = seqs[b][1][:, :L], seqs[b][2][:, :L]
+    group = mesh_for(1, size)["cp"]
+    shard = KVShard(group, layout)
+    shard.fill(seqpar.shard(k, 2, group, layout), seqpar.shard(v, 2, group, layout), W,
+               lengths=torch.tensor(lengths))
+    opts = dict(window_size=(window, -1), softcap=softcap, enable_gqa=True)
+    worst = 0.0
+    for t in range(0, steps, T):
+        new = [torch.stack([s[i][:, L + t:L + t + T] for s, L in zip(seqs, lengths)]) for i in range(3)]
+        got = decode_attention(*new, shard, **opts)  # (B, Hq, T, D)
+        for b, L in enumerate(lengths):
+            q_, k_, v_ = seqs[b]
+            for i in range(T):
+                p = L + t + i
+                lo = 0 if window < 0 else max(0, p - window)
+                sc = (q_[:, p:p + 1] @ k_[:, lo:p + 1].repeat_interleave(Hq // Hkv, 0).transpose(-1, -2)) / math.sqrt(D)
+                if softcap:
+                    sc = softcap * torch.tanh(sc / softcap)
+                want = torch.softmax(sc, dim=-1) @ v_[:, lo:p + 1].repeat_interleave(Hq // Hkv, 0)
+                worst = max(worst, ((got[b, :, i:i + 1] - want).abs().max() / want.abs().max()).item())
+    return worst, shard.held

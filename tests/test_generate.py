@@ -64,6 +64,34 @@ def test_generate_equals_single_process(world, name, layout, S, n, opts):
         assert logits_rel < 2e-5
 
 
+# rows of different lengths, left-padded (HF's attention_mask with zeros): (model, layout, lengths, options)
+PADDED = [
+    ("llama", "zigzag", (37, 60, 81), {}),
+    ("llama", "contiguous", (5, 81, 23), {}),  # a row shorter than the ranks' shards
+    ("llama", "striped", (37, 60), {"num_beams": 2}),  # rows reordered by the beams
+    ("llama", "zigzag", (37, 60), {"do_sample": True}),
+    ("qwen2_window", "zigzag", (37, 60, 81), {}),  # window 24 < the padding of the short rows
+    ("gemma2", "zigzag", (37, 60, 81), {}),  # window + soft-caps
+    ("gpt_oss", "zigzag", (37, 60, 81), {}),  # sinks + window + MoE
+]
+
+
+@pytest.mark.parametrize("name, layout, lengths, opts", PADDED,
+                         ids=[f"{p[0]}-{p[1]}-{'-'.join(map(str, p[2]))}-{p[3]}" for p in PADDED])
+def test_generate_left_padded_rows_equal_single_process(world, name, layout, lengths, opts):
+    for same_as_reference, same_on_every_rank, logits_rel in world.run(gc.padded_equal, name=name, layout=layout,
+                                                                       lengths=lengths, timeout=600, **opts):
+        assert same_as_reference and same_on_every_rank
+        assert logits_rel < 2e-5  # measured 2.4-4.1e-7
+
+
+@pytest.mark.parametrize("opts", [{}, {"window": 5}, {"window": 20, "softcap": 5.0}, {"T": 3, "window": 7},
+                                  {"layout": "contiguous", "T": 2}])
+def test_rows_of_different_lengths_hand_written_fp64(world, opts):
+    for err, _ in world.run(gc.kv_shard_rows_fp64, **opts):
+        assert err < 1e-12
+
+
 # (model, prompt S1, chunk T, layout, batch): a chunk of T tokens on the warm cache by pass-Q and by pass-KV
 CHUNKS = [
     ("llama", 70, 40, "zigzag", 2),
@@ -141,7 +169,10 @@ def test_refusals_on_every_rank(world):
     assert all(r == res[0] for r in res)  # the same error on every rank
     got = {case: (kind, msg) for case, kind, msg in res[0]}
     expect = {"layout": "another group", "group": "another group", "dynamic": "SeqparCache",
-              "padding": "generate each prompt on its own", "packed": "packed", "labels": "labels",
+              "padding": "row(s) [1] of the attention_mask are not left padding",
+              "empty_row": "row(s) [1] of the attention_mask are not left padding",
+              "padding_warm": "pads the rows differently from the cache's first prompt",
+              "rows_pass_kv": "chunk='pass_kv' on a cache of rows of different lengths", "packed": "packed", "labels": "labels",
               "crop": "remembers the owners of its latest 20", "chunk": "chunk='ring'", "merge": "merge='ring'", "positions": "max_position_embeddings=1024",
               "positions_warm": "20 cached + 1005 new"}
     for case, words in expect.items():

@@ -68,7 +68,7 @@ class ShardLayer(CacheLayerMixin):
         phase = self.owner.phase
         self.step = self.owner.step
         if phase == "prefill":  # this rank's prompt shard: kept (the real tokens), passed on to the ring as is
-            self.shard.fill(key_states, value_states, self.owner.prompt_length)
+            self.shard.fill(key_states, value_states, self.owner.prompt_length, lengths=self.owner.prompt_rows)
             return key_states, value_states
         if phase == "decode" and self.owner.mode == "pass_kv":  # kept by extend_sharded, after its attention
             self.pending = (key_states, value_states)
@@ -146,6 +146,7 @@ class SeqparCache(Cache):
         self.phase: Phase = "idle"
         self.length = 0  # global tokens cached (every rank's)
         self.prompt_length = 0
+        self.prompt_rows: torch.Tensor | None = None  # a prefill of rows of different lengths: each row's (B,)
         self.step = 0  # forwards run on this cache
         self.new_tokens = 0  # tokens of the current forward
 
@@ -198,13 +199,16 @@ class SeqparCache(Cache):
                              f"({self.layout!r}) than the model's (layout {layout!r}): a cache serves the mesh and "
                              f"layout of the parallelize call that filled it; start a new cache for this model")
 
-    def begin(self, phase: Phase, new_tokens: int, mode: str | None = None) -> None:
+    def begin(self, phase: Phase, new_tokens: int, mode: str | None = None, *,
+              lengths: torch.Tensor | None = None) -> None:
+        """Start a forward of ``new_tokens``; a prefill of rows of different lengths passes each row's real
+        tokens ``lengths`` (B,), the rows left-justified (:meth:`KVShard.fill`)."""
         if self.phase != "idle":
             raise ValueError("SeqparCache: a forward on this cache did not finish (it raised); the cache is "
                              "incomplete, start a new one")
         self.phase, self.new_tokens, self.mode = phase, new_tokens, mode
         if phase == "prefill":
-            self.prompt_length = new_tokens
+            self.prompt_length, self.prompt_rows = new_tokens, lengths
 
     def end(self) -> None:
         self.length += self.new_tokens
@@ -234,6 +238,12 @@ class SeqparCache(Cache):
 
         nbytes = q.shape[0] * q.shape[1] * q.shape[2] * (self.layers[0].shard.values.shape[-1] + 1) * 4
         return merge_choice(self.machine if self.machine is not None else machine_for(q.device), nbytes, size)
+
+    def rows(self) -> tuple[torch.Tensor, int] | None:
+        """Rows of different lengths (a left-padded prompt): (each row's real prompt tokens (B,), the prompt's
+        width); None when every row is the whole sequence."""
+        shard = self.layers[0].shard if self.layers else None
+        return None if shard is None or shard.lengths is None else (shard.lengths, shard.width)
 
     def held(self) -> list[int]:
         """The entries this rank holds, per layer."""

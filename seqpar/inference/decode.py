@@ -59,10 +59,10 @@ def _check_query(q: torch.Tensor, shard: KVShard, *, is_causal, window_size, ena
 
 def position_tile(
     q: torch.Tensor,  # (B, Hq, T, D)
-    q_pos: torch.Tensor,  # (T,) long: the queries' global positions
+    q_pos: torch.Tensor,  # (T,) or per row (B, T) long: the queries' global positions
     k: torch.Tensor,  # (B, Hkv, n, D)
     v: torch.Tensor,  # (B, Hkv, n, Dv)
-    k_pos: torch.Tensor,  # (n,) long: the keys' global positions (any order, gaps allowed)
+    k_pos: torch.Tensor,  # (n,) or per row (B, n) long: the keys' global positions (any order, gaps allowed)
     *,
     scale: float,
     softcap: float = 0.0,
@@ -72,7 +72,8 @@ def position_tile(
     ``k_pos[j] >= q_pos[i] - left``. -> ``(out (B, Hq, T, Dv), lse (B, Hq, T))`` in the accumulation dtype;
     a row that sees nothing gets out 0, lse -inf. Plain math in fp32 (fp64 for fp64), in row blocks of at
     most ~4M scores: the tile of several new tokens against a cache shard whose positions are not one
-    contiguous run (the layout's chunks, then dealt tokens), which the kernels' band masks cannot express."""
+    contiguous run (the layout's chunks, then dealt tokens), which the kernels' band masks cannot express, or
+    whose positions differ per row (rows of different lengths: :meth:`KVShard.row_positions`)."""
     acc = acc_dtype(q.dtype)
     B, Hq, T, D = q.shape
     Hkv, n, Dv = k.shape[1], k.shape[-2], v.shape[-1]
@@ -83,17 +84,18 @@ def position_tile(
     g = Hq // Hkv
     qq = q.to(acc).reshape(B, Hkv, g, T, D)
     kk, vv = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)  # (B, Hkv, 1, n, D)
-    k_pos, q_pos = k_pos.to(q.device), q_pos.to(q.device)
+    k_pos = k_pos.to(q.device).reshape(-1, 1, n)  # (B or 1, 1, n)
+    q_pos = q_pos.to(q.device).reshape(-1, T, 1)  # (B or 1, T, 1)
     rows = max(1, (1 << 22) // max(1, B * Hq * n))
     for i in range(0, T, rows):
         s = (qq[:, :, :, i:i + rows] @ kk.transpose(-1, -2)) * scale  # (B, Hkv, g, t, n)
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        qp = q_pos[i:i + rows, None]  # (t, 1)
-        seen = k_pos[None, :] <= qp
+        qp = q_pos[:, i:i + rows]  # (B or 1, t, 1)
+        seen = k_pos <= qp  # (B or 1, t, n)
         if left >= 0:
-            seen &= k_pos[None, :] >= qp - left
-        s = s.masked_fill(~seen, float("-inf"))
+            seen &= k_pos >= qp - left
+        s = s.masked_fill(~seen[:, None, None], float("-inf"))
         m = torch.logsumexp(s, dim=-1)  # (B, Hkv, g, t)
         m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         o = torch.exp(s - m_safe.unsqueeze(-1)) @ vv  # (B, Hkv, g, t, Dv): rows seeing nothing are 0
@@ -121,7 +123,9 @@ def attend_shard(
     every rank. ``window_size=(left, right)``: entries before ``first position - left`` are evicted first.
     T = 1 (decode): one full tile of the kernels; T > 1 (pass-Q: a chunk on a warm cache, replicated): the
     chunk's queries against this rank's entries masked by global position (:func:`position_tile`: the
-    cache before the chunk, and the chunk's own causal part, its tokens dealt over the ranks). ``merge``: the
+    cache before the chunk, and the chunk's own causal part, its tokens dealt over the ranks); rows of
+    different lengths (a left-padded prompt): :func:`position_tile` with each row's own positions, its
+    padding masked out. ``merge``: the
     partials merged by one all-gather (:func:`merge_across`) or log2 P exchanges (:func:`merge_tree`)."""
     _check_query(q, shard, is_causal=is_causal, window_size=window_size, enable_gqa=enable_gqa,
                  cu_seqlens=cu_seqlens)
@@ -130,15 +134,16 @@ def attend_shard(
     backend = resolve_backend(backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     T = q.shape[-2]
-    position = shard.length - T  # the first query's global position: the cache already holds its token
-    if window_size[0] >= 0:
-        shard.evict(position - window_size[0])
+    position = shard.length - T  # the first query's global position (slot): the cache already holds its token
+    if window_size[0] >= 0:  # rows of different lengths: a row may see up to shard.lag slots further back
+        shard.evict(position - window_size[0] - shard.lag)
     acc = acc_dtype(q.dtype)
     dv = shard.values.shape[-1]
-    if T > 1:
-        q_pos = torch.arange(position, shard.length, device=q.device)
-        out, lse = position_tile(q, q_pos, shard.keys, shard.values, shard.positions, scale=scale,
-                                 softcap=float(softcap), left=window_size[0])
+    rows = shard.row_positions()  # (B, n): rows of different lengths, each masked by its own positions
+    if T > 1 or rows is not None:
+        q_pos = shard.query_positions(position, T, q.device)
+        out, lse = position_tile(q, q_pos, shard.keys, shard.values, shard.positions if rows is None else rows,
+                                 scale=scale, softcap=float(softcap), left=window_size[0])
     elif shard.held:  # every held entry is visible: earlier (or the token itself) and inside the window
         mask = TileMask("full", softcap=float(softcap)) if softcap else TileMask("full")
         out, lse = block_attention(q, shard.keys, shard.values, mask=mask, scale=scale, backend=backend)

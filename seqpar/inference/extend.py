@@ -64,6 +64,11 @@ def _check(q, k, v, shard: KVShard, length, *, is_causal, window_size, enable_gq
     if shard.keys is None:
         raise ValueError("extend_sharded: the cache is empty; prefill the prompt first (KVShard.fill or "
                          "seqpar.attention(..., cache=))")
+    if shard.lengths is not None:
+        raise ValueError("extend_sharded: the cache holds rows of different lengths (a left-padded prompt), each "
+                         "numbered from its own first token, and a sharded chunk's ring numbers one set of positions "
+                         "for the batch: run the chunk replicated (pass-Q: decode_attention, SeqparCache(chunk="
+                         "'pass_q'))")
     if q.shape[0] != shard.keys.shape[0] or q.shape[-2] != k.shape[-2] or q.shape[-1] != shard.keys.shape[-1] \
             or q.shape[1] % shard.keys.shape[1]:
         raise ValueError(f"extend_sharded: q {tuple(q.shape)}, k {tuple(k.shape)} do not fit the cache's keys "

@@ -18,6 +18,18 @@ kept), then 5 new tokens (positions 10..14) dealt to the least loaded rank::
                       rank 1: 3 4 5 | 6  7  8     keeps 3 4 5 6 7 8    (6)
     new tokens:       10 -> 0 (4 < 6), 11 -> 0 (5 < 6), 12 -> 0 (6 = 6: lowest), 13 -> 1, 14 -> 0
     held:             rank 0: 0 1 2 9 10 11 12 14 (8)   rank 1: 3 4 5 6 7 8 13 (7)
+
+Rows of different lengths (a left-padded batch, ``fill(..., lengths=)``): every row is prefilled
+left-justified in one slot space (row b's real tokens at slots 0 .. L_b - 1, its padding moved after them,
+so causally no real token sees it), and new tokens take the next slots, the same for every row. A slot
+is an entry of every row; what it is *for row b* is :meth:`KVShard.row_positions`: its real position,
+or nothing (the padding, ``NO_POSITION``: no query sees it)::
+
+    width 6, lengths (6, 4, 2), 2 new tokens:
+      slot:        0 1 2 3 4 5 | 6 7
+      row 0 (6):   0 1 2 3 4 5 | 6 7        row b's position = slot - (width - L_b) from the new tokens on
+      row 1 (4):   0 1 2 3 - - | 4 5        (HF numbers a left-padded row's tokens from 0 the same way)
+      row 2 (2):   0 1 - - - - | 2 3
 """
 
 from __future__ import annotations
@@ -29,9 +41,10 @@ import torch
 from seqpar.layout import check_layout, global_indices, padding_needed
 from seqpar.mesh import group_rank_size, resolve_group
 
-__all__ = ["KVShard", "place", "CROPPABLE"]
+__all__ = ["KVShard", "place", "CROPPABLE", "NO_POSITION"]
 
 CROPPABLE = 4096  # the latest dealt tokens whose owners a KVShard remembers, so that crop can roll them back
+NO_POSITION = 1 << 62  # a row's position of a slot that is its padding: later than every query, so never seen
 
 
 def place(counts: list[int], n: int) -> list[int]:
@@ -68,6 +81,10 @@ class KVShard:
         self.length = 0
         self.counts = [0] * self.size
         self.dealt: deque[int] = deque(maxlen=CROPPABLE)  # owners of the latest tokens (what crop rolls back)
+        # rows of different lengths: each row's real prompt tokens (B,) long, of a prompt ``width`` slots wide
+        # (None: every row is the whole sequence, slot = position)
+        self.lengths: torch.Tensor | None = None
+        self.width = 0
 
     @property
     def held(self) -> int:
@@ -88,11 +105,16 @@ class KVShard:
                              f"(B, Hkv, n, D) = {tuple(self.keys.shape)} {self.keys.dtype} / Dv = "
                              f"{self.values.shape[-1]}: one cache serves one layer of one batch")
 
-    def fill(self, k: torch.Tensor, v: torch.Tensor, length: int | None = None) -> None:
+    def fill(self, k: torch.Tensor, v: torch.Tensor, length: int | None = None, *,
+             lengths: torch.Tensor | None = None) -> None:
         """Prefill: ``k`` (B, Hkv, S_local, D), ``v`` (B, Hkv, S_local, Dv), this rank's shard of a prompt of
         ``S = S_local * P`` tokens under the layout; entries at positions >= ``length`` (the prompt's padding
         to the layout's multiple; default S) are not kept. On a warm cache (a chunk prefilled sharded, pass-KV:
-        :func:`seqpar.inference.extend_sharded`) the chunk's positions start at the cache's ``length``."""
+        :func:`seqpar.inference.extend_sharded`) the chunk's positions start at the cache's ``length``.
+
+        ``lengths`` (B,) ints in 1 .. length: rows of different lengths, each prefilled left-justified (row b's
+        real tokens at slots 0 .. lengths[b] - 1, the rest its padding, never seen: :meth:`row_positions`);
+        an empty shard only."""
         self._check(k, v, "KVShard.fill")
         s = k.shape[-2] * self.size
         length = s if length is None else length
@@ -100,6 +122,15 @@ class KVShard:
             raise ValueError(f"KVShard.fill: a shard of {k.shape[-2]} tokens on {self.size} ranks is a prompt of {s} "
                              f"tokens (a multiple of the layout's unit), of which length={length} are real; got "
                              f"an invalid length or a shard that does not divide under layout={self.layout!r}")
+        if self.lengths is not None:
+            raise ValueError("KVShard.fill: this cache holds rows of different lengths (a left-padded prompt); a "
+                             "chunk sharded over the ranks (pass-KV) numbers one set of positions for the batch: run "
+                             "the chunk replicated (pass-Q: decode_attention / SeqparCache(chunk='pass_q'))")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths).to("cpu", torch.long).reshape(-1)
+            if self.length or lengths.numel() != k.shape[0] or not bool(((lengths >= 1) & (lengths <= length)).all()):
+                raise ValueError(f"KVShard.fill: lengths={lengths.tolist()} must give each of the B={k.shape[0]} rows "
+                                 f"1 .. length={length} real tokens, on an empty cache (a first prompt)")
         owner = torch.empty(s, dtype=torch.long)  # the rank of each position of the (padded) prompt / chunk
         for r in range(self.size):
             pos = global_indices(s, r, self.size, self.layout)
@@ -118,6 +149,8 @@ class KVShard:
                     self.positions = torch.cat([self.positions, (self.length + pos[keep]).to(self.positions.device)])
         self.length += length
         self.dealt.extend(owner[max(0, length - CROPPABLE):length].tolist())
+        if lengths is not None and bool((lengths < length).any()):
+            self.lengths, self.width = lengths, length
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """New tokens ``k`` (B, Hkv, T, D), ``v`` (B, Hkv, T, Dv), the same on every rank, at global positions
@@ -141,6 +174,30 @@ class KVShard:
         self.length += n
         return pos
 
+    def row_positions(self) -> torch.Tensor | None:
+        """Rows of different lengths: each row's position of each held entry, (B, n) long, ``NO_POSITION`` where
+        the slot is the row's padding; None when every row is the whole sequence (the slot is the position)."""
+        if self.lengths is None:
+            return None
+        lengths = self.lengths.to(self.positions.device)[:, None]  # (B, 1)
+        slots = self.positions[None, :]  # (1, n)
+        gap = self.width - lengths
+        return torch.where(slots < lengths, slots, torch.where(slots >= self.width, slots - gap, NO_POSITION))
+
+    def query_positions(self, first: int, count: int, device=None) -> torch.Tensor:
+        """The positions of ``count`` new tokens from slot ``first`` on: (count,) long, or (B, count) for rows of
+        different lengths (row b's = slot - (width - L_b): what HF numbers them from a left-padded mask)."""
+        slots = torch.arange(first, first + count, device=device)
+        if self.lengths is None:
+            return slots
+        return slots[None, :] - (self.width - self.lengths.to(device))[:, None]
+
+    @property
+    def lag(self) -> int:
+        """How many slots before a query's own window the longest padding lets a row still see (0 without rows):
+        entries at slots < first query slot - left - lag are seen by no row (what a window evicts)."""
+        return 0 if self.lengths is None else self.width - int(self.lengths.min())
+
     def crop(self, n: int) -> None:
         """Roll back the latest ``n`` tokens (a rejected speculative draft): each owner drops its entries of
         them and the counts that placement reads go back, on every rank without communication. At most the
@@ -150,6 +207,9 @@ class KVShard:
         if n > len(self.dealt):
             raise ValueError(f"KVShard.crop: {n} tokens to roll back, but the cache remembers the owners of its latest "
                              f"{len(self.dealt)} only (at most {CROPPABLE}); start a new cache")
+        if self.lengths is not None and self.length - n < self.width:
+            raise ValueError(f"KVShard.crop: {n} tokens to roll back reach into a prompt of rows of different lengths "
+                             f"({self.width} slots); only tokens after it can be rolled back: start a new cache")
         for _ in range(n):
             self.counts[self.dealt.pop()] -= 1
         self.length -= n
@@ -173,3 +233,5 @@ class KVShard:
         if self.keys is not None:
             self.keys = self.keys.index_select(0, index.to(self.keys.device))
             self.values = self.values.index_select(0, index.to(self.values.device))
+        if self.lengths is not None:
+            self.lengths = self.lengths.index_select(0, index.to(self.lengths.device))
