@@ -317,9 +317,10 @@ def chunk_equal(rank, size, *, name, S1=70, T=40, n=4, layout="zigzag", B=1):
             all(torch.equal(got[m][1], want_tok) for m in got))
 
 
-def generate_warm(rank, size, *, name="llama", S1=40, more=25, n=6):
+def generate_warm(rank, size, *, name="llama", S1=40, more=25, n=6, lengths=None):
     """generate on a cache warm from an earlier generate call (the whole sequence passed again, HF slices the
-    uncached tail: a chunk on the warm cache) vs single-process generate continuing its DynamicCache."""
+    uncached tail: a chunk on the warm cache) vs single-process generate continuing its DynamicCache;
+    ``lengths``: a first prompt of left-padded rows of those lengths (the chunk then runs replicated, pass-Q)."""
     from transformers import DynamicCache
 
     from seqpar.inference import SeqparCache
@@ -327,15 +328,18 @@ def generate_warm(rank, size, *, name="llama", S1=40, more=25, n=6):
     ref = build(name)
     mesh = mesh_for(1, size)
     model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout="zigzag", fsdp=False)
-    ids = prompt(S1)
-    extra = prompt(more + 1000)[:, :more]
+    ids, mask = (prompt(S1), None) if lengths is None else left_padded(lengths)
+    extra = prompt(more + 1000, ids.shape[0])[:, :more]
     outs = []
     for m, cache in ((ref, DynamicCache()), (model, SeqparCache(mesh["cp"], "zigzag"))):
         with torch.no_grad():
-            first = m.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache=cache,
-                               pad_token_id=0)
-            second = m.generate(input_ids=torch.cat([first, extra], dim=1), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, cache=cache, pad_token_id=0)
+            first = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, cache=cache, pad_token_id=0)
+            both = torch.cat([first, extra], dim=1)
+            second = m.generate(input_ids=both, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache=cache,
+                                pad_token_id=0, attention_mask=None if mask is None else torch.cat(
+                                    [mask, torch.ones(mask.shape[0], both.shape[1] - mask.shape[1], dtype=mask.dtype)],
+                                    dim=1))
         outs.append(second)
     return bool(torch.equal(outs[0], outs[1]))
 

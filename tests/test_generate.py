@@ -119,8 +119,9 @@ def test_chunk_hand_written_fp64(world, mode, opts):
         assert length == 40 + opts.get("T", 13) + 3
 
 
-def test_generate_continues_a_warm_cache(world):
-    assert all(world.run(gc.generate_warm, timeout=600))
+@pytest.mark.parametrize("lengths", [None, (23, 40, 31)], ids=["one-row", "left-padded-rows"])
+def test_generate_continues_a_warm_cache(world, lengths):
+    assert all(world.run(gc.generate_warm, lengths=lengths, timeout=600))
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_window"])
