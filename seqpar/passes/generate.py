@@ -120,7 +120,8 @@ def _left_padding(kwargs: dict, B: int, T: int, start: int, rows) -> torch.Tenso
     if bad:
         what = f"row(s) {bad} of the attention_mask are not left padding (zeros, then at least one 1)"
     else:
-        what = "the attention_mask pads the rows differently from the cache's first prompt (zeros only as its left padding)"
+        what = ("the attention_mask pads the rows differently from the cache's first prompt (zeros only as its "
+                "left padding)")
     raise ValueError(f"seqpar: {what}; on a sharded sequence a batch of rows of different lengths is supported as "
                      f"left padding of the first prompt only (HF's tokenizer padding_side='left'), not right "
                      f"padding, holes or empty rows: pad on the left, or generate those prompts on their own")
