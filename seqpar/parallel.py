@@ -26,6 +26,8 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
                   causal LM's head + cross-entropy run in chunks of tokens, the logits recomputed in
                   backward (passes/lm_loss.py; loss="auto": where a probe at parallelize proves it
                   equal to the model's own, loss="chunked": always or refused by name, "full": never)
+       padding    (HF) a 2-D attention_mask passed beside the shard: the whole sequence's all-ones mask
+                  localised, a mask with zeros refused on every rank in one agreement (passes/padding.py)
     4. checkpoint (checkpoint=True) every transformer block runs under non-reentrant
                   torch.utils.checkpoint; the ring attention's (out, lse) of the first forward are
                   kept, so the recomputation does not run the ring again (no K/V exchange);
@@ -63,6 +65,7 @@ from seqpar.passes.data_parallel import data_parallel_pass
 from seqpar.passes.lm_loss import LossMode
 from seqpar.passes.lm_loss import plan as plan_lm_loss
 from seqpar.passes.loss import loss_pass
+from seqpar.passes.padding import padding_pass
 from seqpar.passes.offload import OffloadMode, offload_pass
 from seqpar.passes.router import check_router_loss
 from seqpar.mixing.base import MixerMode
@@ -137,6 +140,8 @@ def parallelize(
     sequence_mixer_pass(model, mixer_plans, rt, kind, mixers)  # after the loss probe (a local forward): mixers wrapped
     attention_pass(model, kind, rt)
     loss_pass(model, kind, rt, lm)
+    if kind == "hf":
+        padding_pass(model, rt)  # a 2-D attention_mask: the whole sequence's ones localised, zeros refused on every rank
     if checkpoint:
         checkpoint_pass(model, blocks, rt, compiled=compile)
     if offload != "none":
