@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gated_delta_cases import ADAPTER, MODELS, dist_context_vs_module, mixer, parallelize_vs_single_process, rel
+from seqpar.testing.memory import saved_bytes
 from seqpar.mixing.adapters import ADAPTERS
 from seqpar.mixing.base import LocalContext, compose_maps
 from seqpar.mixing.gated_delta import chunk_gated_delta, gated_delta_run
@@ -279,21 +280,6 @@ def test_matches_is_structural():
         mod = mixer("qwen3_next")
         change(mod)
         assert not ADAPTER.matches(mod) and why in ADAPTER.why_not(mod)
-
-
-def saved_bytes(mod: nn.Module, fn) -> int:
-    """Bytes of the activations autograd keeps for backward (distinct storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in mod.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(x):
-        if x.untyped_storage().data_ptr() not in params:
-            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        fn()
-    return sum(seen.values())
 
 
 def test_saved_activations_scale_with_local_tokens():

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 import transformers  # noqa: E402
 
+from seqpar.testing.memory import saved_bytes
 from seqpar.mixing.base import LocalContext, apply_map  # noqa: E402
 from seqpar.mixing.selective_scan import MAMBA, MAMBA_CLASSES, selective_scan  # noqa: E402
 from seqpar.mixing.ssd import MAMBA2, MAMBA2_CLASSES, ssd, ssd_scan  # noqa: E402
@@ -334,21 +335,6 @@ def test_mamba_refuses_by_name():
 
 
 # -- memory: what a rank keeps for backward
-
-
-def saved_bytes(mod: torch.nn.Module, fn) -> int:
-    """Bytes of the activations autograd keeps for backward (distinct storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in mod.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(x):
-        if x.untyped_storage().data_ptr() not in params:
-            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        fn()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("model_type, bound", [("bamba", 1.0), ("mamba", 1.5)])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import gc
 
-__all__ = ["status", "reset_peak", "trim", "can_reset_peak"]
+__all__ = ["status", "reset_peak", "trim", "can_reset_peak", "saved_bytes"]
 
 
 def status(key: str) -> int:
@@ -44,3 +44,21 @@ def trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+def saved_bytes(module, fn) -> int:
+    """Bytes of the activations autograd keeps for backward while ``fn()`` runs: distinct storages, the storages
+    of ``module``'s parameters excluded (what a rank holds for backward, by tensor, not by process memory)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        if x.untyped_storage().data_ptr() not in params:
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return sum(seen.values())
