@@ -294,3 +294,59 @@ def test_saved_activations_scale_with_local_tokens():
         assert mine <= 1.25 * own, (T, mine, own)
         per_token[T] = mine / T
     assert abs(per_token[1024] / per_token[256] - 1) < 0.1, per_token
+
+
+def _model_grads(model_type: str, dtype, how: str, cuts=(), monkeypatch=None) -> dict:
+    """Every parameter gradient of the zoo's tiny model (seqpar.testing.zoo: 40 tokens, weights x2) in ``dtype``:
+    ``how`` = "truth" (fp64, the gated DeltaNets' kernel replaced by the fp64 token recurrence), "module" (the
+    model as it is: transformers' chunk kernel computes in fp32 whatever its input) or "adapter" (each gated
+    DeltaNet through the adapter on a LocalContext cut at ``cuts``: one process, the 4 ranks' runs)."""
+    from seqpar.testing import zoo
+
+    cls = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]
+    m = zoo._reference(model_type, cls).to(dtype)
+    if dtype == F64:
+        m.set_experts_implementation("eager")  # grouped_mm has no fp64
+    mods = [x for x in m.modules() if ADAPTER.matches(x)]
+    if how == "truth":
+        monkeypatch.setattr(sys.modules[type(mods[0]).__module__], "torch_chunk_gated_delta_rule", fp64_kernel)
+    if how == "adapter":
+        for mod in mods:
+            mod.forward = lambda *a, _m=mod, **k: ADAPTER.forward(
+                _m, LocalContext((a[0] if a else k["hidden_states"]).shape[1], cuts), a, k)
+    ids = torch.randint(3, 60, (1, zoo.EQ_SEQ), generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    m(input_ids=ids, labels=ids.clone(), use_cache=False).loss.backward()
+    monkeypatch.undo()
+    return {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_moe"])
+def test_state_path_gradient_is_exact_at_model_level(model_type, monkeypatch):
+    """Why test_zoo tolerates the state path's A_log / dt_bias gradients on qwen3_next / qwen3_5_moe beyond 1e-4:
+    the reference's own fp32 rounding, not the adapter. Against the fp64 truth (the whole tiny model in fp64 with the
+    fp64 token recurrence), relative with the zoo's floor (1e-4 of the largest gradient entry; A_log's own gradient
+    is ~1e-6 / 3e-7 there, below the floor ~4e-5 / 5e-5: it cancels), measured:
+
+    ============  ===========================  ================================  ======================================
+    model         the adapter in fp64          transformers' module in fp32       the adapter in fp32 (zigzag / contig.)
+    ============  ===========================  ================================  ======================================
+    qwen3_next    3.7e-13 / 4.9e-13            7.3e-4 (A_log / dt_bias)           2.3e-4 / 6.0e-4
+    qwen3_5_moe   5.2e-10 / 6.9e-13            1.6e-3                             2.7e-4 / 5.0e-4
+    ============  ===========================  ================================  ======================================
+
+    So the adapter is exact (fp64: <= 5.2e-10, all parameters), and in fp32 it is closer to the truth than the
+    module it replaces; the zoo's adapter-vs-module gap (~1.2e-3 there) is the module's own fp32 error."""
+    truth = _model_grads(model_type, F64, "truth", monkeypatch=monkeypatch)
+    floor = 1e-4 * max(float(g.abs().max()) for g in truth.values())
+
+    def err(grads, names=None):
+        return max(float((grads[n] - truth[n]).abs().max()) / max(float(truth[n].abs().max()), floor)
+                   for n in (names or truth))
+
+    decay = [n for n in truth if n.endswith(("A_log", "dt_bias"))]
+    ref32 = err(_model_grads(model_type, torch.float32, "module", monkeypatch=monkeypatch), decay)
+    for cuts in (tuple(range(5, 40, 5)), (10, 20, 30)):  # 4 ranks' zigzag runs / contiguous runs of S = 40
+        assert err(_model_grads(model_type, F64, "adapter", cuts, monkeypatch)) <= 1e-8, cuts
+        got32 = err(_model_grads(model_type, torch.float32, "adapter", cuts, monkeypatch), decay)
+        assert got32 <= ref32 and ref32 > 1e-4, (cuts, got32, ref32)

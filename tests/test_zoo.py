@@ -81,7 +81,10 @@ MIXER_VARIANTS = [("gather", "zigzag", False, {}), ("gather", "zigzag", True, {}
                   ("gather", "zigzag", True, {"checkpoint": True})]
 # "auto" may take an adapter whose algorithm rounds differently from the module's own: a gradient the reference
 # itself only knows to ~1e-6 of its terms (a gated DeltaNet's A_log at tiny size) may then be off by this many
-# times the reference's own rounding (zoo.split_noise); listed in the failure message of the bound below
+# times the reference's own rounding (zoo.split_noise); listed in the failure message of the bound below. Genuine
+# conditioning, measured against the fp64 truth (test_gated_delta.py::test_state_path_gradient_is_exact_at_model_level):
+# on qwen3_next / qwen3_5_moe the adapter in fp64 is within 5.2e-10 of it, the fp32 module itself 7.3e-4 / 1.6e-3 off
+# on A_log / dt_bias (floored rel; their gradients cancel to below the floor), the fp32 adapter 2.3e-4 .. 6.0e-4
 STATE_NOISE = 10.0
 
 
