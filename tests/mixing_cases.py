@@ -186,7 +186,8 @@ def gather_errors(group, rank: int, size: int, layout: str, S: int, cu, seed: in
     mine = keep_local(Y, group, layout, docs)
     (V * mine).sum().backward()
     want = torch.zeros_like(X).index_copy(1, idx, V)
-    return g_fwd, g_grad, (mine.detach() - X.index_select(1, idx)).abs().max().item(), (Y.grad - want).abs().max().item()
+    k_fwd = (mine.detach() - X.index_select(1, idx)).abs().max().item()
+    return g_fwd, g_grad, k_fwd, (Y.grad - want).abs().max().item()
 
 
 def gather_all(rank: int, size: int) -> list[tuple]:

@@ -38,7 +38,8 @@ class ConvBlock(nn.Module):
         self.ln_0, self.mixer = nn.LayerNorm(cfg.n_embd), CausalConv(cfg.n_embd, KERNEL)
         self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 2 * cfg.n_embd), nn.GELU(), nn.Linear(2 * cfg.n_embd, cfg.n_embd))
+        c = cfg.n_embd
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, C)
         x = x + self.mixer(self.ln_0(x))
