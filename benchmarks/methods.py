@@ -33,7 +33,7 @@ like on a shared, noisy machine:
 
 Timing is interleaved (``--no-interleave``: each on its own): per shape, every entry is first built and
 checked on its own (a refusal or failure stays with that entry), then one call on the ranks times
-``--iters`` rounds of one call of every checked entry in turn and of SDPA (on rank 0, the others
+``--iters`` rounds of one call of every checked entry in turn (the order rotated each round) and of SDPA (on rank 0, the others
 waiting in a barrier), so the load of a shared machine, which drifts over minutes, falls on all of them
 alike. ``seqpar-ring-mpi`` runs in its own ``mpirun`` job and is timed there (not interleaved).
 
@@ -451,8 +451,10 @@ def _rank_interleaved(rank, world, plan, S, H, Hkv, h, iters):
     """The timing of one shape, interleaved: every entry of ``plan`` ([(name, group name)], each already
     checked by :func:`_rank_entry`) and one-core SDPA (on rank 0 alone, on its first h heads, while the
     other ranks wait in a barrier) are built once, then ``iters`` rounds each time one call of every one
-    of them in turn, so that the machine's load, which drifts on a shared machine, falls on all of them
-    alike -> {name: max over ranks of the per-rank median}, "sdpa-1proc" scaled by H / h."""
+    of them in turn (the order rotated by one entry per round, so that no entry always runs first or last
+    in a round: a fixed order favoured the last entries by ~2%), so that the machine's load, which drifts on
+    a shared machine, falls on all of them alike -> {name: max over ranks of the per-rank median},
+    "sdpa-1proc" scaled by H / h."""
     import statistics
 
     import torch.distributed as dist
@@ -489,8 +491,10 @@ def _rank_interleaved(rank, world, plan, S, H, Hkv, h, iters):
     del q, k, v, do
     pool.clear()
     times = {n: [] for n in runs}
-    for _ in range(iters):
-        for n, fn in runs.items():
+    order = list(runs)
+    for i in range(iters):  # round i starts at entry i mod n: no entry always comes first (after SDPA) or last
+        for n in order[i % len(order):] + order[:i % len(order)]:
+            fn = runs[n]
             dist.barrier()
             t0 = time.perf_counter()
             fn()
