@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from adapter_checks import Fp64Context
 from gated_delta_cases import ADAPTER, MODELS, dist_context_vs_module, mixer, parallelize_vs_single_process, rel
 from seqpar.testing.memory import saved_bytes
 from seqpar.mixing.adapters import ADAPTERS
@@ -131,18 +132,6 @@ def fp64_kernel(query, key, value, g, beta, chunk_size=64, initial_state=None, o
     s0 = initial_state if initial_state is not None else q.new_zeros(*q.shape[:2], k.shape[-1], v.shape[-1])
     o, s = token_recurrence(q / q.shape[-1] ** 0.5, k, v, g, beta, s0)
     return o.transpose(1, 2).to(query.dtype), (s if output_final_state else None)
-
-
-class Fp64Context(LocalContext):
-    """LocalContext with entry states in the maps' dtype (LocalContext scans in fp32), for the fp64 bound."""
-
-    def entry_states(self, maps, kind):
-        h = torch.zeros_like(maps[0][1])
-        out = []
-        for m, b in maps:
-            out.append(h)
-            h = m @ h + b
-        return out
 
 
 class ZeroEntryContext(LocalContext):
