@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 import transformers  # noqa: E402
 
+from adapter_checks import Fp64Context  # noqa: E402
 from seqpar.testing.memory import saved_bytes
 from seqpar.mixing.base import LocalContext, apply_map  # noqa: E402
 from seqpar.mixing.selective_scan import MAMBA, MAMBA_CLASSES, selective_scan  # noqa: E402
@@ -134,25 +135,13 @@ def mixer(model_type: str, table: dict, classes):
     return m
 
 
-class LocalContext64(LocalContext):
-    """LocalContext whose entry-state scan keeps the maps' dtype (fp64 here; the interface's contexts scan in
-    fp32), so the fp64 check sees the adapter's own precision."""
-
-    def entry_states(self, maps, kind):
-        h, out = torch.zeros_like(maps[0][1]), []
-        for m, b in maps:
-            out.append(h)
-            h = apply_map(m, b, h, kind)
-        return out
-
-
 def run_both(m, adapter, dtype, cuts, ctx_len=S):
     m = m.to(dtype)
     gen = torch.Generator().manual_seed(1)
     hs = torch.randn(2, ctx_len, m.hidden_size, generator=gen, dtype=F64).to(dtype)
     w = torch.randn(2, ctx_len, m.hidden_size, generator=gen, dtype=F64).to(dtype)
     params = [p for p in m.parameters()]
-    ctx = (LocalContext64 if dtype == F64 else LocalContext)(ctx_len, cuts)
+    ctx = (Fp64Context if dtype == F64 else LocalContext)(ctx_len, cuts)  # the interface's scan is fp32
     out = {}
     for key, fn in (("module", lambda x: m(x)), ("adapter", lambda x: adapter.forward(m, ctx, (x,), {}))):
         x = hs.clone().requires_grad_()
