@@ -1,4 +1,4 @@
-"""A mixer call's arguments by name, for adapters that read a module's ``forward`` arguments.
+"""A mixer call's arguments by name, for adapters that read a module's ``forward`` arguments (and its class).
 
 ``parallelize`` wraps a taken mixer's ``forward`` with an instance attribute (``module.forward = wrapper``),
 so the signature to bind a call against is the class's (``type(module).forward``), not the instance's.
@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["forward_parameters", "call_arguments"]
+__all__ = ["forward_parameters", "call_arguments", "transformers_class"]
 
 
 def _signature(module: nn.Module) -> inspect.Signature | None:
@@ -52,3 +52,9 @@ def call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
         elif p.kind is inspect.Parameter.VAR_POSITIONAL and out.pop(name, ()):
             raise TypeError(f"{type(module).__name__}.forward: extra positional arguments are not supported here")
     return out
+
+
+def transformers_class(module: nn.Module, names) -> str | None:
+    """The module's class name if it is one of ``names`` and defined inside ``transformers.models`` (else None)."""
+    t = type(module)
+    return t.__name__ if t.__name__ in names and t.__module__.startswith("transformers.models.") else None

@@ -37,6 +37,7 @@ from torch import nn
 
 from seqpar.mixing.base import MixerContext
 from seqpar.mixing.calls import call_arguments, forward_parameters
+from seqpar.mixing.conv import causal_conv_runs, is_causal_depthwise
 
 __all__ = ["RecurrentGemmaBlockAdapter", "RGLRU_ADAPTERS"]
 
@@ -94,9 +95,8 @@ class RecurrentGemmaBlockAdapter:
         shapes = {"recurrent_param": (w,), "input_gate_weight": (heads, bw, bw), "input_gate_bias": (heads, bw),
                   "recurrent_gate_weight": (heads, bw, bw), "recurrent_gate_bias": (heads, bw)}
         params = forward_parameters(module)
-        return (ly.out_features == w and lo.in_features == w and conv.in_channels == conv.out_channels
-                == conv.groups == w and conv.stride == (1,) and conv.dilation == (1,)
-                and conv.padding == (conv.kernel_size[0] - 1,) and isinstance(heads, int) and isinstance(bw, int)
+        return (ly.out_features == w and lo.in_features == w and is_causal_depthwise(conv, w)
+                and isinstance(heads, int) and isinstance(bw, int)
                 and heads * bw == w and callable(getattr(module, "act_fn", None)) and _sqrt_bound(lru) is not None
                 and all(tuple(getattr(getattr(lru, n, None), "shape", ())) == s for n, s in shapes.items())
                 and {"input_states", "position_ids", "use_cache"} <= params)
@@ -128,12 +128,8 @@ class RecurrentGemmaBlockAdapter:
             raise ValueError(f"{name}: position_ids must be (batch or 1, local tokens) = (*, {h.shape[1]}), the "
                              f"global positions of this rank's tokens; got "
                              f"{tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__}")
-        conv = module.conv_1d
-        k, w = conv.kernel_size[0], conv.in_channels
         y = module.act_fn(module.linear_y(h))  # (B, S_local, W)
-        u = module.linear_x(h)  # (B, S_local, W)
-        u = ctx.join([F.conv1d(p.transpose(1, 2), conv.weight, conv.bias, groups=w).transpose(1, 2)
-                      for p in ctx.halo(u, k - 1, dim=1)], dim=1)  # (B, S_local, W)
+        u = causal_conv_runs(ctx, module.linear_x(h), module.conv_1d)  # (B, S_local, W)
         a, x = _gates(module.rg_lru, u, pos)
         runs = [_scan_from_zero(ar, xr) for ar, xr in zip(ctx.split(a, 1), ctx.split(x, 1))]
         entries = ctx.entry_states([(p[:, -1], z[:, -1]) for z, p in runs], "scale")  # (B, W) fp32 each

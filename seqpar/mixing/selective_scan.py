@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqpar.mixing.base import MixerContext
-from seqpar.mixing.ssd import _is_conv, _transformers_class, bind_mixer_call, causal_conv_runs
+from seqpar.mixing.calls import transformers_class
+from seqpar.mixing.conv import causal_conv_runs, is_causal_depthwise
+from seqpar.mixing.ssd import bind_mixer_call
 
 __all__ = ["selective_scan", "SelectiveRun", "MambaAdapter", "MAMBA"]
 
@@ -121,7 +123,7 @@ class MambaAdapter:
     name = "mamba"
 
     def matches(self, module: nn.Module) -> bool:
-        cls = _transformers_class(module, MAMBA_CLASSES)
+        cls = transformers_class(module, MAMBA_CLASSES)
         if cls is None:
             return False
         from transformers.activations import ACT2FN
@@ -129,7 +131,7 @@ class MambaAdapter:
         m, flavour = module, MAMBA_CLASSES[cls]
         try:
             inner, n, rank = m.intermediate_size, m.ssm_state_size, m.time_step_rank
-            ok = (_is_conv(m.conv1d, inner) and isinstance(m.in_proj, nn.Linear)
+            ok = (is_causal_depthwise(m.conv1d, inner) and isinstance(m.in_proj, nn.Linear)
                   and m.in_proj.out_features == 2 * inner and isinstance(m.out_proj, nn.Linear)
                   and m.out_proj.in_features == inner and isinstance(m.activation, str) and m.activation in ACT2FN
                   and not hasattr(getattr(m, "config", None), "_is_quantized"))

@@ -31,22 +31,16 @@ import math
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seqpar.mixing.base import MixerContext
 from seqpar.mixing.calls import call_arguments, forward_parameters
+from seqpar.mixing.conv import causal_conv_runs, is_causal_depthwise
 
 __all__ = ["Lfm2ShortConvAdapter", "InklingShortConvAdapter", "InklingDynamicShortConvAdapter",
            "SHORT_CONV_ADAPTERS"]
 
 InklingOutput = Literal["residual", "scaled_residual"]  # Inkling: conv + x; Inkling2: (conv + x) / sqrt(k + 1)
-
-
-def _depthwise(conv: Any, channels: int) -> bool:
-    return (isinstance(conv, nn.Conv1d) and conv.in_channels == conv.out_channels == conv.groups == channels
-            and conv.stride == (1,) and conv.dilation == (1,) and conv.padding == (conv.kernel_size[0] - 1,)
-            and conv.padding_mode == "zeros")
 
 
 def _refuse(name: str, bound: dict[str, Any], *keys: str) -> None:
@@ -71,19 +65,6 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else (x * mask[:, :, None]).to(x.dtype)
 
 
-def _conv_runs(ctx: MixerContext, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The causal depthwise conv of ``x`` (B, S_local, C) with ``weight`` (C, 1, k), per run with its halo.
-
-    As ``causal_conv1d_fn``'s torch path: computed in the weight's dtype, returned in ``x``'s."""
-    k = weight.shape[-1]
-    channels = x.shape[-1]
-    pieces = []
-    for h in ctx.halo(x, k - 1, dim=1):  # (B, k-1 + L, C)
-        y = F.conv1d(h.transpose(1, 2).to(weight.dtype), weight, bias, groups=channels)  # (B, C, L)
-        pieces.append(y.transpose(1, 2).to(x.dtype))
-    return ctx.join(pieces, dim=1)
-
-
 class Lfm2ShortConvAdapter:
     """``Lfm2ShortConv`` and its copies (LFM2-MoE, LFM3): ``out_proj(C * conv(B * x))``, ``[B, C, x] = in_proj(h)``."""
 
@@ -94,7 +75,7 @@ class Lfm2ShortConvAdapter:
         if not (isinstance(inp, nn.Linear) and isinstance(out, nn.Linear)):
             return False
         c = inp.in_features
-        return (_depthwise(conv, c) and inp.out_features == 3 * c and out.in_features == c
+        return (is_causal_depthwise(conv, c) and inp.out_features == 3 * c and out.in_features == c
                 and {"hidden_states", "attention_mask"} <= forward_parameters(module))
 
     def input_width(self, module: nn.Module) -> int:
@@ -114,7 +95,7 @@ class Lfm2ShortConvAdapter:
         _padding_mask(name, mask, hidden, "attention_mask")
         bcx = module.in_proj(_masked(hidden, mask))  # (B, S_local, 3C)
         b, c, x = bcx.chunk(3, dim=-1)
-        y = _conv_runs(ctx, b * x, module.conv.weight, module.conv.bias)  # (B, S_local, C)
+        y = causal_conv_runs(ctx, b * x, module.conv)  # (B, S_local, C)
         return module.out_proj((c * y).contiguous())
 
 
@@ -132,7 +113,7 @@ class InklingShortConvAdapter:
         params = forward_parameters(module)
         # Inkling2's forward takes (and ignores) dynamic_input, for the dynamic conv's interface; Inkling's does not
         variant = "scaled_residual" if "dynamic_input" in params else "residual"
-        return (isinstance(conv, nn.Conv1d) and _depthwise(conv, conv.in_channels)
+        return (isinstance(conv, nn.Conv1d) and is_causal_depthwise(conv, conv.in_channels)
                 and getattr(module, "conv_kernel_size", None) == conv.kernel_size[0]
                 and {"hidden_states", "conv_mask"} <= params and variant == self.output)
 
@@ -150,7 +131,7 @@ class InklingShortConvAdapter:
         mask = bound.get("conv_mask")
         _padding_mask(name, mask, hidden, "conv_mask")
         x = hidden.float()
-        y = _conv_runs(ctx, _masked(x, mask), module.conv1d.weight, module.conv1d.bias) + x
+        y = causal_conv_runs(ctx, _masked(x, mask), module.conv1d) + x
         if self.output == "scaled_residual":
             y = y / math.sqrt(module.conv_kernel_size + 1)
         return y.to(hidden.dtype)

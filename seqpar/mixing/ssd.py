@@ -44,8 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqpar.mixing.base import MixerContext
+from seqpar.mixing.calls import transformers_class
+from seqpar.mixing.conv import causal_conv_runs, is_causal_depthwise
 
-__all__ = ["ssd_scan", "ssd_entry", "ssd", "causal_conv_runs", "bind_mixer_call", "Mamba2Adapter", "MAMBA2"]
+__all__ = ["ssd_scan", "ssd_entry", "ssd", "bind_mixer_call", "Mamba2Adapter", "MAMBA2"]
 
 Mamba2Flavour = Literal["mamba2", "falcon_h1"]  # the plain Mamba2 forward / FalconH1's (mup, optional norm)
 
@@ -140,7 +142,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     return y0 + ssd_entry(C, log_decay, initial_state), m * initial_state.to(b.dtype) + b
 
 
-# -- what the mixers share: the call's arguments, the causal conv per run
+# -- what the Mamba mixers share: the call's arguments
 
 
 def _bind(hidden_states, cache=None, attention_mask=None, **kwargs):
@@ -174,40 +176,13 @@ def bind_mixer_call(name: str, args: tuple, kwargs: dict, ctx: MixerContext) -> 
     return hidden
 
 
-def causal_conv_runs(ctx: MixerContext, x: torch.Tensor, conv: nn.Conv1d, activation: str | None) -> torch.Tensor:
-    """``x`` (B, S_local, C) -> the depthwise causal ``conv`` over each run with its halo of ``kernel - 1`` rows,
-    then ``activation`` (an ``ACT2FN`` name): (B, S_local, C) in ``x``'s dtype, as transformers'
-    ``causal_conv1d_fn`` computes it on the whole sequence."""
-    from transformers.activations import ACT2FN
-
-    k = conv.kernel_size[0]
-    w = conv.weight  # (C, 1, k)
-    outs = [F.conv1d(piece.transpose(1, 2).to(w.dtype), w, conv.bias, groups=w.shape[0])  # (B, C, L)
-            for piece in ctx.halo(x, k - 1, dim=1)]  # (B, k-1+L, C) per run
-    out = ctx.join(outs, dim=2)
-    if activation is not None:
-        out = ACT2FN[activation](out)
-    return out.transpose(1, 2).to(x.dtype)
-
-
-def _is_conv(conv, channels: int) -> bool:
-    return (isinstance(conv, nn.Conv1d) and conv.in_channels == conv.out_channels == conv.groups == channels
-            and conv.stride == (1,) and conv.dilation == (1,) and conv.padding == (conv.kernel_size[0] - 1,)
-            and conv.padding_mode == "zeros")
-
-
-def _transformers_class(module: nn.Module, names) -> str | None:
-    t = type(module)
-    return t.__name__ if t.__name__ in names and t.__module__.startswith("transformers.models.") else None
-
-
 class Mamba2Adapter:
     """State passing for the Mamba2 mixers of transformers (see the module docstring)."""
 
     name = "mamba2"
 
     def matches(self, module: nn.Module) -> bool:
-        cls = _transformers_class(module, MAMBA2_CLASSES)
+        cls = transformers_class(module, MAMBA2_CLASSES)
         if cls is None:
             return False
         from transformers.activations import ACT2FN
@@ -216,7 +191,8 @@ class Mamba2Adapter:
         try:
             h, p, g, n, inner = m.num_heads, m.head_dim, m.n_groups, m.ssm_state_size, m.intermediate_size
             conv_dim, limit, act = m.conv_dim, tuple(m.time_step_limit), m.activation
-            ok = (inner == h * p and h % g == 0 and conv_dim == inner + 2 * g * n and _is_conv(m.conv1d, conv_dim)
+            ok = (inner == h * p and h % g == 0 and conv_dim == inner + 2 * g * n
+                  and is_causal_depthwise(m.conv1d, conv_dim)
                   and isinstance(m.in_proj, nn.Linear) and m.in_proj.out_features == inner + conv_dim + h
                   and isinstance(m.out_proj, nn.Linear) and m.out_proj.in_features == inner
                   and all(getattr(m, k).shape == (h,) for k in ("dt_bias", "A_log", "D"))
