@@ -43,21 +43,26 @@ __all__ = ["Lfm2ShortConvAdapter", "InklingShortConvAdapter", "InklingDynamicSho
 InklingOutput = Literal["residual", "scaled_residual"]  # Inkling: conv + x; Inkling2: (conv + x) / sqrt(k + 1)
 
 
-def _refuse(name: str, bound: dict[str, Any], *keys: str) -> None:
-    for key in keys:
+def _bind(module: nn.Module, args: tuple, kwargs: dict, mask_arg: str, refused: tuple[str, ...]
+          ) -> tuple[str, dict[str, Any], torch.Tensor, torch.Tensor | None]:
+    """The call's ``(name, arguments by name, hidden_states (B, S_local, C), padding mask (B, S_local) or None)``;
+    refuses the ``refused`` arguments when set and a ``mask_arg`` that is not a 2D mask over the local tokens."""
+    name = type(module).__name__
+    bound = call_arguments(module, args, kwargs)
+    for key in refused:
         if bound.get(key) is not None:
             raise NotImplementedError(
                 f"{name}: {key}= is not supported under sequence parallelism (a decode cache / per-document "
                 f"resets of the short convolution); call the module without it")
-
-
-def _padding_mask(name: str, mask: torch.Tensor | None, x: torch.Tensor, arg: str) -> None:
+    x, mask = bound["hidden_states"], bound.get(mask_arg)
     if mask is not None and not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name}: {arg} must be None or a 2D padding mask tensor (batch, local tokens), got "
+        raise TypeError(f"{name}: {mask_arg} must be None or a 2D padding mask tensor (batch, local tokens), got "
                         f"{type(mask).__name__}")
     if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2])):
-        raise ValueError(f"{name}: {arg} must be a 2D padding mask (batch, local tokens) = {tuple(x.shape[:2])}, "
-                         f"got shape {tuple(mask.shape)}; pass None or the local slice of the 2D mask")
+        raise ValueError(f"{name}: {mask_arg} must be a 2D padding mask (batch, local tokens) = "
+                         f"{tuple(x.shape[:2])}, got shape {tuple(mask.shape)}; pass None or the local slice of the "
+                         f"2D mask")
+    return name, bound, x, mask
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -87,12 +92,7 @@ class Lfm2ShortConvAdapter:
         return (x,), {}
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
-        name = type(module).__name__
-        bound = call_arguments(module, args, kwargs)
-        _refuse(name, bound, "cache", "past_key_values", "seq_idx")
-        hidden = bound["hidden_states"]  # (B, S_local, C)
-        mask = bound.get("attention_mask")
-        _padding_mask(name, mask, hidden, "attention_mask")
+        _, _, hidden, mask = _bind(module, args, kwargs, "attention_mask", ("cache", "past_key_values", "seq_idx"))
         bcx = module.in_proj(_masked(hidden, mask))  # (B, S_local, 3C)
         b, c, x = bcx.chunk(3, dim=-1)
         y = causal_conv_runs(ctx, b * x, module.conv)  # (B, S_local, C)
@@ -124,12 +124,7 @@ class InklingShortConvAdapter:
         return (x,), {}
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
-        name = type(module).__name__
-        bound = call_arguments(module, args, kwargs)
-        _refuse(name, bound, "cache", "past_key_values", "seq_idx")
-        hidden = bound["hidden_states"]  # (B, S_local, C)
-        mask = bound.get("conv_mask")
-        _padding_mask(name, mask, hidden, "conv_mask")
+        _, _, hidden, mask = _bind(module, args, kwargs, "conv_mask", ("cache", "past_key_values", "seq_idx"))
         x = hidden.float()
         y = causal_conv_runs(ctx, _masked(x, mask), module.conv1d) + x
         if self.output == "scaled_residual":
@@ -162,12 +157,8 @@ class InklingDynamicShortConvAdapter:
         return (x,), {"dynamic_input": dyn.to(x.dtype)}
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> torch.Tensor:
-        name = type(module).__name__
-        bound = call_arguments(module, args, kwargs)
-        _refuse(name, bound, "cache", "past_key_values")
-        hidden, dyn = bound["hidden_states"], bound["dynamic_input"]  # (B, S_local, C), (B, S_local, hidden)
-        mask = bound.get("conv_mask")
-        _padding_mask(name, mask, hidden, "conv_mask")
+        name, bound, hidden, mask = _bind(module, args, kwargs, "conv_mask", ("cache", "past_key_values"))
+        dyn = bound["dynamic_input"]  # (B, S_local, hidden); hidden (B, S_local, C)
         seq_idx = bound.get("seq_idx")
         if seq_idx is not None and tuple(seq_idx.shape) != tuple(hidden.shape[:2]):
             raise ValueError(f"{name}: seq_idx must be (batch, local tokens) = {tuple(hidden.shape[:2])}, "
