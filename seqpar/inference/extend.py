@@ -39,8 +39,7 @@ import torch
 from seqpar.comm import gather_ints, make_ring
 from seqpar.inference.decode import position_tile
 from seqpar.inference.kv_shard import KVShard
-from seqpar.inference.merge import merge_partials
-from seqpar.kernels import acc_dtype
+from seqpar.kernels import merge_partial
 from seqpar.layout import global_indices, padding_needed
 from seqpar.methods.base import merge_sinks
 
@@ -88,7 +87,6 @@ def _check(q, k, v, shard: KVShard, length, *, is_causal, window_size, enable_gq
 
 def _cache_part(q, q_pos, shard: KVShard, *, scale: float, softcap: float, left: int):
     """This rank's chunk queries against every rank's cache shard, the shards passed around the ring."""
-    acc = acc_dtype(q.dtype)
     n = max(r[0] for r in gather_ints([shard.held], shard.group))
     B, Hkv, _, D = shard.keys.shape
     Dv = shard.values.shape[-1]
@@ -97,16 +95,18 @@ def _cache_part(q, q_pos, shard: KVShard, *, scale: float, softcap: float, left:
     pos = torch.full((n,), _NOWHERE, dtype=torch.long, device=q.device)
     pos[:shard.held] = shard.positions
     ring = make_ring(shard.group)
-    outs, lses = [], []
+    out = lse = None  # the running (B, Hq, T_local, Dv), (B, Hq, T_local) in acc: one, not P partials
     for step in range(shard.size):
         if step < shard.size - 1:  # the next block in flight while this one is computed
             pending = (ring.exchange(block, tag=TAG_CACHE), ring.exchange(pos, tag=TAG_CACHE + 1))
         o, l = position_tile(q, q_pos, block[..., :D], block[..., D:], pos, scale=scale, softcap=softcap, left=left)
-        outs.append(o.to(acc))
-        lses.append(l.to(acc))
+        if out is None:
+            out, lse = o, l  # fresh tensors in acc, unseen rows out 0 / lse -inf
+        else:
+            merge_partial(out, lse, o, l)
         if step < shard.size - 1:
             block, pos = pending[0].wait(), pending[1].wait()
-    return merge_partials(torch.stack(outs), torch.stack(lses))
+    return out, lse
 
 
 def extend_sharded(
@@ -144,8 +144,8 @@ def extend_sharded(
     if window_size[0] >= 0:
         shard.evict(cached - window_size[0])  # what the chunk's first query can still see
     past, past_lse = _cache_part(q, q_pos, shard, scale=scale, softcap=float(softcap), left=window_size[0])
-    acc = acc_dtype(q.dtype)
-    out, lse = merge_partials(torch.stack([own.detach().to(acc), past]), torch.stack([own_lse.to(acc), past_lse]))
+    merge_partial(past, past_lse, own.detach(), own_lse)  # in place into the fresh cache part, not into own
+    out, lse = past, past_lse
     if sinks is not None:
         out, lse = merge_sinks(out, lse, sinks.detach())
     shard.fill(k, v, length)
