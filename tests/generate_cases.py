@@ -96,6 +96,23 @@ def balance(rank, size, *, S=37, n=23, layout="zigzag"):
     return out
 
 
+def _reference_row(q, k, v, p, *, window=-1, softcap=0.0, sinks=None):
+    """fp64 reference: query p of q (B, Hq, S, D) over keys/values (B, Hkv, S, D) at the causal / window past
+    ``max(0, p - window) .. p``, GQA heads repeated, soft-capped, a sink (one logit per head, value 0) joined
+    -> (B, Hq, 1, D)."""
+    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    lo = 0 if window < 0 else max(0, p - window)
+    kk = k[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
+    vv = v[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
+    sc = (q[:, :, p:p + 1] @ kk.transpose(-1, -2)) / math.sqrt(D)
+    if softcap:
+        sc = softcap * torch.tanh(sc / softcap)
+    if sinks is not None:
+        sc = torch.cat([sc, sinks[None, :, None, None].expand(q.shape[0], Hq, 1, 1)], dim=-1)
+        vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], dim=2)
+    return torch.softmax(sc, dim=-1) @ vv
+
+
 def kv_shard_decode(rank, size, *, S=40, n=9, window=-1, softcap=0.0, sinks=False, dtype=torch.float64,
                     via_attention=False):
     """Hand-written decode loop (KVShard + decode_attention) vs fp64 attention over the whole sequence: the
@@ -124,16 +141,7 @@ def kv_shard_decode(rank, size, *, S=40, n=9, window=-1, softcap=0.0, sinks=Fals
         new = [t[:, :, p:p + 1].to(dtype) for t in (q, k, v)]
         got = seqpar.attention(*new, group=group, is_causal=True, cache=shard, **opts) if via_attention else \
             decode_attention(*new, shard, **opts)
-        lo = 0 if window < 0 else max(0, p - window)
-        kk = k[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
-        vv = v[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
-        sc = (q[:, :, p:p + 1] @ kk.transpose(-1, -2)) / math.sqrt(D)
-        if softcap:
-            sc = softcap * torch.tanh(sc / softcap)
-        if s is not None:  # the sink: one more logit per head, value 0
-            sc = torch.cat([sc, s[None, :, None, None].expand(B, Hq, 1, 1)], dim=-1)
-            vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], dim=2)
-        want = torch.softmax(sc, dim=-1) @ vv
+        want = _reference_row(q, k, v, p, window=window, softcap=softcap, sinks=s)
         worst = max(worst, ((got.double() - want).abs().max() / want.abs().max()).item())
     return worst, shard.held
 
@@ -257,16 +265,7 @@ def chunk_fp64(rank, size, *, mode, S=40, T=13, n=3, window=-1, softcap=0.0, sin
     worst = 0.0
     for out, ps in outs:
         for i, p in enumerate(ps):
-            lo = 0 if window < 0 else max(0, p - window)
-            kk = k[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
-            vv = v[:, :, lo:p + 1].repeat_interleave(Hq // Hkv, 1)
-            sc = (q[:, :, p:p + 1] @ kk.transpose(-1, -2)) / math.sqrt(D)
-            if softcap:
-                sc = softcap * torch.tanh(sc / softcap)
-            if s is not None:
-                sc = torch.cat([sc, s[None, :, None, None].expand(B, Hq, 1, 1)], dim=-1)
-                vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], dim=2)
-            want = torch.softmax(sc, dim=-1) @ vv
+            want = _reference_row(q, k, v, p, window=window, softcap=softcap, sinks=s)
             worst = max(worst, ((out[:, :, i:i + 1] - want).abs().max() / want.abs().max()).item())
     held = [torch.empty(0, dtype=torch.long)] * size
     sizes = [r[0] for r in seqpar.comm.gather_ints([shard.held], group.get_group())]
@@ -436,10 +435,6 @@ def kv_shard_rows_fp64(rank, size, *, lengths=(13, 29, 40), n=6, T=1, window=-1,
             q_, k_, v_ = seqs[b]
             for i in range(T):
                 p = L + t + i
-                lo = 0 if window < 0 else max(0, p - window)
-                sc = (q_[:, p:p + 1] @ k_[:, lo:p + 1].repeat_interleave(Hq // Hkv, 0).transpose(-1, -2)) / math.sqrt(D)
-                if softcap:
-                    sc = softcap * torch.tanh(sc / softcap)
-                want = torch.softmax(sc, dim=-1) @ v_[:, lo:p + 1].repeat_interleave(Hq // Hkv, 0)
+                want = _reference_row(q_[None], k_[None], v_[None], p, window=window, softcap=softcap)[0]
                 worst = max(worst, ((got[b, :, i:i + 1] - want).abs().max() / want.abs().max()).item())
     return worst, shard.held
