@@ -135,7 +135,8 @@ def test_shared_parameters_under_fsdp(worlds):
         per_rank = worlds(4).run(zoo.exact_or_refused, model_type=model_type, class_name=class_name, mixers=mixers,
                                  fsdp=True, packed=True, timeout=240, **more)
         worst = max(per_rank, key=lambda r: (r.get("loss", 0.0), r.get("grad", 0.0)))
-        assert worst["status"] == "exact", (model_type, mixers, more, {k: str(v)[:300] for k, v in worst.items()})
+        assert {r["status"] for r in per_rank} == {"exact"}, (model_type, mixers, more,  # every rank, not the worst's
+                                                              {k: str(v)[:300] for k, v in worst.items()})
 
 
 def test_fsdp_units_of_shared_parameters():
