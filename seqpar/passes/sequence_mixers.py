@@ -411,10 +411,16 @@ def _keep(plan: MixerPlan, out: Any, B: int, S: int, keep: Callable[[torch.Tenso
     return out
 
 
-def _gather_call(plan: MixerPlan, rt: Runtime, inner: Callable, args: tuple, kwargs: dict):
+def _hidden_states(plan: MixerPlan, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The call's first argument (or ``hidden_states=``), the (B, S_local, ...) hidden states, or refused."""
     x = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise _refuse(plan, f"its first argument is {type(x).__name__}, not the (B, S_local, ...) hidden states")
+    return x
+
+
+def _gather_call(plan: MixerPlan, rt: Runtime, inner: Callable, args: tuple, kwargs: dict):
+    x = _hidden_states(plan, args, kwargs)
     B, n = x.shape[0], x.shape[1]
     S = n * rt.world
     names, unread = unread_parameters(inner)
@@ -442,9 +448,7 @@ def _state_call(plan: MixerPlan, rt: Runtime, inner: Callable, args: tuple, kwar
     instead; adapters refuse from their arguments, the same on every rank, before communicating."""
     from seqpar.mixing.context import make_context
 
-    x = args[0] if args else kwargs.get("hidden_states")
-    if not isinstance(x, torch.Tensor) or x.ndim < 2:
-        raise _refuse(plan, f"its first argument is {type(x).__name__}, not the (B, S_local, ...) hidden states")
+    x = _hidden_states(plan, args, kwargs)
     ctx = make_context(rt.group, rt.layout, x.shape[1] * rt.world, rt.documents())
     try:
         out = plan.adapter.forward(plan.module, ctx, args, kwargs)
