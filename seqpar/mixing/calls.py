@@ -1,4 +1,5 @@
-"""A mixer call's arguments by name, for adapters that read a module's ``forward`` arguments (and its class).
+"""A mixer call's arguments by name, for adapters that read a module's ``forward`` arguments: binding, the 2D
+padding-mask check, and the transformers class a module is.
 
 ``parallelize`` wraps a taken mixer's ``forward`` with an instance attribute (``module.forward = wrapper``),
 so the signature to bind a call against is the class's (``type(module).forward``), not the instance's.
@@ -16,9 +17,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["forward_parameters", "call_arguments", "transformers_class"]
+__all__ = ["forward_parameters", "call_arguments", "check_padding_mask", "transformers_class"]
 
 
 def _signature(module: nn.Module) -> inspect.Signature | None:
@@ -52,6 +54,20 @@ def call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
         elif p.kind is inspect.Parameter.VAR_POSITIONAL and out.pop(name, ()):
             raise TypeError(f"{type(module).__name__}.forward: extra positional arguments are not supported here")
     return out
+
+
+def check_padding_mask(name: str, arg: str, mask: Any, hidden: torch.Tensor) -> None:
+    """``mask`` (the call's ``arg``) must be None or a 2D padding mask (B, S_local) beside ``hidden`` (B, S_local,
+    ...): ``TypeError`` / ``ValueError`` naming the module ``name`` and the argument otherwise."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be None or a 2D padding mask tensor (batch, local tokens), got "
+                        f"{type(mask).__name__}")
+    if mask.dim() != 2 or tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"{name}: {arg} must be a 2D padding mask (batch, local tokens) = "
+                         f"{tuple(hidden.shape[:2])}, got shape {tuple(mask.shape)}; pass None or the local slice of "
+                         f"the 2D mask")
 
 
 def transformers_class(module: nn.Module, names) -> str | None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from seqpar.mixing.base import MixerContext
-from seqpar.mixing.calls import call_arguments, forward_parameters
+from seqpar.mixing.calls import call_arguments, check_padding_mask, forward_parameters
 
 __all__ = ["LightningAttentionAdapter", "LIGHTNING_ADAPTERS"]
 
@@ -92,12 +92,7 @@ class LightningAttentionAdapter:
                                           f"under sequence parallelism; pass None")
         hidden, mask = arg["hidden_states"], arg.get("attention_mask")  # (B, S_local, C), (B, S_local) or None
         bsz, seq, _ = hidden.shape
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{name}: attention_mask must be None or a 2D padding mask tensor (batch, local tokens), "
-                            f"got {type(mask).__name__}")
-        if mask is not None and tuple(mask.shape) != (bsz, seq):
-            raise ValueError(f"{name}: attention_mask must be a 2D padding mask (batch, local tokens) = "
-                             f"{(bsz, seq)}, got shape {tuple(mask.shape)}; pass None or the local slice")
+        check_padding_mask(name, "attention_mask", mask, hidden)
         heads, d = module.num_attention_heads, module.head_dim
         qkv = module.act_fn(module.qkv_proj(hidden))
         if mask is not None:

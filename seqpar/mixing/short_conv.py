@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from seqpar.mixing.base import MixerContext
-from seqpar.mixing.calls import call_arguments, forward_parameters
+from seqpar.mixing.calls import call_arguments, check_padding_mask, forward_parameters
 from seqpar.mixing.conv import causal_conv_runs, is_causal_depthwise
 
 __all__ = ["Lfm2ShortConvAdapter", "InklingShortConvAdapter", "InklingDynamicShortConvAdapter",
@@ -55,13 +55,7 @@ def _bind(module: nn.Module, args: tuple, kwargs: dict, mask_arg: str, refused: 
                 f"{name}: {key}= is not supported under sequence parallelism (a decode cache / per-document "
                 f"resets of the short convolution); call the module without it")
     x, mask = bound["hidden_states"], bound.get(mask_arg)
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name}: {mask_arg} must be None or a 2D padding mask tensor (batch, local tokens), got "
-                        f"{type(mask).__name__}")
-    if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2])):
-        raise ValueError(f"{name}: {mask_arg} must be a 2D padding mask (batch, local tokens) = "
-                         f"{tuple(x.shape[:2])}, got shape {tuple(mask.shape)}; pass None or the local slice of the "
-                         f"2D mask")
+    check_padding_mask(name, mask_arg, mask, x)
     return name, bound, x, mask
 
 
