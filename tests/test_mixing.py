@@ -75,14 +75,14 @@ def test_entry_states_dtype():
     m = torch.full((1, 1), 1 + 1e-9, dtype=torch.float64)
     b = torch.full((1, 1), 1 / 3, dtype=torch.float64)
     assert make_context(None, "contiguous", 3).entry_states([(m, b)], "scale")[0].dtype == torch.float64
-    for ctx in (LocalContext(3, (1, 2)),):
-        h64 = ctx.entry_states([(m, b)] * 3, "scale")
-        assert all(h.dtype == torch.float64 for h in h64)
-        assert abs(h64[2].item() - (m.item() * b.item() + b.item())) < 1e-15
-        h32 = ctx.entry_states([(m.float(), b.float())] * 3, "scale")
-        assert all(h.dtype == torch.float32 for h in h32)
-        h16 = ctx.entry_states([(m.bfloat16(), b.bfloat16())] * 3, "scale")
-        assert all(h.dtype == torch.float32 for h in h16)
+    ctx = LocalContext(3, (1, 2))
+    h64 = ctx.entry_states([(m, b)] * 3, "scale")
+    assert all(h.dtype == torch.float64 for h in h64)
+    assert abs(h64[2].item() - (m.item() * b.item() + b.item())) < 1e-15
+    h32 = ctx.entry_states([(m.float(), b.float())] * 3, "scale")
+    assert all(h.dtype == torch.float32 for h in h32)
+    h16 = ctx.entry_states([(m.bfloat16(), b.bfloat16())] * 3, "scale")
+    assert all(h.dtype == torch.float32 for h in h16)
 
 
 def test_halo_four_ranks(worlds):
