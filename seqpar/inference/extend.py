@@ -40,7 +40,7 @@ from seqpar.comm import gather_ints, make_ring
 from seqpar.inference.decode import position_tile
 from seqpar.inference.kv_shard import KVShard
 from seqpar.kernels import merge_partial
-from seqpar.layout import global_indices, padding_needed
+from seqpar.layout import global_indices
 from seqpar.methods.base import merge_sinks
 
 __all__ = ["extend_sharded", "TAG_CACHE"]
@@ -76,13 +76,7 @@ def _check(q, k, v, shard: KVShard, length, *, is_causal, window_size, enable_gq
     if q.shape[1] != shard.keys.shape[1] and not enable_gqa:
         raise ValueError(f"extend_sharded: q has {q.shape[1]} heads and the cache {shard.keys.shape[1]}: pass "
                          f"enable_gqa=True")
-    s = q.shape[-2] * shard.size
-    length = s if length is None else length
-    if not 0 < length <= s or padding_needed(s, shard.layout, shard.size):
-        raise ValueError(f"extend_sharded: a shard of {q.shape[-2]} tokens on {shard.size} ranks is a chunk of {s} "
-                         f"tokens (a multiple of layout={shard.layout!r}'s unit) of which length={length} are real; "
-                         f"pad the chunk at the end to that multiple and pass its real length")
-    return length
+    return shard.real_length(q.shape[-2], length, "extend_sharded")
 
 
 def _cache_part(q, q_pos, shard: KVShard, *, scale: float, softcap: float, left: int):

@@ -105,6 +105,18 @@ class KVShard:
                              f"(B, Hkv, n, D) = {tuple(self.keys.shape)} {self.keys.dtype} / Dv = "
                              f"{self.values.shape[-1]}: one cache serves one layer of one batch")
 
+    def real_length(self, s_local: int, length: int | None, what: str) -> int:
+        """A shard of ``s_local`` tokens per rank is a prompt / chunk of ``S = s_local * P`` tokens under the
+        layout, ``length`` of them real (default S) -> ``length``; ``ValueError`` naming ``what`` unless
+        0 < length <= S and S divides under the layout."""
+        s = s_local * self.size
+        length = s if length is None else length
+        if not 0 < length <= s or padding_needed(s, self.layout, self.size):
+            raise ValueError(f"{what}: a shard of {s_local} tokens on {self.size} ranks is a sequence of {s} tokens "
+                             f"(a multiple of layout={self.layout!r}'s unit) of which length={length} are real; pad "
+                             f"it at the end to that multiple and pass its real length")
+        return length
+
     def fill(self, k: torch.Tensor, v: torch.Tensor, length: int | None = None, *,
              lengths: torch.Tensor | None = None) -> None:
         """Prefill: ``k`` (B, Hkv, S_local, D), ``v`` (B, Hkv, S_local, Dv), this rank's shard of a prompt of
@@ -116,12 +128,8 @@ class KVShard:
         real tokens at slots 0 .. lengths[b] - 1, the rest its padding, never seen: :meth:`row_positions`);
         an empty shard only."""
         self._check(k, v, "KVShard.fill")
-        s = k.shape[-2] * self.size
-        length = s if length is None else length
-        if not 0 < length <= s or padding_needed(s, self.layout, self.size):
-            raise ValueError(f"KVShard.fill: a shard of {k.shape[-2]} tokens on {self.size} ranks is a prompt of {s} "
-                             f"tokens (a multiple of the layout's unit), of which length={length} are real; got "
-                             f"an invalid length or a shard that does not divide under layout={self.layout!r}")
+        length = self.real_length(k.shape[-2], length, "KVShard.fill")
+        s = k.shape[-2] * self.size  # the prompt / chunk with its end padding
         if self.lengths is not None:
             raise ValueError("KVShard.fill: this cache holds rows of different lengths (a left-padded prompt); a "
                              "chunk sharded over the ranks (pass-KV) numbers one set of positions for the batch: run "
