@@ -139,7 +139,7 @@ def generate_pass(model: nn.Module, rt: Runtime) -> None:
     limit = _max_positions(model)
     state: dict = {}
 
-    def chunk_mode(cache, T: int, cached: int, device) -> str:
+    def chunk_mode(cache, T: int, cached: int, device, batch: int) -> str:
         if cache.chunk != "auto":
             return cache.chunk
         from seqpar.plan_inference import choose_chunk, machine_for, shape_of
@@ -147,7 +147,7 @@ def generate_pass(model: nn.Module, rt: Runtime) -> None:
         if "shape" not in state:
             state["shape"] = shape_of(model)
         machine = cache.machine if cache.machine is not None else machine_for(device)
-        return choose_chunk(state["shape"], T, cached, world, machine, batch=1)
+        return choose_chunk(state["shape"], T, cached, world, machine, batch=batch)
 
     def shard_ids(ids: torch.Tensor, start: int):
         """ids (B, T) -> this rank's shard of them padded to the layout's multiple, their global positions
@@ -200,7 +200,7 @@ def generate_pass(model: nn.Module, rt: Runtime) -> None:
                              "a sharded chunk's ring numbers one set of positions for the batch; use "
                              "SeqparCache(chunk='pass_q') or 'auto' (the chunk then runs replicated)")
         mode = None if start == 0 or T == 1 else "pass_q" if rows is not None else chunk_mode(cache, T, start,
-                                                                                              ids.device)
+                                                                                              ids.device, ids.shape[0])
         state.update(gather=None, rows=None)
         if start == 0 and pads is not None:  # rows of different lengths: each left-justified, its padding after it
             lengths = T - pads  # (B,) real tokens per row
