@@ -244,12 +244,18 @@ def test_refusals():
     mod = mixer("qwen3_next")
     ctx, x = LocalContext(8, (3,)), torch.randn(1, 8, mod.hidden_size)
     for kwargs, match in (({"cache": object()}, "cache"), ({"cache_params": object()}, "cache"),
-                          ({"cu_seq_lens_q": torch.tensor([0, 8])}, "cu_seq_lens_q"),
-                          ({"attention_mask": torch.ones(1, 1, 8, 8)}, "attention_mask")):
+                          ({"cu_seq_lens_q": torch.tensor([0, 8])}, "cu_seq_lens_q")):
         with pytest.raises(NotImplementedError, match=match):
             ADAPTER.forward(mod, ctx, (x,), kwargs)
+    # a mask that is not this rank's 2D padding mask: the same ValueError as the other adapters (calls.py)
+    for mask in (torch.ones(1, 1, 8, 8), torch.ones(1, 9)):
+        with pytest.raises(ValueError, match=r"attention_mask must be a 2D padding mask \(batch, local tokens\) = "
+                                             r"\(1, 8\).*pass None or the local slice"):
+            ADAPTER.forward(mod, ctx, (x,), {"attention_mask": mask})
     with pytest.raises(TypeError, match="attention_mask"):
         ADAPTER.forward(mod, ctx, (x,), {"attention_mask": [1] * 8})
+    with pytest.raises(TypeError, match="does not accept this call"):
+        ADAPTER.forward(mod, ctx, (x, None, None, None), {})
     with pytest.raises(ValueError, match="tokens"):
         ADAPTER.forward(mod, LocalContext(9, (3,)), (x,), {})
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqpar.mixing.base import MixerContext
+from seqpar.mixing.calls import call_arguments, check_padding_mask, forward_parameters
 
 __all__ = ["RunSummary", "gated_delta_run", "chunk_gated_delta", "Projection", "GatedDeltaAdapter"]
 
@@ -211,6 +212,8 @@ class GatedDeltaAdapter:
         proj = self.projection(module)
         if proj is None:
             return "no known gated-DeltaNet projection (in_proj_qkvz / in_proj_qkv / q_proj + g_proj)"
+        if not {"hidden_states", "attention_mask"} <= forward_parameters(module):
+            return "forward does not take hidden_states and attention_mask"
         dims = {n: _int(module, n) for n in ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "key_dim",
                                              "value_dim", "conv_kernel_size", "hidden_size")}
         if None in dims.values():
@@ -268,46 +271,36 @@ class GatedDeltaAdapter:
     # -- forward
 
     @staticmethod
-    def _bind(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``forward(hidden_states, cache=None, attention_mask=None, **kwargs)`` -> (hidden, mask); refuses
-        what it cannot honour."""
-        names = ("hidden_states", "cache", "attention_mask")
-        if len(args) > len(names):
-            raise NotImplementedError(f"gated_delta: {len(args)} positional arguments (expected at most {names})")
-        bound = dict(zip(names, args))
-        kw = dict(kwargs)
-        for n in names:
-            if n in kw:
-                if n in bound:
-                    raise TypeError(f"gated_delta: {n} given twice")
-                bound[n] = kw.pop(n)
-        if "cache_params" in kw:  # the deprecated name of cache
-            bound.setdefault("cache", kw.pop("cache_params"))
-        if bound.get("cache") is not None:
-            raise NotImplementedError("gated_delta: cache (a past conv / recurrent state) is not supported under "
-                                      "sequence parallelism; call without a cache (training / whole-prompt forward)")
-        for n in _PACKING_KWARGS:
-            if kw.get(n) is not None:
-                raise NotImplementedError(f"gated_delta: {n} (packed documents) is not supported; the state would "
+    def _bind(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The call bound to the class's ``forward(hidden_states, cache=None, attention_mask=None, **kwargs)``
+        -> (hidden (B, S_local, hidden), padding mask (B, S_local) or None); refuses what it cannot honour."""
+        name = type(module).__name__
+        bound = call_arguments(module, args, kwargs)
+        for key in ("cache", "cache_params"):  # cache_params: the deprecated name of cache
+            if bound.get(key) is not None:
+                raise NotImplementedError(f"{name}: {key}= (a past conv / recurrent state) is not supported under "
+                                          "sequence parallelism; call without a cache (training / whole-prompt "
+                                          "forward)")
+        for key in _PACKING_KWARGS:
+            if bound.get(key) is not None:
+                raise NotImplementedError(f"{name}: {key}= (packed documents) is not supported; the state would "
                                           "have to restart at each document")
-        hidden = bound.get("hidden_states")
+        hidden = bound["hidden_states"]
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
-            raise TypeError("gated_delta: hidden_states must be a (B, S_local, hidden) tensor")
-        return hidden, bound.get("attention_mask")
+            raise TypeError(f"{name}: hidden_states must be a (B, S_local, hidden) tensor")
+        mask = bound.get("attention_mask")
+        check_padding_mask(name, "attention_mask", mask, hidden)
+        return hidden, mask
 
     def forward(self, module: nn.Module, ctx: MixerContext, args: tuple, kwargs: dict) -> Any:
         from transformers.activations import ACT2FN
 
-        hidden, mask = self._bind(args, kwargs)  # (B, T, hidden)
+        hidden, mask = self._bind(module, args, kwargs)  # (B, T, hidden), (B, T) or None
         B, T, _ = hidden.shape
         if T != ctx.runs.length:
-            raise ValueError(f"gated_delta: hidden_states has {T} tokens, this rank's runs hold {ctx.runs.length}")
+            raise ValueError(f"{type(module).__name__}: hidden_states has {T} tokens, this rank's runs hold "
+                             f"{ctx.runs.length}")
         if mask is not None:  # a padding mask zeroes its tokens' inputs, per token (the module's own rule)
-            if not isinstance(mask, torch.Tensor):
-                raise TypeError(f"gated_delta: attention_mask must be a (B, S_local) tensor, got {type(mask).__name__}")
-            if mask.ndim != 2 or tuple(mask.shape) != (B, T):
-                raise NotImplementedError(f"gated_delta: attention_mask of shape {tuple(mask.shape)}; only a 2-D "
-                                          f"padding mask of this rank's tokens ({B}, {T}) is supported")
             hidden = (hidden * mask[:, :, None]).to(hidden.dtype)
         proj = self.projection(module)
         nv, dk, dv = module.num_v_heads, module.head_k_dim, module.head_v_dim
