@@ -1,7 +1,8 @@
 """A million-token training step on CPU ranks: forward, backward and AdamW step of a Mistral-shaped model.
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/million.py           # S = 1,048,576
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/million.py --seq 16384 --compare
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/million.py --seq 65536 --compare
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/million.py --seq 16384 --compare --reference both
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/million.py --seq 8192 16384 --features off
     python benchmarks/million.py --report          # table and plot again from results/million.json
 
@@ -18,9 +19,26 @@ for plain SGD).
 offload, which on CPU ranks only copies within the same memory). ``--features off``: none of them
 (``loss="full"``, ``mlp="full"``, ``checkpoint=False``, no offload): the rank's whole logits exist, in
 fp32 for the loss, with their gradient. Each run checks that the features took effect (no logits
-returned, MLPs that ran tiled) or not. ``--compare``: both, in fp32, on the same seed and batch; the
-loss and every gradient (``full_tensor()``, before the optimizer step) compared: loss rel < 1e-5, each
-parameter's ``|g - g_ref| / |g_ref|`` < 1e-4, else the job exits 1.
+returned, MLPs that ran tiled) or not. ``--compare``: features on and a reference, in fp32, on the same
+seed and batch; the loss and every gradient (``full_tensor()``, before the optimizer step) compared: loss
+rel < 1e-5, each parameter's ``|g - g_ref| / |g_ref|`` < 1e-4, else the job exits 1.
+
+The reference (``--reference turns``, the default): the model's own loss on the whole logits, one rank at
+a time. The step of "off" (no chunked loss, no tiling, no checkpoint), the model called without labels;
+the input ``h`` of ``lm_head`` goes to transformers' own ``model.loss_function`` (ForCausalLMLoss: the sum
+over the rank's ``shift_labels`` / the batch's ``num_items_in_batch``, as under seqpar) on the rank's whole
+logits ``F.linear(h, lm_head.weight)``, none of seqpar's chunked code; the ranks take turns, and the
+backward recomputes the logits in the same turns::
+
+    forward (no graph)   rank 0: logits, loss | barrier | rank 1: ... | barrier | ... rank P-1 | barrier
+    backward             rank 0: logits, loss, grad (h, W) | barrier | ... | rank P-1 ... | barrier
+
+so one rank's logits (S/P x V fp32, their log-softmax and gradients: ~6-8 GB at S = 65,536, cp = 4) exist
+at a time, not all P ranks' (~27 GB: more than this machine's 24 GB). Its value is the all-reduced sum of
+the ranks' parts, the gradient local (as seqpar's loss pass). Its row is labelled "reference": its memory
+is not the plain step's and is not modelled. ``--reference off``: the features-off step itself (the
+model's own path, the P ranks' logits at once); ``both``: both references, each compared with the
+features and with each other.
 
 Per rank, as benchmarks/memory.py does: a warm-up step on 128 cp tokens first (one-time
 allocations; AdamW's states, created with lr = 0 so the parameters do not move), gradients dropped,
@@ -48,6 +66,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import faulthandler
+import functools
 import logging
 import math
 import os
@@ -55,7 +74,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Literal
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from common import RESULTS, load_json, pyplot, save_figure, write_json
 
 import seqpar.testing.memory as _mem
@@ -64,6 +87,9 @@ log = logging.getLogger("million")
 LOSS_REL, GRAD_REL = 1e-5, 1e-4  # --compare's bounds (fp32)
 GiB = float(1 << 30)
 PHASES = ("forward", "backward", "optimizer")
+Features = Literal["on", "off", "reference"]  # a run: --features on / off, or --compare's reference
+Reference = Literal["turns", "off", "both"]  # --compare's reference run(s)
+REFERENCE_RUNS: dict[str, tuple[str, ...]] = {"turns": ("reference",), "off": ("off",), "both": ("reference", "off")}
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -91,7 +117,8 @@ def model_config(args):
 
 
 def options(features: str, offload: str) -> dict:
-    """parallelize's memory options for ``--features on`` / ``off``."""
+    """parallelize's memory options for ``--features on`` / ``off`` (and ``--compare``'s "reference" run:
+    those of "off", its LM head + loss by :class:`ReferenceHead`)."""
     if features == "on":
         return dict(loss="chunked", mlp="tiled", checkpoint=True, offload=offload)
     return dict(loss="full", mlp="full", checkpoint=False, offload="none")
@@ -166,21 +193,107 @@ class Progress:
             self.bar.close()
 
 
+# ------------------------------------------------------------------------------------------ the reference
+
+
+class _TurnsLoss(torch.autograd.Function):
+    """``loss_fn(h @ W^T)`` with the rank's whole logits, the ranks of ``group`` one at a time.
+
+    Forward (no graph): for r = 0..P-1, rank r computes its logits and loss, then every rank enters a
+    barrier; only ``h`` (B, S/P, H) and ``W`` (V, H) are kept. Backward: the same turns, rank r recomputing
+    its logits with a graph and taking the gradient of its loss w.r.t. (h, W). The P ranks' logits
+    (B, S/P, V, fp32, with their log-softmax and gradients) never exist at the same time."""
+
+    @staticmethod
+    def forward(ctx, h, weight, loss_fn, group):
+        ctx.loss_fn, ctx.group = loss_fn, group
+        ctx.save_for_backward(h, weight)
+        loss = None
+        for r in range(dist.get_world_size(group)):
+            if r == dist.get_rank(group):
+                loss = loss_fn(F.linear(h, weight))
+            dist.barrier(group=group)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        dh = dw = None
+        for r in range(dist.get_world_size(ctx.group)):
+            if r == dist.get_rank(ctx.group):
+                with torch.enable_grad():
+                    h_, w_ = h.detach().requires_grad_(), weight.detach().requires_grad_()
+                    dh, dw = torch.autograd.grad(ctx.loss_fn(F.linear(h_, w_)), (h_, w_), grad)
+                del h_, w_
+            dist.barrier(group=ctx.group)
+        return dh, dw, None, None
+
+
+class ReferenceHead:
+    """--compare's reference LM head + loss on a model parallelized with ``loss="full"`` and called
+    WITHOUT labels: a pre-hook on ``lm_head`` takes its input ``h`` (B, S/P, H) and the head's weight
+    (the root FSDP2 unit's, unsharded during the forward and the backward), computes
+    ``model.loss_function`` (transformers' ForCausalLMLoss: the sum over the rank's ``shift_labels`` /
+    the batch's ``num_items_in_batch``, as the model's own loss under seqpar) on the whole logits by
+    :class:`_TurnsLoss`, and hands ``lm_head`` an empty slice of ``h``. ``loss``: the rank's part, its
+    gradient local (the cp ranks' gradients sum to the whole sequence's, as in seqpar's loss pass);
+    :meth:`value` is the all-reduced sum."""
+
+    def __init__(self, model, group):
+        head = model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError(f"--compare's reference: {type(model).__name__}.lm_head has a bias; the reference "
+                             f"computes F.linear(h, lm_head.weight) only")
+        self.model, self.group, self.loss = model, group, None
+        self.targets = self.count = None
+        self.handle = head.register_forward_pre_hook(self._pre)
+
+    def inputs(self, batch: dict) -> dict:
+        """``batch`` (of ``seqpar.shard_batch``) without its labels; the targets kept for the head."""
+        self.targets, self.count = batch["shift_labels"], batch["num_items_in_batch"]
+        return {k: v for k, v in batch.items() if k not in ("labels", "shift_labels", "num_items_in_batch")}
+
+    def _pre(self, module, args):
+        (h,) = args  # (B, S/P, H)
+        if self.loss is not None:
+            raise RuntimeError("--compare's reference: lm_head called twice in one forward")
+        cfg = self.model.config
+        fn = functools.partial(self.model.loss_function, labels=None, vocab_size=cfg.vocab_size,
+                               num_items_in_batch=self.count, shift_labels=self.targets)
+        self.loss = _TurnsLoss.apply(h, module.weight, fn, self.group)
+        return (h[:, :0],)
+
+    def take(self):
+        """The rank's loss of the last forward (0-d, with its graph), and the hook ready for the next."""
+        loss, self.loss = self.loss, None
+        if loss is None:
+            raise RuntimeError("--compare's reference: lm_head did not run")
+        return loss
+
+    def value(self, loss) -> float:
+        """The loss over the whole sequence: the ranks' parts summed."""
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return total.item()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 # ------------------------------------------------------------------------------------------ one run
 
 
-def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -> dict:
+def run(args, mesh, features: Features, S: int, lead: bool, *, grads: bool = False) -> dict:
     """One training step of a fresh model on ``S`` tokens -> per-phase seconds, this rank's memory, loss
-    (and the full gradients when ``grads``)."""
-    import torch
-    import torch.distributed as dist
+    (and the full gradients when ``grads``). ``features="reference"``: the step of "off" with the LM head +
+    loss of :class:`ReferenceHead` (the model called without labels)."""
     from transformers import MistralForCausalLM
 
     import seqpar
     from seqpar.passes.tiled_mlp import tiled_modules
 
     cp = mesh["cp"].size()
-    name = f"S={S:,} features {features}"
+    name = f"S={S:,} {RUN_NAMES[features]}"
     prog = Progress(lead, name, args.layers)
     sec: dict[str, float] = {}
     t = time.perf_counter()
@@ -192,6 +305,16 @@ def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -
     seqpar.parallelize(model, mesh, layout=args.layout, method="ring", fsdp=True, precision=args.precision,
                        **options(features, args.offload))
     sec["parallelize"] = time.perf_counter() - t
+    ref = ReferenceHead(model, mesh["cp"].get_group()) if features == "reference" else None
+
+    def forward(batch: dict):
+        """-> (the loss to differentiate, the logits the model returned)."""
+        if ref is None:
+            out = model(**batch)
+            return out.loss, out.logits
+        out = model(**ref.inputs(batch))
+        return ref.take(), out.logits
+
     prog.done(None, "batch")
     t = time.perf_counter()
 
@@ -210,7 +333,7 @@ def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -
     t = time.perf_counter()
     for g in opt.param_groups:  # the warm-up creates the optimizer's states; with lr = 0 nothing moves
         g["lr"] = 0.0
-    model(**batch(128 * cp, 7)).loss.backward()
+    forward(batch(128 * cp, 7))[0].backward()
     opt.step()
     for g in opt.param_groups:
         g["lr"] = args.lr
@@ -224,9 +347,7 @@ def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -
     base = _mem.reset_peak()
     prog.counting = True
     t = prog.t = time.perf_counter()
-    out = model(**b)
-    loss, logits = out.loss, out.logits
-    del out  # logits (None when chunked) are not held through the backward
+    loss, logits = forward(b)  # logits (None when chunked, empty for the reference) not held through the backward
     chunked = logits is None
     del logits
     sec["forward"] = time.perf_counter() - t
@@ -239,7 +360,7 @@ def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -
     sec["backward"] = time.perf_counter() - t
     hwm["backward"] = _mem.status("VmHWM")
     prog.done("block 0 backward (+ embedding)", "optimizer")
-    value = loss.item()
+    value = loss.item() if ref is None else ref.value(loss)
     del loss
     full = None
     if grads:  # outside the measured phases (a collective per parameter)
@@ -254,6 +375,8 @@ def run(args, mesh, features: str, S: int, lead: bool, *, grads: bool = False) -
     prog.close()
     for h in hooks:
         h.remove()
+    if ref is not None:
+        ref.remove()
     sec["step"] = sec["forward"] + sec["backward"] + sec["optimizer"]
     tiled = sum(1 for t in tiled_modules(model) if getattr(t, "calls", 1))  # MLPs that ran tiled
     want = options(features, args.offload)
@@ -277,9 +400,10 @@ def gather(res: dict) -> list[dict]:
 
 
 def row(args, features: str, S: int, cp: int, ranks: list[dict]) -> dict:
-    """The JSON row of one run: the slowest rank's phase times, the largest rank's memory, the plan."""
-    mp = predict(args, features, S, cp)
-    pred = predicted_rise(mp)
+    """The JSON row of one run: the slowest rank's phase times, the largest rank's memory, the plan (none
+    for the reference: its logits exist one rank at a time, which the plan does not model)."""
+    mp = None if features == "reference" else predict(args, features, S, cp)
+    pred = None if mp is None else predicted_rise(mp)
     sec = {k: max(r["seconds"][k] for r in ranks) for k in ranks[0]["seconds"]}
     stages = {k: max(r["stages"].get(k, 0.0) for r in ranks) for k in ranks[0]["stages"]}
     rise = max(r["rise"] for r in ranks)
@@ -293,12 +417,13 @@ def row(args, features: str, S: int, cp: int, ranks: list[dict]) -> dict:
                 per_rank=[dict(rise=r["rise"], peak=r["peak"], baseline=r["baseline"], phase=r["peak_phase"],
                                hwm=r["hwm"]) for r in ranks],
                 measured_phase=max(ranks, key=lambda r: r["rise"])["peak_phase"],
-                predicted_rise_bytes=pred, predicted_total_bytes=mp.total, predicted_phase=mp.peak_phase,
-                predicted_items=mp.items, error=pred / rise - 1, measured=True)
+                predicted_rise_bytes=pred, predicted_total_bytes=None if mp is None else mp.total,
+                predicted_phase=None if mp is None else mp.peak_phase, predicted_items=None if mp is None else mp.items,
+                error=None if mp is None else pred / rise - 1, measured=True)
 
 
 def compare(full: dict, ref: dict, loss: float, loss_ref: float) -> dict:
-    """Loss and per-parameter gradient relative differences of ``full`` (features on) against ``ref``."""
+    """Loss and per-parameter gradient relative differences of the gradients ``full`` against ``ref``."""
     rels = {}
     for n, g in ref.items():
         d = (full[n].double() - g.double()).norm().item()
@@ -327,14 +452,14 @@ def worker(args) -> None:
     mesh = seqpar.init_mesh(cp=world)
     cfg = model_config(args)
     log.info("start: %d ranks (cp=%d, zigzag ring, FSDP2), S=%s, features %s%s, %s, Mistral vocab %d hidden %d "
-             "layers %d heads %d/%d window %d", world, world, args.seq, "on+off compared" if args.compare
-             else args.features, f" offload={args.offload}" if args.offload != "none" else "", args.optimizer,
+             "layers %d heads %d/%d window %d", world, world, args.seq, f"on compared with {args.reference}"
+             if args.compare else args.features, f" offload={args.offload}" if args.offload != "none" else "", args.optimizer,
              cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
              cfg.num_key_value_heads, cfg.sliding_window)
     t0 = time.perf_counter()
     rows, checks = [], []
     for S in args.seq:
-        feats = ("on", "off") if args.compare else (args.features,)
+        feats = ("on", *REFERENCE_RUNS[args.reference]) if args.compare else (args.features,)
         got = {}
         for f in feats:
             res = run(args, mesh, f, S, lead, grads=args.compare)
@@ -345,12 +470,13 @@ def worker(args) -> None:
             if lead:
                 rows.append(row(args, f, S, world, ranks))
                 print(line(rows[-1]), flush=True)
-        if args.compare:
-            c = dict(seq_len=S, **compare(got["on"]["grads"], got["off"]["grads"], got["on"]["loss"],
-                                         got["off"]["loss"]))
+        pairs = [("on", f) for f in feats[1:]] + ([("reference", "off")] if len(feats) == 3 else [])
+        for which, against in pairs:
+            c = dict(seq_len=S, run=which, against=against, **compare(got[which]["grads"], got[against]["grads"],
+                                                                     got[which]["loss"], got[against]["loss"]))
             checks.append(c)
             if lead:
-                print(f"compare S={S:,}: loss rel {c['loss_rel']:.2e} (< {LOSS_REL:g}), worst gradient rel "
+                print(f"{compared(c)}: loss rel {c['loss_rel']:.2e} (< {LOSS_REL:g}), worst gradient rel "
                       f"{c['grad_rel_max']:.2e} (< {GRAD_REL:g}, {c['grad_rel_worst_param']}) over {c['params']} "
                       f"parameters: {'OK' if c['ok'] else 'FAILED'}", flush=True)
         got.clear()
@@ -359,8 +485,8 @@ def worker(args) -> None:
         data = load_json(path, default={"rows": [], "compare": []})
         keys = {r["key"] for r in rows}
         data["rows"] = [r for r in data.get("rows", []) if r.get("key") not in keys] + rows
-        done = {c["seq_len"] for c in checks}
-        data["compare"] = [c for c in data.get("compare", []) if c["seq_len"] not in done] + checks
+        done = {pair(c) for c in checks}
+        data["compare"] = [c for c in data.get("compare", []) if pair(c) not in done] + checks
         data["meta"] = dict(model=dict(type="MistralForCausalLM", vocab=cfg.vocab_size, hidden=cfg.hidden_size,
                                        layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
                                        kv_heads=cfg.num_key_value_heads, intermediate=cfg.intermediate_size,
@@ -382,12 +508,32 @@ def worker(args) -> None:
 # ------------------------------------------------------------------------------------------ output
 
 
+RUN_NAMES = {"on": "features on", "off": "features off", "reference": "the reference"}
+
+
+def pair(c: dict) -> tuple:
+    """A comparison's (S, run, against); rows written before the reference existed compared on with off."""
+    return c["seq_len"], c.get("run", "on"), c.get("against", "off")
+
+
+def compared(c: dict) -> str:
+    S, which, against = pair(c)
+    return f"compare S={S:,} ({RUN_NAMES[which]} vs {RUN_NAMES[against]}, fp32)"
+
+
+def modelled(r: dict) -> str:
+    """The plan beside a row's measurement; the reference (one rank's logits at a time) has none."""
+    if r.get("predicted_rise_bytes") is None:
+        return "model n/a (reference: logits one rank at a time)"
+    return f"model {r['predicted_rise_bytes'] / GiB:.2f} GiB ({r['predicted_phase']})  error {r['error']:+.0%}"
+
+
 def line(r: dict) -> str:
     s = r["seconds"]
-    return (f"S={r['seq_len']:>9,} features {r['features']:<3} loss {r['loss']:.4f}  forward {s['forward']:.1f} s  "
+    return (f"S={r['seq_len']:>9,} {RUN_NAMES[r['features']]:<13} loss {r['loss']:.4f}  forward {s['forward']:.1f} s  "
             f"backward {s['backward']:.1f} s  optimizer {s['optimizer']:.2f} s  | per-rank peak rise "
             f"{r['rise_bytes'] / GiB:.2f} GiB (absolute {r['peak_bytes'] / GiB:.2f}, {r['measured_phase']})  "
-            f"model {r['predicted_rise_bytes'] / GiB:.2f} GiB ({r['predicted_phase']})  error {r['error']:+.0%}\n"
+            f"{modelled(r)}\n"
             f"    stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.get("stages", {}).items()))
 
 
@@ -405,6 +551,8 @@ def refresh(data: dict, args) -> None:
     """Every row's prediction again from the current ``seqpar.plan_memory`` (the model may have changed
     since the row was measured)."""
     for r in data.get("rows", []):
+        if r["features"] == "reference":  # not a configuration the plan models
+            continue
         mp = predict(args, r["features"], r["seq_len"], r["cp"], r.get("precision", "fp32"))
         r.update(predicted_rise_bytes=predicted_rise(mp), predicted_total_bytes=mp.total,
                  predicted_phase=mp.peak_phase, predicted_items=mp.items,
@@ -415,17 +563,18 @@ def report(data: dict, args, png: Path | None) -> str:
     """The table of every row, the step without the features at the longest S (modelled, and
     extrapolated from the measured rows), the comparisons; the plot to ``png``."""
     refresh(data, args)
-    rows = sorted(data.get("rows", []), key=lambda r: (r["features"] != "on", r.get("precision", "fp32"),
+    rows = sorted(data.get("rows", []), key=lambda r: (list(RUN_NAMES).index(r["features"]), r.get("precision", "fp32"),
                                                        r["seq_len"]))
     out = ["", "| features | dtype | S | tokens/rank | loss | forward s | backward s | optimizer s | step s | "
            "peak rise / rank GiB | absolute peak GiB | model GiB | model error |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["seconds"]
+        ref = r["features"] == "reference"
         out.append(f"| {r['features']} | {r.get('precision', 'fp32')} | {r['seq_len']:,} | {r['tokens_per_rank']:,} | "
                    f"{r['loss']:.4f} | {s['forward']:.1f} | {s['backward']:.1f} | {s['optimizer']:.2f} | "
                    f"{s['step']:.1f} | {r['rise_bytes'] / GiB:.2f} | {r['peak_bytes'] / GiB:.2f} | "
-                   f"{r['predicted_rise_bytes'] / GiB:.2f} | {r['error']:+.0%} |")
+                   + ("n/a | n/a |" if ref else f"{r['predicted_rise_bytes'] / GiB:.2f} | {r['error']:+.0%} |"))
     top = max([r["seq_len"] for r in rows] + [1 << 20])
     cp = rows[0]["cp"] if rows else 4
     without = {}
@@ -444,10 +593,12 @@ def report(data: dict, args, png: Path | None) -> str:
                 + (f"; linear fit of the measured S = {', '.join(f'{x:,}' for x in w['measured_lengths'])}: "
                    f"{ex / GiB:.1f} GiB" if ex else "")]
     data["without_features"] = without
-    for c in data.get("compare", []):
-        out.append(f"compare S={c['seq_len']:,} (features on vs off, fp32): loss rel {c['loss_rel']:.1e}, worst "
-                   f"gradient rel {c['grad_rel_max']:.1e} over {c['params']} parameters: "
-                   f"{'OK' if c['ok'] else 'FAILED'}")
+    if any(r["features"] == "reference" for r in rows):
+        out.append("reference: --compare's features-off step with the model's own loss on the whole logits, one "
+                   "rank at a time (its memory is not the plain step's; not modelled)")
+    for c in sorted(data.get("compare", []), key=pair):
+        out.append(f"{compared(c)}: loss rel {c['loss_rel']:.1e}, worst gradient rel {c['grad_rel_max']:.1e} "
+                   f"({c['grad_rel_worst_param']}) over {c['params']} parameters: {'OK' if c['ok'] else 'FAILED'}")
     if png is not None:
         plot(rows, args, png)
     return "\n".join(out)
@@ -491,7 +642,12 @@ def main() -> None:
     p.add_argument("--seq", type=int, nargs="+", default=[1 << 20], help="global sequence lengths, one run each")
     p.add_argument("--features", choices=("on", "off"), default="on",
                    help="on: loss='chunked', mlp='tiled', checkpoint=True; off: loss='full', mlp='full', none")
-    p.add_argument("--compare", action="store_true", help="run both and compare the loss and every gradient")
+    p.add_argument("--compare", action="store_true",
+                   help="run features on and a reference, and compare the loss and every gradient")
+    p.add_argument("--reference", choices=("turns", "off", "both"), default=None,
+                   help="--compare's reference: turns = the features-off step with the model's own loss on the whole "
+                        "logits, one rank at a time (fits at S = 65,536); off = the features-off step itself; both = "
+                        "both, each compared (and with each other)")
     p.add_argument("--offload", choices=("none", "cpu"), default="none", help="checkpoint offload (features on)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="parallelize(precision=): bf16 = FSDP2 mixed precision (fp32 parameters, gradients reduced "
@@ -511,6 +667,9 @@ def main() -> None:
     p.add_argument("--json", default=str(RESULTS / "million.json"), help="results file ('' for none)")
     p.add_argument("--report", action="store_true", help="only print the table and redo the plot from --json")
     args = p.parse_args()
+    if args.reference is not None and not args.compare:
+        p.error("--reference chooses --compare's reference run; pass --compare too, or drop --reference")
+    args.reference = args.reference or "turns"
     if args.compare:
         args.precision = "fp32"  # the equality bounds are fp32's
     if args.report:
