@@ -76,12 +76,15 @@ class AllGatherMethod(CollectiveMethod):
         opts = dict(scale=self.scale, backend=self.backend)
         acc = acc_dtype(q.dtype)
         blocks = self._gather(k, v, "backward")
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dq = None  # (B, Hq, S_local, D) in acc: started by the diagonal tile's dq (backward_tile)
         # every block's dK/dV; P leads so that rank j's block is one contiguous chunk of the reduce-scatter
         dkv = torch.zeros((self.size, *blocks[0].shape), dtype=acc, device=k.device)  # (P, *fused K/V)
         for j, t in self._tiles(q.shape[2]):
-            backward_tile(dout, q, blocks[j], out, lse, t, dq, dkv[j], record=self.record, step=j, **opts)
+            dq, _ = backward_tile(dout, q, blocks[j], out, lse, t, dq, dkv[j], acc=acc, record=self.record, step=j,
+                                  **opts)
         del blocks
+        if dq is None:
+            dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         mine = self._collective(lambda: reduce_scatter_tensor(dkv, self.group), "backward, in the dK/dV reduce-scatter")
         dk, dv = split_kv(mine, k.shape[-1])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -135,7 +135,7 @@ class RingMethod(CallOptions):
         ring, opts = self.ring, dict(scale=self.scale, backend=self.backend)
         tag_kv, tag_dkv = call_tags(self.call)
         acc = acc_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dq = None  # (B, Hq, S_local, D) in acc: started by the diagonal tile's dq (backward_tile)
         kv = fuse_kv(k, v)  # (2, B, Hkv, S_local, D) or (B, Hkv, S_local, D + Dv)
         spare = torch.empty_like(kv) if ring.size > 2 else None
         dkv_pending = None
@@ -143,11 +143,15 @@ class RingMethod(CallOptions):
         last = len(plan) - 1
         for step, _, tiles in plan:
             kv_pending = self._post(kv, spare, tag_kv, "backward", step, "K/V") if step < last else None
-            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # like kv
+            dkv = None  # like kv, in acc: this step's block's contributions
             for t in tiles:
-                backward_tile(dout, q, kv, out, lse, t, dq, dkv, record=self.record, step=step, **opts)
-            if dkv_pending is not None:
-                dkv += self._wait(dkv_pending, "backward", step, "dK/dV")  # this KV block's buffer, from the rank before
+                dq, dkv = backward_tile(dout, q, kv, out, lse, t, dq, dkv, acc=acc, record=self.record, step=step,
+                                        **opts)
+            if dkv_pending is not None:  # this KV block's buffer, from the rank before
+                got = self._wait(dkv_pending, "backward", step, "dK/dV")
+                dkv = got if dkv is None else dkv.add_(got)
+            elif dkv is None:
+                dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
             if step < last:
                 dkv_pending = self._post(dkv, None, tag_dkv, "backward", step, "dK/dV")
             if kv_pending is not None:
@@ -157,4 +161,6 @@ class RingMethod(CallOptions):
         if last > 0:
             dkv = self._wait(self._post(dkv, None, tag_dkv, "backward", last, "dK/dV", hops=ring.size - last),
                              "backward", last, "dK/dV")
+        if dq is None:  # no tile at all (every row meets its diagonal at step 0, so not with a real plan)
+            dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         return (dq, *split_kv(dkv, q.shape[-1]))

@@ -9,7 +9,8 @@ query / kv slices that have work. The ring (:mod:`seqpar.methods.ring`) and the 
                    masked pieces)
                    later tiles: block_attention_accumulate into views of (out, lse) (half tiles too)
     backward_tile  block_attention_backward against the global (out, lse); adds into dq (at home)
-                   and into the block's fused dK/dV buffer (2, B, Hkv, S_local, D)
+                   and into the block's fused dK/dV buffer (2, B, Hkv, S_local, D); a buffer not
+                   started yet starts from a whole tile's gradients (no zero fill)
 
 ``kv`` is always one fused block (:func:`fuse_kv`, GQA heads never repeated): K and V stacked,
 (2, B, Hkv, S_local, D); or, when v has its own head dim Dv != D (MLA: DeepSeek-V2/V3, MiniCPM3), K and V
@@ -116,15 +117,18 @@ def backward_tile(
     out: torch.Tensor,  # global out
     lse: torch.Tensor,  # global lse
     t: Tile,
-    dq: torch.Tensor,  # (B, Hq, S_local, D) in acc: added into
-    dkv: torch.Tensor,  # like kv, in acc, this block's: added into
+    dq: torch.Tensor | None,  # (B, Hq, S_local, D) in acc: added into; None = not started yet
+    dkv: torch.Tensor | None,  # like kv, in acc, this block's: added into; None = not started yet
     *,
+    acc: torch.dtype,
     scale: float,
     backend: str,
     record: Recorder | None,
     step: int,
-) -> None:
-    """Tile ``t``'s gradients, recomputed against the global (out, lse), added into ``dq`` and ``dkv``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile ``t``'s gradients, recomputed against the global (out, lse), added into ``dq`` and ``dkv`` ->
+    (dq, dkv). An accumulator that is None starts from this tile: its gradients themselves when the tile
+    covers all of its rows (the ring's diagonal: no zero fill and no add over the whole buffer), else zeros."""
     d = q.shape[-1]
     k, v = split_kv(kv, d)
     with step_timer(record, "backward", step):
@@ -132,7 +136,18 @@ def backward_tile(
             dout[:, :, t.q], q[:, :, t.q], k[:, :, t.kv], v[:, :, t.kv], out[:, :, t.q],
             lse[:, :, t.q], mask=t.mask, scale=scale, backend=backend,
         )
-    dk, dv = split_kv(dkv, d)
-    dq[:, :, t.q] += gq
-    dk[:, :, t.kv] += gk
-    dv[:, :, t.kv] += gv
+    if dq is None and t.q == slice(None):
+        dq = gq.to(acc)
+    else:
+        if dq is None:
+            dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dq[:, :, t.q] += gq
+    if dkv is None and t.kv == slice(None):
+        dkv = fuse_kv(gk.to(acc), gv.to(acc))
+    else:
+        if dkv is None:
+            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        dk, dv = split_kv(dkv, d)
+        dk[:, :, t.kv] += gk
+        dv[:, :, t.kv] += gv
+    return dq, dkv
