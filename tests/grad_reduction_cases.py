@@ -13,12 +13,16 @@ from seqpar.testing import zoo
 from parallel_cases import _full, _rel, make_batch, make_model, mesh_for, reference_loss
 
 
-def accumulation(rank, size, *, fsdp, dp, cp):
+def accumulation(rank, size, *, fsdp, dp, cp, cast=None):
     """Two micro-batches accumulated before one optimizer step: every gradient equals the single-process
-    sum of the two (mean over dp replicas), so no backward's contribution is reduced twice."""
+    sum of the two (mean over dp replicas), so no backward's contribution is reduced twice. ``cast``: a dtype
+    both models are converted to after parallelize (fsdp=False's per-dtype grouping made at parallelize must
+    follow the parameters' new dtype)."""
     mesh = mesh_for(dp, cp)
     ref = make_model("llama")
     model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout="zigzag", fsdp=fsdp)
+    if cast is not None:
+        ref, model = ref.to(cast), model.to(cast)
     replica = mesh.get_local_rank("dp")
     for micro in range(2):
         batches = [make_batch(d, 1, 32, step=micro) for d in range(dp)]
