@@ -22,7 +22,8 @@ floats per rank) and merges them locally in rank order, so every rank computes b
 
 :func:`merge_tree` merges in log2 P exchanges instead (recursive doubling, Tree Attention's reduction): at
 step d = 1, 2, 4, ... each rank swaps its running partial with rank ``r xor d`` and both merge the two in
-the same order (the lower ranks' first), so every rank again ends bit-identical. It moves ``log2 P`` blocks
+the same order (the lower ranks' first, with :func:`seqpar.kernels.merge_partial`, the ring's stable pairwise
+merge, in place), so every rank again ends bit-identical. It moves ``log2 P`` blocks
 per rank where the all-gather moves ``P - 1``, for ``log2 P`` latencies instead of one: it pays for large
 batches on many ranks (``seqpar.plan_inference`` picks)::
 
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm import all_gather_tensor
-from seqpar.kernels import acc_dtype
+from seqpar.kernels import acc_dtype, merge_partial
 
 __all__ = ["merge_partials", "merge_across", "merge_tree", "tree_applies", "MergeKind", "MERGES", "TAG_MERGE"]
 
@@ -94,7 +95,11 @@ def merge_tree(out: torch.Tensor, lse: torch.Tensor, group) -> tuple[torch.Tenso
                          "merge='all_gather' for this group")
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     acc = acc_dtype(out.dtype if out.dtype == torch.float64 else lse.dtype)
-    mine = torch.cat([out.to(acc), lse.to(acc).unsqueeze(-1)], dim=-1).contiguous()  # (..., Dv + 1)
+    lse = lse.to(acc)
+    # rows this rank saw no key of: out zeroed (it may hold NaN), so the pairwise merge's weight 0 reads a 0; merged
+    # partials keep it (two unseen rows merge to the zero row, out 0 and lse -inf, as merge_partials gives)
+    out = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, out.to(acc))
+    mine = torch.cat([out, lse.unsqueeze(-1)], dim=-1).contiguous()  # (..., Dv + 1)
     d = 1
     while d < size:
         peer = dist.get_global_rank(group, rank ^ d)
@@ -102,8 +107,8 @@ def merge_tree(out: torch.Tensor, lse: torch.Tensor, group) -> tuple[torch.Tenso
         for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, mine, peer, group, TAG_MERGE),
                                             dist.P2POp(dist.irecv, theirs, peer, group, TAG_MERGE)]):
             work.wait()
-        low, high = (mine, theirs) if rank & d == 0 else (theirs, mine)
-        o, l = merge_partials(torch.stack([low[..., :-1], high[..., :-1]]), torch.stack([low[..., -1], high[..., -1]]))
-        mine = torch.cat([o, l.unsqueeze(-1)], dim=-1).contiguous()
+        low, high = (mine, theirs) if rank & d == 0 else (theirs, mine)  # the same order on both ranks
+        merge_partial(low[..., :-1], low[..., -1], high[..., :-1], high[..., -1])  # into low, in place
+        mine = low
         d *= 2
     return mine[..., :-1], mine[..., -1]
