@@ -5,6 +5,7 @@ gloo ranks against the unmodified single-process models; a memory test that full
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -54,6 +55,47 @@ def test_function_checks_targets():
         chunked_cross_entropy(h, w, None, torch.tensor([1, 2, 10, 3]))
     with pytest.raises(IndexError, match="out of bounds"):
         chunked_cross_entropy(h, w, None, torch.tensor([1, -5, 2, 3]))
+
+
+def test_lazy_logits_in_one_process():
+    """LazyLogits (seqpar/passes/lazy_logits.py): metadata without values; reshapes and upcasts stay lazy and give
+    the (N, V) rows; any other op calls on_use and runs on the real logits F.linear(h, W, b) (autograd-tracked,
+    computed once); after the seal only metadata answers; hidden states changed in place are refused."""
+    from seqpar.passes.lazy_logits import LazyForward, LazyLogits
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 8, generator=g).requires_grad_()
+    w, b = torch.randn(11, 8, generator=g).requires_grad_(), torch.randn(11, generator=g)
+    used: list[str] = []
+    fwd = LazyForward(used.append)
+    z = LazyLogits.of(fwd, h, w, b, torch.float32)  # (2, 5, 11)
+    assert z.shape == (2, 5, 11) and z.size(-1) == 11 and z.dim() == 3 and z.numel() == 110 and len(z) == 2
+    assert z.dtype == torch.float32 and z.device == h.device and z.requires_grad and z.is_floating_point()
+    rows = z.flatten(0, 1).float().view(10, 11).contiguous()
+    assert isinstance(rows, LazyLogits) and rows.shape == (10, 11) and z.rows() is None
+    hid, w_, b_ = rows.rows()
+    assert hid.shape == (10, 8) and w_ is w and b_ is b
+    up = z.reshape(-1, 11).to(torch.float64)
+    assert isinstance(up, LazyLogits) and up.dtype == torch.float64 and used == [] and z.logits_computed == 0
+    want = F.linear(h, w, b)
+    half = z.to(torch.bfloat16)  # a narrowing cast: the real logits
+    assert type(half) is torch.Tensor and torch.equal(half, want.to(torch.bfloat16)) and used == ["to"]
+    scaled = up * 2  # through the chain
+    assert type(scaled) is torch.Tensor and torch.equal(scaled, want.reshape(-1, 11).double() * 2)
+    assert z.logits_computed == 1 and used == ["to", "mul"]
+    scaled.sum().backward()
+    assert torch.allclose(h.grad, 2 * w.sum(0).expand(2, 5, 8))
+    fwd.seal()
+    assert z.shape == (2, 5, 11) and up.dtype == torch.float64  # metadata still answers
+    for use in (lambda: z.sum(), lambda: repr(z), lambda: up.float(), lambda: F.cross_entropy(rows, t)):
+        t = torch.zeros(10, dtype=torch.long)
+        with pytest.raises(ValueError, match="not computed.*loss='full'"):
+            use()
+    fwd = LazyForward(used.append)
+    z = LazyLogits.of(fwd, h.detach().clone(), w, None, torch.float32)
+    z._src.hidden.mul_(2)  # the hidden states changed after lm_head ran
+    with pytest.raises(RuntimeError, match="modified in place"):
+        z + 1
 
 
 @pytest.mark.parametrize("name", list(lc.MODELS))
@@ -154,9 +196,54 @@ def test_parallelize_equals_single_process(worlds, P):
             assert res["loss"] < 1e-5, (what, res)
             assert res["grad"] < 1e-4, (what, res)
             assert res["logits"] == (loss == "full"), (what, res)
-    if P == 2:
-        for res in w.run(lc.plain_equivalence):
-            assert res["loss"] < 1e-5 and res["grad"] < 1e-4 and res["logits_numel"] == 0, res
+    for ranks, use, layout, fsdp, ckpt, ignore, eps in [c for c in PLAIN_CASES if c[0] == P]:
+        what = f"{use} P={P} layout={layout} fsdp={fsdp} checkpoint={ckpt} ignore_index={ignore} smoothing={eps}"
+        for res in w.run(lc.plain_lazy, use=use, layout=layout, fsdp=fsdp, checkpoint=ckpt, ignore_index=ignore,
+                         label_smoothing=eps):
+            assert res["loss"] < 1e-6 and res["grad"] < 1e-5, (what, res)
+            assert res["lazy"] and res["computed"] == 0 and res["logs"] == [], (what, res)  # never materialized
+            assert res["shape"] == (1, 48 // P, lc.PLAIN_VOCAB) and res["dtype"] == "torch.float32", (what, res)
+
+
+# plain models under the default loss="auto": (ranks, forward's loss, layout, fsdp, checkpoint, ignore_index,
+# label_smoothing); "gpt": seqpar.models.GPT (tied head), "loss": logits.view(-1, V).float() into F.cross_entropy
+PLAIN_CASES = [
+    (2, "gpt", "zigzag", False, False, -100, 0.0),
+    (2, "gpt", "contiguous", True, False, -100, 0.0),
+    (2, "loss", "zigzag", False, True, -1, 0.1),
+    (4, "gpt", "zigzag", False, False, -100, 0.0),
+    (4, "loss", "contiguous", True, True, -1, 0.1),
+]
+
+
+def test_plain_lazy_logits(worlds):
+    """Plain models on 2 ranks: logits used besides the loss during the forward are computed whole under "auto"
+    (exact, one log line on rank 0) and refused under "chunked"; the logits a forward with labels returns raise
+    a ValueError naming loss='full' on any use after the forward (metadata still answers); loss="full" returns
+    real logits; compile=True (the blocks compiled) keeps the logits lazy."""
+    w = worlds(2)
+    sealed = "logits of a forward with labels were not computed.*loss='full'"
+    for use in ("softcap", "accuracy"):
+        res = w.run(lc.plain_lazy, use=use)
+        for r, rank in zip(res, (0, 1)):
+            assert r["loss"] < 1e-6 and r["grad"] < 1e-5, (use, r)
+            assert r["lazy"] == (use == "accuracy") and r["computed"] in (None, 1), (use, r)
+            assert len(r["logs"]) == (1 if rank == 0 else 0), (use, r)
+        assert "uses its lm_head logits besides the loss" in res[0]["logs"][0], res[0]
+        if use == "accuracy":  # the argmax of the real logits, counted over the ranks
+            assert res[0]["correct"][0] == res[0]["correct"][1], res[0]
+        for r in w.run(lc.plain_lazy, use=use, loss="chunked"):
+            assert r["error"] is not None and "loss='chunked'" in r["error"] and "PlainLM" in r["error"], (use, r)
+    for r in w.run(lc.plain_lazy, use="gpt", layout="striped", loss="chunked"):
+        assert r["loss"] < 1e-6 and r["grad"] < 1e-5 and r["computed"] == 0, r
+        assert r["shape"] == (1, 24, lc.PLAIN_VOCAB) and r["dtype"] == "torch.float32", r  # metadata answers
+        assert set(r["after"]) == {"argmax", "repr", "sum", "backward", "float"}, r
+        for what, msg in r["after"].items():
+            assert msg is not None and re.search(sealed, msg), (what, r)
+    for r in w.run(lc.plain_lazy, use="gpt", compile=True):  # compiled blocks; the head stays eager, outside them
+        assert r["loss"] < 1e-6 and r["grad"] < 1e-5 and r["computed"] == 0, r
+    for r in w.run(lc.plain_lazy, use="gpt", loss="full"):
+        assert r["loss"] < 1e-6 and r["grad"] < 1e-5 and not r["lazy"] and r["shape"] == (1, 24, lc.PLAIN_VOCAB), r
 
 
 def test_memory(worlds):
@@ -165,3 +252,11 @@ def test_memory(worlds):
     for res in worlds(2).run(lc.memory, loss="auto", timeout=300):
         assert res["logits_bytes"] >= 1_000_000_000, res
         assert res["rise"] < res["logits_bytes"] / 2, res
+
+
+def test_plain_memory(worlds):
+    """``test_memory`` for a plain model (the seqpar GPT) under the default loss: full local fp32 logits are
+    1.05 GB; a training step raises the peak by less than half of that, its logits never computed."""
+    for res in worlds(2).run(lc.plain_memory, timeout=300):
+        assert res["logits_bytes"] >= 1_000_000_000, res
+        assert res["rise"] < res["logits_bytes"] / 2 and res["computed"] == 0, res

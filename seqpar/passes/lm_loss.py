@@ -43,6 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from seqpar.passes.lazy_logits import LazyForward, LazyLogits
+
 __all__ = ["LossMode", "LOSS_MODES", "Post", "ChunkedCrossEntropy", "chunked_cross_entropy", "default_chunk",
            "LMLoss", "check_loss", "plan"]
 
@@ -101,17 +103,18 @@ def _post_backward(dz: torch.Tensor, post: Post, kept: list[torch.Tensor | None]
 class ChunkedCrossEntropy(torch.autograd.Function):
     """sum over tokens with ``target != ignore_index`` of the cross-entropy of ``post(hidden W^T + b)``.
 
-    ``hidden`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``targets`` (N,) -> 0-d fp32 sum. Label
-    smoothing ``eps`` as ``F.cross_entropy``: ``(1 - eps) * nll + eps * (lse - mean_j z_j)``."""
+    ``hidden`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``targets`` (N,) -> 0-d sum in ``dtype`` (the
+    dtype the logits are upcast to for the loss: float32, or float64). Label smoothing ``eps`` as
+    ``F.cross_entropy``: ``(1 - eps) * nll + eps * (lse - mean_j z_j)``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, post, ignore_index, eps, chunk):
+    def forward(ctx, hidden, weight, bias, targets, post, ignore_index, eps, chunk, dtype=torch.float32):
         N, V = hidden.shape[0], weight.shape[0]
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(N, dtype=dtype, device=hidden.device)
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
         for s in range(0, N, chunk):
             z, _ = _post_forward(F.linear(hidden[s:s + chunk], weight, bias), post)
-            z = z.float()  # (c, V)
+            z = z.to(dtype)  # (c, V)
             t = targets[s:s + chunk]
             valid = t != ignore_index
             lse_c = torch.logsumexp(z, dim=-1)
@@ -122,7 +125,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             total += torch.where(valid, term, 0).sum()
             del z
         ctx.save_for_backward(hidden, weight, targets, lse, *(() if bias is None else (bias,)))
-        ctx.post, ctx.ignore_index, ctx.eps, ctx.chunk = post, ignore_index, eps, chunk
+        ctx.post, ctx.ignore_index, ctx.eps, ctx.chunk, ctx.dtype = post, ignore_index, eps, chunk, dtype
         return total
 
     @staticmethod
@@ -131,15 +134,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         bias = rest[0] if rest else None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N, V = hidden.shape[0], weight.shape[0]
-        eps = ctx.eps
+        eps, acc = ctx.eps, ctx.dtype
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
-        g = grad.float()
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        db = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
+        g = grad.to(acc)
         for s in range(0, N, ctx.chunk):
             h = hidden[s:s + ctx.chunk]
             z, kept = _post_forward(F.linear(h, weight, bias), ctx.post)
-            dz = z.float()
+            dz = z.to(acc)
             if dz.data_ptr() == z.data_ptr():
                 dz = dz.clone()
             del z
@@ -151,24 +154,26 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             dz.scatter_add_(1, torch.where(valid, t, 0)[:, None],
                             torch.full((t.shape[0], 1), -(1 - eps), dtype=dz.dtype, device=dz.device))
             dz.mul_(torch.where(valid, g, 0)[:, None])
-            dz = _post_backward(dz, ctx.post, kept)  # (c, V) fp32, d loss / d (h W^T + b)
+            dz = _post_backward(dz, ctx.post, kept)  # (c, V) in acc (fp32), d loss / d (h W^T + b)
             del kept
             if need_h:
                 dh[s:s + ctx.chunk] = dz.to(weight.dtype) @ weight
             if need_w:
-                dw.addmm_(dz.t(), h.float())
+                dw.addmm_(dz.t(), h.to(acc))
             if need_b:
                 db += dz.sum(dim=0)
             del dz
         return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           targets: torch.Tensor, *, post: Post = (), ignore_index: int = -100,
-                          label_smoothing: float = 0.0, chunk: int | None = None) -> torch.Tensor:
-    """The summed cross-entropy (0-d fp32) of ``post(hidden @ weight.T + bias)`` against ``targets``, never
-    more than ``chunk`` tokens of logits at a time. ``hidden`` (..., H) and ``targets`` (...) are flattened."""
+                          label_smoothing: float = 0.0, chunk: int | None = None,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The summed cross-entropy (0-d, in ``dtype``: float32 or float64) of ``post(hidden @ weight.T + bias)``
+    against ``targets``, never more than ``chunk`` tokens of logits at a time. ``hidden`` (..., H) and
+    ``targets`` (...) are flattened."""
     H, V = weight.shape[1], weight.shape[0]
     hidden = hidden.reshape(-1, H)
     targets = targets.reshape(-1).to(hidden.device)
@@ -180,10 +185,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     if bool(bad.any()):
         raise IndexError(f"chunked loss: target {int(targets[bad][0])} is out of bounds for a vocabulary of {V} "
                          f"(ignore_index={ignore_index})")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"chunked loss: dtype must be torch.float32 or torch.float64, got {dtype}")
     if chunk is None:
         chunk = default_chunk(V, hidden.device)
     return ChunkedCrossEntropy.apply(hidden, weight, bias, targets, tuple(post), int(ignore_index),
-                                     float(label_smoothing), int(chunk))
+                                     float(label_smoothing), int(chunk), dtype)
 
 
 # ----------------------------------------------------------------------------- one model's chunked loss
@@ -198,9 +205,8 @@ class _Call:
     num_items: Any
     ignore_index: int
     loss: torch.Tensor | None = None  # HF: the loss sum the head's pre-hook computed
-    hidden: torch.Tensor | None = None  # plain: the hidden states that entered lm_head
-    placeholder: torch.Tensor | None = None  # plain: lm_head's (..., 0, V) output, recognised at F.cross_entropy
-    consumed: bool = False
+    lazy: LazyForward | None = None  # plain: this forward's lazy logits (sealed by the root post-hook)
+    hidden: torch.Tensor | None = None  # plain: the hidden states of the head call under way
     head_calls: int = 0
 
 
@@ -211,8 +217,11 @@ class LMLoss:
     ``kind`` "hf": :meth:`start` (root pre-hook) takes ``labels``/``shift_labels``/``num_items_in_batch`` out of
     the forward's arguments, the head's pre-hook computes the loss from its input and hands ``lm_head`` an empty
     slice, :meth:`finish` (root post-hook) puts the loss (and the MoE auxiliary term) in ``output.loss``, sets
-    ``output.logits`` to None and gives the arguments back. ``kind`` "sdpa" (plain models, ``loss="chunked"``):
-    :meth:`start_plain` / :meth:`cross_entropy` / :meth:`finish`."""
+    ``output.logits`` to None and gives the arguments back. ``kind`` "sdpa" (plain models): :meth:`start_plain`,
+    then ``lm_head`` returns :class:`~seqpar.passes.lazy_logits.LazyLogits`, :meth:`cross_entropy` (from the
+    ``F.cross_entropy`` override) computes the chunked loss from them, :meth:`finish` seals them. ``mode``: the
+    ``loss`` option ("auto": logits needed by anything else are computed whole, said once in a log; "chunked":
+    refused by name)."""
 
     model_name: str
     head: nn.Linear
@@ -222,7 +231,10 @@ class LMLoss:
     aux_coef: float | None = None
     forward_sig: inspect.Signature | None = None
     returns_dict: bool = True  # the config's return_dict (the default of the forward's return_dict)
+    mode: str = "chunked"
+    group: Any = None  # the log's rank 0
     _call: _Call | None = field(default=None, repr=False)
+    _said: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         self.head.register_forward_pre_hook(self._head_pre)
@@ -246,36 +258,35 @@ class LMLoss:
         call = self._call
         if call is None:
             return None
-        call.head_calls += 1
-        if call.head_calls > 1:
-            raise RuntimeError(f"seqpar chunked loss: {self.model_name} called its lm_head twice in one forward; "
-                               f"parallelize it with loss='full'")
         (hidden,) = args
         if self.kind == "hf":
+            call.head_calls += 1
+            if call.head_calls > 1:
+                raise RuntimeError(f"seqpar chunked loss: {self.model_name} called its lm_head twice in one forward; "
+                                   f"parallelize it with loss='full'")
             call.loss = chunked_cross_entropy(hidden, module.weight, module.bias, call.targets, post=self.post,
                                               ignore_index=call.ignore_index, chunk=self.chunk)
         else:
             call.hidden = hidden
-        return (hidden.narrow(-2, 0, 0),)  # the head runs on no tokens: (..., 0, V) logits
+        return (hidden.narrow(-2, 0, 0),)  # the head runs on no tokens: (..., 0, V), its dtype (autocast) only
 
     def _head_post(self, module, args, output):
-        if self._call is not None and self.kind == "sdpa":
-            self._call.placeholder = output
+        call = self._call
+        if call is None or self.kind != "sdpa":
+            return None
+        hidden, call.hidden = call.hidden, None
+        return LazyLogits.of(call.lazy, hidden, module.weight, module.bias, output.dtype)
 
     def finish(self, output: Any, kwargs: dict[str, Any]) -> Any:
-        """Root post-hook: the arguments back, and the chunked loss in ``output`` (HF) or the check that
-        ``F.cross_entropy`` consumed the head's placeholder (plain)."""
+        """Root post-hook: the arguments back, and the chunked loss in ``output`` (HF) or this forward's lazy
+        logits sealed (plain)."""
         call, self._call = self._call, None
         if call is None:
             return output
         kwargs.update(call.popped)
-        if output is None:  # the forward raised
-            return output
-        if self.kind == "sdpa":
-            if call.placeholder is not None and not call.consumed:
-                raise ValueError(f"seqpar chunked loss (loss='chunked'): {self.model_name}'s lm_head logits did not "
-                                 f"go into F.cross_entropy in a forward with labels, so they were not computed; "
-                                 f"parallelize it with loss='full' (or 'auto')")
+        if call.lazy is not None:
+            call.lazy.seal()
+        if output is None or self.kind == "sdpa":  # None: the forward raised
             return output
         if call.loss is None:
             raise RuntimeError(f"seqpar chunked loss: {self.model_name} did not call its lm_head in a forward with "
@@ -289,47 +300,61 @@ class LMLoss:
         output["logits"] = None
         return output
 
-    # -- plain models (loss="chunked")
+    # -- plain models
 
     def start_plain(self, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Root pre-hook of a plain model: chunk when the forward is given ``labels`` or ``targets``."""
+        """Root pre-hook of a plain model: lazy logits when the forward is given ``labels`` or ``targets``."""
         self._call = None
         try:
             bound = self.forward_sig.bind(*args, **kwargs).arguments
         except TypeError:
             return  # the forward itself will say what is wrong
         if any(bound.get(k) is not None for k in ("labels", "targets")):
-            self._call = _Call({}, None, None, -100)
+            self._call = _Call({}, None, None, -100, lazy=LazyForward(self._used))
 
-    def owns(self, x: torch.Tensor) -> bool:
-        """``x`` is the head's placeholder logits of this forward, or a view of them."""
-        call = self._call
-        if call is None or call.placeholder is None or not isinstance(x, torch.Tensor):
-            return False
-        p = call.placeholder
-        return x is p or x._base is p or (x._base is not None and x._base is p._base)
+    def _used(self, what: str) -> None:
+        """The model uses its logits during the forward for ``what`` (not the chunked loss): "auto" computes them
+        whole (said once); "chunked" refuses."""
+        if self.mode == "chunked":
+            raise ValueError(f"seqpar chunked loss (loss='chunked'): {self.model_name} transforms or uses its lm_head "
+                             f"logits ({what}) before / besides F.cross_entropy, which the chunked loss does not "
+                             f"reproduce for plain models; parallelize it with loss='full' (or 'auto')")
+        if not self._said:
+            self._said = True
+            g = self.group
+            if not dist.is_initialized() or g is None or dist.get_rank(g) == 0:
+                _log.warning("seqpar: %s uses its lm_head logits besides the loss (%s), so they are computed whole "
+                             "(loss='auto'; the chunked loss needs them to go straight into F.cross_entropy, through "
+                             "reshapes and upcasts only)", self.model_name, what)
 
-    def cross_entropy(self, input, target, weight, ignore_index, reduction, label_smoothing) -> torch.Tensor:
-        """The ``F.cross_entropy`` override's chunked sum, when :meth:`owns` ``input``; else a refusal if
-        ``input`` came from the placeholder by something other than a reshape."""
-        call = self._call
-        if weight is not None or reduction not in ("mean", "sum") or target.is_floating_point():
-            raise ValueError(f"seqpar chunked loss (loss='chunked'): {self.model_name} calls F.cross_entropy with "
-                             f"class weights, reduction={reduction!r} or probability targets, which the chunked loss "
-                             f"does not reproduce; parallelize it with loss='full'")
-        call.consumed = True
-        return chunked_cross_entropy(call.hidden, self.head.weight, self.head.bias, target, post=(),
-                                     ignore_index=ignore_index, label_smoothing=label_smoothing, chunk=self.chunk)
-
-    def refuse_transformed(self, input) -> None:
-        """``F.cross_entropy`` got an empty tensor that is not a view of the placeholder: the model changed the
-        logits (scale, soft-cap, ...) between its lm_head and the loss."""
-        call = self._call
-        if call is not None and call.placeholder is not None and isinstance(input, torch.Tensor) \
-                and input.numel() == 0:
-            raise ValueError(f"seqpar chunked loss (loss='chunked'): {self.model_name} transforms its lm_head logits "
-                             f"before F.cross_entropy, which the chunked loss does not reproduce for plain models; "
-                             f"parallelize it with loss='full' (or 'auto')")
+    def cross_entropy(self, input: LazyLogits, target: torch.Tensor, weight, size_average, ignore_index: int, reduce,
+                      reduction: str, label_smoothing: float) -> torch.Tensor | None:
+        """The ``F.cross_entropy`` override given lazy logits: the chunked local sum (computed in float32, or
+        float64 for float64 logits; the caller returns the loss in the logits' dtype), or None where the chunked
+        loss does not reproduce the call ("auto": the caller computes the real logits,
+        :meth:`LazyLogits.materialize`; "chunked": ``ValueError``)."""
+        rows = input.rows()
+        why = None
+        if weight is not None or size_average is not None or reduce is not None:
+            why = "class weights or the legacy size_average / reduce"
+        elif reduction not in ("mean", "sum"):
+            why = f"reduction={reduction!r}"
+        elif not isinstance(target, torch.Tensor) or target.is_floating_point():
+            why = "probability targets"
+        elif rows is None or target.shape != input.shape[:1]:
+            why = f"logits of shape {tuple(input.shape)} (not tokens x vocab rows) with targets of shape " \
+                  f"{tuple(getattr(target, 'shape', ()))}"
+        if why is not None:
+            if self.mode == "chunked":
+                raise ValueError(f"seqpar chunked loss (loss='chunked'): {self.model_name} calls F.cross_entropy with "
+                                 f"{why}, which the chunked loss does not reproduce; parallelize it with loss='full' "
+                                 f"(or 'auto')")
+            self._used(f"F.cross_entropy with {why}")
+            return None
+        hidden, w, b = rows
+        dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
+        return chunked_cross_entropy(hidden, w, b, target, post=(), ignore_index=ignore_index,
+                                     label_smoothing=label_smoothing, chunk=self.chunk, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- the decision at parallelize
@@ -452,14 +477,15 @@ def plan(model: nn.Module, kind: str, mode: str, chunk: int | None, group) -> LM
     name = type(model).__name__
     if mode == "full":
         return None
-    if kind != "hf":
+    if kind != "hf":  # plain: lazy logits, checked on every forward (lazy_logits.py), no probe
         head = getattr(model, "lm_head", None)
-        if mode == "auto":
-            return None  # a plain forward cannot be probed: its own path unless asked (docs/usage.md)
         if type(head) is not nn.Linear:
+            if mode == "auto":
+                return None  # the model's own path
             raise ValueError(f"seqpar.parallelize(loss='chunked'): {name} has no lm_head that is an nn.Linear (got "
                              f"{type(head).__name__}); pass loss='full'")
-        return LMLoss(name, head, (), chunk, "sdpa", forward_sig=inspect.signature(model.forward))
+        return LMLoss(name, head, (), chunk, "sdpa", forward_sig=inspect.signature(model.forward), mode=mode,
+                      group=group)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     post, coef, why = None, None, None
     if type(head) is not nn.Linear:

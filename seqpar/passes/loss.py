@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqpar.passes.check import ModelKind
+from seqpar.passes.lazy_logits import LazyLogits
 from seqpar.passes.lm_loss import LMLoss
 from seqpar.passes.router import router_loss
 from seqpar.passes.runtime import Runtime
@@ -43,23 +44,27 @@ def reduce_forward(x: torch.Tensor, group) -> torch.Tensor:
 def _global_cross_entropy(rt: Runtime, lm: LMLoss | None = None):
     def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                       reduction="mean", label_smoothing=0.0):
-        chunked = lm is not None and lm.owns(input)  # the LM head's placeholder: the chunked loss (lm_loss.py)
-        if lm is not None and not chunked:
-            lm.refuse_transformed(input)
-        if not chunked and (reduction != "mean" or target.is_floating_point() or size_average is not None or
-                            reduce is not None):
+        total = None
+        if isinstance(input, LazyLogits):  # the LM head's lazy logits (lazy_logits.py): the chunked loss
+            total = lm.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                     label_smoothing)
+            if total is None:  # a call the chunked loss does not reproduce ("auto"): the real logits
+                input = input.materialize()
+        if total is None and (reduction != "mean" or target.is_floating_point() or size_average is not None or
+                              reduce is not None):
             return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                                    label_smoothing)
         if weight is not None:
             raise ValueError("seqpar: a class-weighted mean cross_entropy cannot be made global; compute the loss "
                              "with reduction='sum' and divide by batch['num_items_in_batch']")
-        total = lm.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) if chunked else \
-            F.cross_entropy(input, target, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
-        if reduction == "sum":  # (chunked only) the local sum, as F.cross_entropy's
-            return total
+        if total is None:
+            total = F.cross_entropy(input, target, ignore_index=ignore_index, reduction="sum",
+                                    label_smoothing=label_smoothing)
+        if reduction == "sum":  # (chunked only) the local sum, as F.cross_entropy's: in the logits' dtype
+            return total.to(input.dtype)
         count = (target != ignore_index).sum().to(total.dtype)  # this rank's tokens
         dist.all_reduce(count, group=rt.group)  # the global count
-        return reduce_forward(total / count, rt.group)
+        return reduce_forward(total / count, rt.group).to(input.dtype)
 
     return cross_entropy
 
