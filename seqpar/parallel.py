@@ -24,8 +24,9 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
                   seqpar.shard_batch (shift_labels, num_items_in_batch, global position_ids).
                   Plain model: its mean F.cross_entropy becomes sum / global count. Given labels, a
                   causal LM's head + cross-entropy run in chunks of tokens, the logits recomputed in
-                  backward (passes/lm_loss.py; loss="auto": where a probe at parallelize proves it
-                  equal to the model's own, loss="chunked": always or refused by name, "full": never)
+                  backward (passes/lm_loss.py; loss="auto": HF models where a probe at parallelize proves it
+                  equal to the model's own, plain models through lazy logits checked on every forward
+                  (passes/lazy_logits.py); loss="chunked": always or refused by name, "full": never)
        padding    (HF) a 2-D attention_mask passed beside the shard: the whole sequence's all-ones mask
                   localised, a mask with zeros refused on every rank in one agreement (passes/padding.py)
     4. checkpoint (checkpoint=True) every transformer block runs under non-reentrant

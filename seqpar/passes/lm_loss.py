@@ -23,11 +23,16 @@ loss must equal the cross-entropy of those logits over the non-ignored shifted l
 on its own full path (``loss="auto"``, said once in a log on rank 0) or refused by name
 (``loss="chunked"``); every rank takes the same decision (one all-reduce).
 
-Plain PyTorch models are chunked only when asked (``loss="chunked"``): seqpar cannot run their forward
-on a probe batch, so the check happens on every forward instead. Their root ``lm_head`` (an
-``nn.Linear``) returns an empty placeholder when the forward is given ``labels``/``targets``, and the
-``F.cross_entropy`` override (passes/loss.py) computes the chunked loss when it receives that placeholder
-reshaped (a view); logits transformed on the way, or not consumed by ``F.cross_entropy``, raise.
+Plain PyTorch models (``loss="auto"`` and ``"chunked"``) cannot be probed: seqpar cannot run their forward on a
+probe batch, so the check happens on every forward instead, exactly. In a forward given ``labels``/``targets``
+their root ``lm_head`` (an ``nn.Linear``; otherwise "auto" keeps the model's own path) returns
+:class:`~seqpar.passes.lazy_logits.LazyLogits`: the logits' shape and dtype without values. The
+``F.cross_entropy`` override (passes/loss.py) given them, through reshapes and upcasts only, computes the chunked
+loss (mean over the global count, or ``reduction="sum"``; ``ignore_index``, ``label_smoothing``; in fp32, or
+fp64 for fp64 logits, returned in the logits' dtype). Anything else the model does with them during the forward
+(a soft-cap, an accuracy, class weights, ``reduction="none"``): "auto" computes the real logits whole (said once
+in a log on rank 0) and runs the model's own code on them; "chunked" raises ``ValueError``. After the forward
+they are sealed: any use but metadata raises ``ValueError`` naming ``loss="full"``.
 """
 
 from __future__ import annotations
