@@ -130,6 +130,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             total += torch.where(valid, term, 0).sum()
             del z
         ctx.save_for_backward(hidden, weight, targets, lse, *(() if bias is None else (bias,)))
+        dev = hidden.device.type  # the backward recomputes the logits under the forward's autocast (same values)
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.post, ctx.ignore_index, ctx.eps, ctx.chunk, ctx.dtype = post, ignore_index, eps, chunk, dtype
         return total
 
@@ -146,7 +148,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         g = grad.to(acc)
         for s in range(0, N, ctx.chunk):
             h = hidden[s:s + ctx.chunk]
-            z, kept = _post_forward(F.linear(h, weight, bias), ctx.post)
+            with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
+                z = F.linear(h, weight, bias)
+            z, kept = _post_forward(z, ctx.post)
             dz = z.to(acc)
             if dz.data_ptr() == z.data_ptr():
                 dz = dz.clone()
