@@ -30,6 +30,9 @@ What the mixin does, step by step (cp ranks are the ``cp`` ranks of one sequence
   gradients and ``evaluate()`` equal single-process training with the same global batch. (Trainer's own
   ``average_tokens_across_devices`` would count every cp replica and scale by the world size; this trainer does
   the count itself and keeps a private copy of ``args`` with that flag off.)
+- token counts: Trainer's ``num_input_tokens_seen`` (``include_num_input_tokens_seen``) counts each cp group's batch
+  once (its own count sums the unsharded batch over every rank); TRL's ``num_tokens`` leaves out the end padding
+  ``shard_batch`` adds (TRL counts a sharded batch by its length), so both equal the unsharded run's.
 - checkpoints: ``save_model`` gathers the full state dict (every rank joins, rank 0 writes ``save_pretrained``
   files); the optimizer is saved as a full, parameter-name-keyed state dict; ``resume_from_checkpoint`` loads
   both back into the sharded model / optimizer. Scheduler, RNG and trainer state are the Trainer's own.
@@ -240,6 +243,14 @@ class SeqparTrainerMixin:
     def get_total_train_batch_size(self, args) -> int:
         return self._train_batch_size * args.gradient_accumulation_steps * self.seqpar_dp
 
+    def _track_num_input_tokens(self, inputs):
+        """``num_input_tokens_seen``: Trainer counts the collator's (unsharded) batch on every rank and sums the
+        counts over the world, so each cp group's batch cp times; its increment divided by cp (exact: the cp ranks
+        of a group count the same batch)."""
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.seqpar_cp
+
     def _prepare_inputs(self, inputs):
         if isinstance(inputs, _Sharded):
             return inputs
@@ -433,6 +444,28 @@ def _sft_trainer_class():
 
         def _seqpar_default_options(self) -> dict[str, Any]:
             return {"loss": "full"}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if self.model.training:
+                self._seqpar_uncount_padding(inputs)
+            return out
+
+        def _seqpar_uncount_padding(self, inputs) -> None:
+            """TRL's ``num_tokens`` metric adds, in training, the batch's ``attention_mask.sum()`` or else its
+            ``position_ids.size(1)``, summed over the world. A sharded batch has no attention_mask (shard_batch drops
+            the padding), so TRL counts every rank's local length: over a cp group the whole sequence, real tokens
+            plus the end padding shard_batch added to make the length divide (``seqpar_tokens`` False). That
+            padding, summed over the world, is taken back off TRL's running count, which then equals the
+            unsharded run's. One small all-reduce per training micro-step, on every rank (dp replicas need not
+            all have padding)."""
+            real = inputs.get("seqpar_tokens")  # (B, S_local) bool, only when shard_batch padded the end
+            pad = (~real).sum() if real is not None else torch.zeros((), device=self.args.device)
+            pad = pad.to(device=self.args.device, dtype=torch.int64)
+            dist.all_reduce(pad)  # the world, as TRL's gather_for_metrics
+            self._total_train_tokens -= int(pad) // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     return SeqparSFTTrainer
 

@@ -91,8 +91,8 @@ def _rel(a: float, b: float) -> float:
 @pytest.mark.parametrize("config", ["trainer_llama", "trainer_mistral", "trainer_qwen2", "sft_mistral"])
 @pytest.mark.parametrize("mesh", ["cp4_dp1", "cp2_dp2"])
 def test_same_as_single_process(results, config, mesh):
-    """Every logged loss (steps 1..20, accumulation 2, global-token mean), the eval loss and the final parameters
-    equal the plain single-process Trainer / SFTTrainer with the same global batch and seed."""
+    """Every logged loss (steps 1..20, accumulation 2, global-token mean), the eval loss, the final parameters and the
+    logged token counts equal the plain single-process Trainer / SFTTrainer with the same global batch and seed."""
     ref, ranks = results
     want = ref[config]
     for rank, res in enumerate(ranks):
@@ -109,6 +109,13 @@ def test_same_as_single_process(results, config, mesh):
         grad = max(_rel(got["grad_norms"][k], v) for k, v in want["grad_norms"].items())
         assert grad <= GRAD_NORM_REL, (got["grad_norms"], want["grad_norms"])  # global norm
         assert got["compute_dtypes"] == [["torch.float32", "torch.float32"]], got["compute_dtypes"]
+        # the tokens logged: Trainer's num_input_tokens_seen (each cp group's batch once, not cp times) and TRL's
+        # num_tokens (the real tokens, not shard_batch's end padding), equal to the single process's at every step
+        assert got["tokens_seen"] == want["tokens_seen"] and len(want["tokens_seen"]) == 20, (got["tokens_seen"],
+                                                                                                want["tokens_seen"])
+        if config.startswith("sft"):
+            assert got["num_tokens"] == want["num_tokens"] and len(want["num_tokens"]) == 20, (got["num_tokens"],
+                                                                                               want["num_tokens"])
 
 
 def test_bf16_is_fsdp_mixed_precision(results):

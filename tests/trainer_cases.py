@@ -72,7 +72,7 @@ def _args(cls, out_dir: str, dp: int, **kw):
                 per_device_eval_batch_size=GLOBAL_BATCH // dp, gradient_accumulation_steps=GA, optim="sgd",
                 learning_rate=0.3, lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=0.5, logging_steps=1,
                 save_strategy="no", report_to=[], seed=7, dataloader_drop_last=True, use_cpu=True,
-                disable_tqdm=True, dataloader_num_workers=0, bf16=False)
+                disable_tqdm=True, dataloader_num_workers=0, bf16=False, include_num_input_tokens_seen="all")
     return cls(**{**base, **kw})
 
 
@@ -80,7 +80,7 @@ def run(case: str, kind: str, out_dir: str, *, seqpar_cp: int | None, dp: int = 
         resume: str | None = None, steps: int = STEPS, bf16: bool = False, plain: bool = False) -> dict:
     """One training run: ``steps`` optimizer steps (accumulation 2), then evaluate(). ``plain``: the plain
     single-process trainer; else seqpar's with ``seqpar_cp`` (None: the accelerate config's). Returns the logged
-    losses, grad norms, eval loss and the trainer."""
+    losses, grad norms, token counts (Trainer's num_input_tokens_seen, TRL's num_tokens), eval loss and the trainer."""
     import datasets
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
@@ -121,6 +121,8 @@ def run(case: str, kind: str, out_dir: str, *, seqpar_cp: int | None, dp: int = 
     hist = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     return dict(losses={int(h["step"]): float(h["loss"]) for h in hist},
                 grad_norms={int(h["step"]): float(h["grad_norm"]) for h in hist if "grad_norm" in h},
+                tokens_seen={int(h["step"]): h["num_input_tokens_seen"] for h in hist if "num_input_tokens_seen" in h},
+                num_tokens={int(h["step"]): h["num_tokens"] for h in hist if "num_tokens" in h},
                 eval_loss=float(ev["eval_loss"]), compute_dtypes=sorted(seen), trainer=trainer,
                 cp=getattr(trainer, "seqpar_cp", None), dp=getattr(trainer, "seqpar_dp", None),
                 world=int(os.environ.get("WORLD_SIZE", "1")))
