@@ -85,10 +85,11 @@ def test_bf16(worlds, method, P, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_exchange_count(worlds, P, layout):
     """Forward: exactly P-1 K/V exchanges (one fused buffer each: 1 send + 1 recv). Backward: P-1 K/V
-    exchanges and P dK/dV exchanges. Masked tiles skip compute, never the exchange."""
+    exchanges and P-1 dK/dV exchanges (each rank's own contribution stays home). Masked tiles skip
+    compute, never the exchange."""
     for counts in worlds(P).run(dist_cases.count_exchanges, layout=layout, causal=True):
         assert counts["fwd"] == [2] * (P - 1), counts
-        assert len(counts["bwd"]) == (2 * P - 1 if P > 1 else 0) and set(counts["bwd"]) <= {2}, counts
+        assert len(counts["bwd"]) == 2 * (P - 1) and set(counts["bwd"]) <= {2}, counts
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -74,14 +74,14 @@ def test_return_lse(worlds, U, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_message_count(worlds, U, layout):
     """Forward: 2 all-to-alls over the U sub-group + R-1 K/V exchanges over the R sub-group; backward: 2
-    all-to-alls (the forward's gathered tensors kept) + R-1 K/V and R dK/dV exchanges. U = 1: no all-to-all;
+    all-to-alls (the forward's gathered tensors kept) + R-1 K/V and R-1 dK/dV exchanges. U = 1: no all-to-all;
     R = 1: no exchange."""
     R = P // U
     for c in worlds(P).run(hc.count_messages, U=U, layout=layout, Hkv=1 if U == 2 else 2):
         a2a = (2, 2) if U > 1 else (0, 0)
         assert c["fwd"]["a2a"] == [U] * a2a[0] and c["bwd"]["a2a"] == [U] * a2a[1], c
         assert [n for n, _, _ in c["fwd"]["p2p"]] == [2] * (R - 1), c
-        assert [n for n, _, _ in c["bwd"]["p2p"]] == ([2] * (2 * R - 1) if R > 1 else []), c
+        assert [n for n, _, _ in c["bwd"]["p2p"]] == [2] * (2 * (R - 1)), c
         assert {size for _, size, _ in c["fwd"]["p2p"] + c["bwd"]["p2p"]} <= {R}, c  # the ring sub-group
 
 

@@ -34,7 +34,7 @@ ring over P (no all-to-all); R = 1 is Ulysses on the rank-major order (one local
 
 Messages: forward 2 all-to-alls (U sub-group) + R-1 K/V exchanges (ring sub-group, tagged with the
 call's number); backward 2 all-to-alls (dout in, gradients back: the gathered tensors of the forward
-are kept, as in Ulysses) + R-1 K/V and R dK/dV exchanges.
+are kept, as in Ulysses) + R-1 K/V and R-1 dK/dV exchanges.
 """
 
 from __future__ import annotations

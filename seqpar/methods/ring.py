@@ -20,11 +20,16 @@ Steps > 0 call ``block_attention_accumulate``, which merges inside the kernel (t
 separate merge pass (other backends), writing through views of (out, lse) for half tiles.
 
 Backward: each tile is recomputed against the *global* (out, lse); dq accumulates at home in fp32.
-dK/dV of a block accumulate in fp32 in a buffer that travels one hop behind the block: at step s
-rank r adds its contribution to the buffer of KV_{r-s} and sends it on; after P hops the buffer
-of KV_r arrives back at rank r holding every rank's contribution::
+dK/dV of a block accumulate in fp32: the owner's own contribution (step 0, the diagonal) stays at
+home; the other ranks' contributions go in a buffer that travels one hop behind the block, started
+at step 1 by rank r + 1: at step s >= 1 rank r adds its contribution to the buffer of KV_{r-s} and
+sends it on; after the last step the buffer goes home and is added to the owner's part (P - 1
+dK/dV messages per rank, not P)::
 
-    step s:  post KV exchange (s+1)  |  tile grads  |  wait dKV(s-1) from r-1, add, post dKV -> r+1
+    step 0:      post KV exchange (1)      |  diagonal grads -> home (kept)
+    step s >= 1: post KV exchange (s + 1)  |  tile grads  |  wait dKV(s-1) from r-1 (s >= 2), add,
+                                                             post dKV -> r+1 (s < last)
+    after:       dKV of KV_{r-last} -> its owner;  home += ours (from r + last)
 
 Masks (:mod:`seqpar.masks`): a step's tiles are the pieces with something visible (none: no kernel
 call, the exchange still runs); when no rank has work after step L (a window shorter than the ranks'
@@ -138,7 +143,7 @@ class RingMethod(CallOptions):
         dq = None  # (B, Hq, S_local, D) in acc: started by the diagonal tile's dq (backward_tile)
         kv = fuse_kv(k, v)  # (2, B, Hkv, S_local, D) or (B, Hkv, S_local, D + Dv)
         spare = torch.empty_like(kv) if ring.size > 2 else None
-        dkv_pending = None
+        dkv_pending = home = dkv = None  # home: our own block's dK/dV (step 0's), like kv, in acc
         plan = self._tiles(q.shape[2])
         last = len(plan) - 1
         for step, _, tiles in plan:
@@ -152,15 +157,17 @@ class RingMethod(CallOptions):
                 dkv = got if dkv is None else dkv.add_(got)
             elif dkv is None:
                 dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
-            if step < last:
+            if step == 0:
+                home = dkv  # stays here: the travelling buffers carry the other ranks' contributions
+            elif step < last:
                 dkv_pending = self._post(dkv, None, tag_dkv, "backward", step, "dK/dV")
             if kv_pending is not None:
                 kv, spare = self._wait(kv_pending, "backward", step, "K/V"), kv
-        # dkv: the complete buffer of block rank - last; home in one hop of P - last ranks (1 without an
-        # early stop: the ring's own next hop), and ours arrives from rank + last
+        # dkv: the other ranks' complete buffer of block rank - last; home in one hop of P - last ranks (1
+        # without an early stop: the ring's own next hop), and ours arrives from rank + last
         if last > 0:
-            dkv = self._wait(self._post(dkv, None, tag_dkv, "backward", last, "dK/dV", hops=ring.size - last),
-                             "backward", last, "dK/dV")
+            home.add_(self._wait(self._post(dkv, None, tag_dkv, "backward", last, "dK/dV", hops=ring.size - last),
+                                 "backward", last, "dK/dV"))
         if dq is None:  # no tile at all (every row meets its diagonal at step 0, so not with a real plan)
             dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        return (dq, *split_kv(dkv, q.shape[-1]))
+        return (dq, *split_kv(home, q.shape[-1]))
