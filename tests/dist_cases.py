@@ -61,6 +61,28 @@ def counted_exchanges():
         dist.batch_isend_irecv = real
 
 
+def sent_elements(rank, size, *, layout, causal, S_local=8):
+    """Elements this rank sends per ring exchange in one forward and one backward, and one block's K/V."""
+    sent: list[int] = []
+    real = dist.batch_isend_irecv
+
+    def counting(ops):
+        sent.append(sum(op.tensor.numel() for op in ops if op.op is dist.isend))
+        return real(ops)
+
+    dist.batch_isend_irecv = counting
+    try:
+        q, k, v = (torch.randn(1, 2, S_local, 8, requires_grad=True) for _ in range(3))
+        out = seqpar.attention(q, k, v, is_causal=causal, layout=layout)
+        fwd = list(sent)
+        sent.clear()
+        out.sum().backward()
+        bwd = list(sent)
+    finally:
+        dist.batch_isend_irecv = real
+    return dict(fwd=fwd, bwd=bwd, block=k.numel() + v.numel())
+
+
 def count_exchanges(rank, size, *, layout, causal):
     """Number of batch_isend_irecv calls (ring exchanges) in one forward and one backward."""
     with counted_exchanges() as calls:

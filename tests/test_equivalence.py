@@ -92,6 +92,17 @@ def test_exchange_count(worlds, P, layout):
         assert len(counts["bwd"]) == 2 * (P - 1) and set(counts["bwd"]) <= {2}, counts
 
 
+def test_last_hop_carries_only_the_rows_read(worlds):
+    """Causal zigzag on 2 ranks: at step 1 rank 1 reads only the first half of rank 0's block (chunk 0; chunk 3
+    is in its future), so rank 0 sends that half (forward and backward K/V) and rank 1 sends home only those
+    rows' dK/dV; rank 1's block is read whole by rank 0. Non-causal: whole blocks both ways."""
+    causal, full = (worlds(2).run(dist_cases.sent_elements, layout="zigzag", causal=c) for c in (True, False))
+    n = causal[0]["block"]
+    assert causal[0]["fwd"] == [n // 2] and causal[1]["fwd"] == [n], causal
+    assert causal[0]["bwd"] == [n // 2, n] and causal[1]["bwd"] == [n, n // 2], causal
+    assert all(r["fwd"] == [n] and r["bwd"] == [n, n] for r in full), full
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_shard_unshard_positions(worlds, layout):
     for P in (2, 3):

@@ -84,8 +84,10 @@ class Ring(Protocol):
 
     def exchange(self, send: torch.Tensor, recv: torch.Tensor | None = None, *, tag: int = TAG_KV,
                  hops: int = 1) -> Handle:
-        """Post: send ``send`` to rank+hops, receive from rank-hops into ``recv`` (allocated if None).
-        ``hops`` is 1 on the ring; a ring that stops early sends dK/dV home in one longer hop."""
+        """Post: send ``send`` to rank+hops, receive from rank-hops into ``recv`` (allocated like ``send`` if
+        None; its shape is what rank-hops sends, which may differ from ``send``'s: the ring's last K/V hop
+        carries only the rows the receiver reads). ``hops`` is 1 on the ring; a ring that stops early sends
+        dK/dV home in one longer hop."""
         ...
 
 

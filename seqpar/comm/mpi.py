@@ -90,8 +90,8 @@ class MPIRing:
         send = send.contiguous()
         if recv is None:
             recv = torch.empty_like(send, memory_format=torch.contiguous_format)
-        if not recv.is_contiguous() or recv.shape != send.shape or recv.dtype != send.dtype:
-            raise ValueError(f"recv must be a contiguous {send.dtype} buffer of shape {tuple(send.shape)}")
+        if not recv.is_contiguous() or recv.dtype != send.dtype:  # its shape: what rank - hops sends (may differ)
+            raise ValueError(f"recv must be a contiguous {send.dtype} buffer")
         reqs = [
             self.comm.Irecv(_bytes(recv), source=(self.rank - hops) % self.size, tag=tag),
             self.comm.Isend(_bytes(send), dest=(self.rank + hops) % self.size, tag=tag),

@@ -31,6 +31,11 @@ dK/dV messages per rank, not P)::
                                                              post dKV -> r+1 (s < last)
     after:       dKV of KV_{r-last} -> its owner;  home += ours (from r + last)
 
+The K/V message before the last step carries only the rows the receiving rank reads there (the hull
+of its tiles' kv slices, known to both sides from the plan: :meth:`RingMethod._reads`); a dK/dV buffer
+started at the last step goes home with those rows only. Causal zigzag on 2 ranks: one direction
+sends half its block.
+
 Masks (:mod:`seqpar.masks`): a step's tiles are the pieces with something visible (none: no kernel
 call, the exchange still runs); when no rank has work after step L (a window shorter than the ranks'
 distance, documents that stay on their ranks), the ring stops after step L: no K/V exchange beyond
@@ -53,6 +58,7 @@ import torch
 
 from seqpar.comm import Ring, call_tags, make_ring
 from seqpar.kernels import acc_dtype
+from seqpar.layout import Tile
 from seqpar.methods.base import CallOptions, guarded
 from seqpar.masks import last_step
 from seqpar.methods.tiles import Step, backward_tile, block_order, forward_tile, fuse_kv, split_kv
@@ -99,6 +105,32 @@ class RingMethod(CallOptions):
         last = last_step(self.mask, self.layout, self.ring.size, s_local, self.grid)
         return block_order(self.mask, self.layout, self.ring.rank, self.ring.size, s_local, grid=self.grid)[:last + 1]
 
+    def _reads(self, rank: int, s_local: int, last: int) -> slice | None:
+        """The kv rows rank ``rank`` reads of the block it meets at step ``last`` (the hull of its tiles there),
+        or None when that is the whole block or nothing (then the whole block travels)."""
+        P = self.ring.size
+        tiles = block_order(self.mask, self.layout, rank % P, P, s_local, grid=self.grid)[last][2]
+        if not tiles:
+            return None
+        spans = [t.kv.indices(s_local)[:2] for t in tiles]
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        return None if (lo, hi) == (0, s_local) else slice(lo, hi)
+
+    def _trim(self, s_local: int, last: int) -> tuple[slice | None, slice | None]:
+        """(rows the next rank reads of the block we send it before the last step, rows we read of the one we
+        receive): the last K/V hop carries only those (causal zigzag on 2 ranks: half of one direction)."""
+        if last == 0:
+            return None, None
+        return self._reads(self.ring.rank + 1, s_local, last), self._reads(self.ring.rank, s_local, last)
+
+    def _last_hop(self, kv: torch.Tensor, spare: torch.Tensor | None, give: slice | None, take: slice | None):
+        """(send, recv) of the K/V exchange before the last step: only the rows the next rank reads there
+        (``give``), into a buffer of the rows this rank reads (``take``); whole blocks otherwise."""
+        send = kv if give is None else kv[..., give, :]
+        if take is None:
+            return send, spare if spare is not None else torch.empty_like(kv)
+        return send, kv.new_empty((*kv.shape[:-2], take.stop - take.start, kv.shape[-1]))
+
     def forward(
         self,
         q: torch.Tensor,  # (B, Hq, S_local, D)
@@ -113,8 +145,16 @@ class RingMethod(CallOptions):
         spare = torch.empty_like(kv) if ring.size > 2 else None
         out = lse = None
         plan = self._tiles(q.shape[2])
+        last = len(plan) - 1
+        give, take = self._trim(q.shape[2], last)
         for step, _, tiles in plan:
-            pending = self._post(kv, spare, tag_kv, "forward", step, "K/V") if step + 1 < len(plan) else None
+            pending = None
+            if step + 1 < last:
+                pending = self._post(kv, spare, tag_kv, "forward", step, "K/V")
+            elif step + 1 == last:
+                pending = self._post(*self._last_hop(kv, spare, give, take), tag_kv, "forward", step, "K/V")
+            if step == last and take is not None:
+                tiles = [_shift_kv(t, take, q.shape[2]) for t in tiles]
             assert out is not None or (step == 0 and tiles), "the diagonal tile(s) must come first"
             for t in tiles:
                 out, lse = forward_tile(q, kv, t, out, lse, acc=acc, record=self.record, step=step, **opts)
@@ -144,17 +184,31 @@ class RingMethod(CallOptions):
         kv = fuse_kv(k, v)  # (2, B, Hkv, S_local, D) or (B, Hkv, S_local, D + Dv)
         spare = torch.empty_like(kv) if ring.size > 2 else None
         dkv_pending = home = dkv = None  # home: our own block's dK/dV (step 0's), like kv, in acc
-        plan = self._tiles(q.shape[2])
+        S = q.shape[2]
+        plan = self._tiles(S)
         last = len(plan) - 1
+        give, take = self._trim(S, last)
         for step, _, tiles in plan:
-            kv_pending = self._post(kv, spare, tag_kv, "backward", step, "K/V") if step < last else None
-            dkv = None  # like kv, in acc: this step's block's contributions
+            kv_pending = None
+            if step + 1 < last:
+                kv_pending = self._post(kv, spare, tag_kv, "backward", step, "K/V")
+            elif step + 1 == last:
+                kv_pending = self._post(*self._last_hop(kv, spare, give, take), tag_kv, "backward", step, "K/V")
+            if step == last and take is not None:
+                tiles = [_shift_kv(t, take, S) for t in tiles]
+            dkv = None  # like kv (the last step's: only the rows read), in acc: this step's block's contributions
             for t in tiles:
                 dq, dkv = backward_tile(dout, q, kv, out, lse, t, dq, dkv, acc=acc, record=self.record, step=step,
                                         **opts)
-            if dkv_pending is not None:  # this KV block's buffer, from the rank before
+            if dkv_pending is not None:  # this KV block's buffer, from the rank before (whole rows)
                 got = self._wait(dkv_pending, "backward", step, "dK/dV")
-                dkv = got if dkv is None else dkv.add_(got)
+                if dkv is None:
+                    dkv = got
+                elif dkv.shape == got.shape:
+                    dkv = dkv.add_(got)
+                else:  # the last step's contributions cover the rows read
+                    got[..., take, :] += dkv
+                    dkv = got
             elif dkv is None:
                 dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
             if step == 0:
@@ -166,8 +220,22 @@ class RingMethod(CallOptions):
         # dkv: the other ranks' complete buffer of block rank - last; home in one hop of P - last ranks (1
         # without an early stop: the ring's own next hop), and ours arrives from rank + last
         if last > 0:
-            home.add_(self._wait(self._post(dkv, None, tag_dkv, "backward", last, "dK/dV", hops=ring.size - last),
-                                 "backward", last, "dK/dV"))
+            # a buffer started at the last step (last == 1) holds only the rows its rank read there
+            rows = self._reads(ring.rank + last, S, last) if last == 1 else None
+            n = S if rows is None else rows.stop - rows.start
+            recv = home.new_empty((*home.shape[:-2], n, home.shape[-1]))
+            got = self._wait(self._post(dkv, recv, tag_dkv, "backward", last, "dK/dV", hops=ring.size - last),
+                             "backward", last, "dK/dV")
+            if rows is None:
+                home.add_(got)
+            else:
+                home[..., rows, :] += got
         if dq is None:  # no tile at all (every row meets its diagonal at step 0, so not with a real plan)
             dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         return (dq, *split_kv(home, q.shape[-1]))
+
+
+def _shift_kv(t: Tile, rows: slice, s_local: int) -> Tile:
+    """Tile ``t`` of a whole block, on a buffer that holds only the block's ``rows``."""
+    a, b, _ = t.kv.indices(s_local)
+    return Tile(t.mask, q=t.q, kv=slice(a - rows.start, b - rows.start))
