@@ -131,6 +131,20 @@ class RingMethod(CallOptions):
             return send, spare if spare is not None else torch.empty_like(kv)
         return send, kv.new_empty((*kv.shape[:-2], take.stop - take.start, kv.shape[-1]))
 
+    def _kv_step(self, step: int, last: int, kv: torch.Tensor, spare: torch.Tensor | None,
+                 trim: tuple[slice | None, slice | None], tiles: list[Tile], s_local: int, tag: int, phase: str):
+        """Step ``step``'s K/V post (None at the last step; the one before it trimmed, :meth:`_last_hop`) and its
+        tiles (at the last step shifted onto the received rows) -> (pending, tiles)."""
+        give, take = trim
+        pending = None
+        if step + 1 < last:
+            pending = self._post(kv, spare, tag, phase, step, "K/V")
+        elif step + 1 == last:
+            pending = self._post(*self._last_hop(kv, spare, give, take), tag, phase, step, "K/V")
+        if step == last and take is not None:
+            tiles = [_shift_kv(t, take, s_local) for t in tiles]
+        return pending, tiles
+
     def forward(
         self,
         q: torch.Tensor,  # (B, Hq, S_local, D)
@@ -146,15 +160,9 @@ class RingMethod(CallOptions):
         out = lse = None
         plan = self._tiles(q.shape[2])
         last = len(plan) - 1
-        give, take = self._trim(q.shape[2], last)
+        trim = self._trim(q.shape[2], last)
         for step, _, tiles in plan:
-            pending = None
-            if step + 1 < last:
-                pending = self._post(kv, spare, tag_kv, "forward", step, "K/V")
-            elif step + 1 == last:
-                pending = self._post(*self._last_hop(kv, spare, give, take), tag_kv, "forward", step, "K/V")
-            if step == last and take is not None:
-                tiles = [_shift_kv(t, take, q.shape[2]) for t in tiles]
+            pending, tiles = self._kv_step(step, last, kv, spare, trim, tiles, q.shape[2], tag_kv, "forward")
             assert out is not None or (step == 0 and tiles), "the diagonal tile(s) must come first"
             for t in tiles:
                 out, lse = forward_tile(q, kv, t, out, lse, acc=acc, record=self.record, step=step, **opts)
@@ -187,15 +195,10 @@ class RingMethod(CallOptions):
         S = q.shape[2]
         plan = self._tiles(S)
         last = len(plan) - 1
-        give, take = self._trim(S, last)
+        trim = self._trim(S, last)
+        take = trim[1]
         for step, _, tiles in plan:
-            kv_pending = None
-            if step + 1 < last:
-                kv_pending = self._post(kv, spare, tag_kv, "backward", step, "K/V")
-            elif step + 1 == last:
-                kv_pending = self._post(*self._last_hop(kv, spare, give, take), tag_kv, "backward", step, "K/V")
-            if step == last and take is not None:
-                tiles = [_shift_kv(t, take, S) for t in tiles]
+            kv_pending, tiles = self._kv_step(step, last, kv, spare, trim, tiles, S, tag_kv, "backward")
             dkv = None  # like kv (the last step's: only the rows read), in acc: this step's block's contributions
             for t in tiles:
                 dq, dkv = backward_tile(dout, q, kv, out, lse, t, dq, dkv, acc=acc, record=self.record, step=step,
