@@ -27,8 +27,10 @@ The orchestrator: the model code stays free of parallelism; ``parallelize`` appl
                   backward (passes/lm_loss.py; loss="auto": HF models where a probe at parallelize proves it
                   equal to the model's own, plain models through lazy logits checked on every forward
                   (passes/lazy_logits.py); loss="chunked": always or refused by name, "full": never)
-       padding    (HF) a 2-D attention_mask passed beside the shard: the whole sequence's all-ones mask
-                  localised, a mask with zeros refused on every rank in one agreement (passes/padding.py)
+       agreement  (HF, before the loss pass's hook) each forward's inputs checked on each rank and agreed in
+                  one small all-gather (passes/agreement.py): a 2-D attention_mask beside the shard (the whole
+                  sequence's all-ones mask localised, zeros refused: passes/padding.py), position_ids, labels;
+                  a rank that rejects its inputs, or ranks that passed different kinds, fail on every rank
     4. checkpoint (checkpoint=True) every transformer block runs under non-reentrant
                   torch.utils.checkpoint; the ring attention's (out, lse) of the first forward are
                   kept, so the recomputation does not run the ring again (no K/V exchange);
@@ -58,6 +60,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from seqpar.fsdp_options import FSDPOffload, FSDPOptions, Precision, Reshard
 from seqpar.mesh import cp_mesh, flat_mesh, is_hybrid_mesh
 from seqpar.passes import hf
+from seqpar.passes.agreement import agreement_pass
 from seqpar.passes.attention import attention_pass
 from seqpar.passes.check import check
 from seqpar.passes.checkpoint import checkpoint_pass
@@ -66,7 +69,6 @@ from seqpar.passes.data_parallel import data_parallel_pass
 from seqpar.passes.lm_loss import LossMode
 from seqpar.passes.lm_loss import plan as plan_lm_loss
 from seqpar.passes.loss import loss_pass
-from seqpar.passes.padding import padding_pass
 from seqpar.passes.offload import OffloadMode, offload_pass
 from seqpar.passes.router import check_router_loss
 from seqpar.mixing.base import MixerMode
@@ -128,7 +130,7 @@ def parallelize(
                                     compile=compile, backend=backend, loss=loss, loss_chunk=loss_chunk,
                                     fsdp_options=fsdp_options,
                                     mlp=mlp, mlp_chunk=mlp_chunk, offload=offload, mixers=mixers)
-    check_router_loss(model)  # MoE router load-balancing loss: made global, or refused by name (passes/router.py)
+    router = check_router_loss(model)  # MoE router load-balancing loss: made global, or refused by name (router.py)
     if kind == "hf":  # positions a module derives from the local length: refused by name
         hf.check_positions(model, has_attention=holds_interface_attention(model))
     mixer_plans = plan_mixers(model, taken, mixers, layout)  # probes the state-passing adapters (no communication)
@@ -140,9 +142,9 @@ def parallelize(
     lm = plan_lm_loss(model, kind, loss, loss_chunk, flat_mesh(mesh).get_group())  # chunked LM head + loss, or None
     sequence_mixer_pass(model, mixer_plans, rt, kind, mixers)  # after the loss probe (a local forward): mixers wrapped
     attention_pass(model, kind, rt)
+    if kind == "hf":  # each forward's inputs (attention_mask, position_ids, labels) agreed on every rank, first
+        agreement_pass(model, rt, router)
     loss_pass(model, kind, rt, lm)
-    if kind == "hf":
-        padding_pass(model, rt)  # a 2-D attention_mask: the whole sequence's ones localised, zeros refused on every rank
     if checkpoint:
         checkpoint_pass(model, blocks, rt, compiled=compile)
     if offload != "none":

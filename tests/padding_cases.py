@@ -6,6 +6,7 @@ The reference is the unmodified tiny model (seqpar.testing.zoo) on the whole seq
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 
@@ -34,13 +35,31 @@ def _mask(variant: str, rank: int, local: int) -> torch.Tensor | None:
         return m
     if variant == "bad_length":
         return torch.ones(1, local + 1, dtype=torch.long)
-    m = torch.ones(1, local, dtype=torch.long)
+    if variant == "rank0_only":  # the whole sequence's ones on rank 0, none elsewhere
+        return torch.ones(1, S, dtype=torch.long) if rank == 0 else None
+    if variant == "rank1_only":  # this rank's ones on rank 1, none elsewhere
+        return torch.ones(1, local, dtype=torch.long) if rank == 1 else None
+    m = torch.ones(1, local, dtype=torch.bool if variant == "dtype_rank0" and rank == 0 else torch.long)
     if variant == "local_zeros_rank1" and rank == 1:
         m[0, 0] = 0
     return m
 
 
 VARIANTS = ("none", "global_ones", "local_ones", "global_zeros", "local_zeros_rank1", "bad_length")
+# the ranks pass different kinds of input (none of them wrong on its own rank); then "none" again: the world still runs
+ASYMMETRIC = ("rank0_only", "rank1_only", "dtype_rank0", "labels_rank0_only", "no_position_ids_rank1", "none_after")
+
+
+def _asymmetric(variant: str, rank: int, kw: dict) -> dict:
+    """kw (a shard_batch batch) as ``variant`` has it on ``rank``: a mask from :func:`_mask`, or labels on rank 0
+    only, or no position_ids on rank 1."""
+    if variant == "labels_rank0_only" and rank != 0:
+        return {k: v for k, v in kw.items() if k not in ("labels", "shift_labels", "num_items_in_batch")}
+    if variant == "no_position_ids_rank1" and rank == 1:
+        return {k: v for k, v in kw.items() if k != "position_ids"}
+    mask = None if variant in ("labels_rank0_only", "no_position_ids_rank1", "none_after") else \
+        _mask(variant, rank, kw["input_ids"].shape[1])
+    return kw if mask is None else {**kw, "attention_mask": mask}
 
 
 def mask_variants(rank: int, size: int, *, model_type: str, class_name: str) -> dict[str, str]:
@@ -53,17 +72,23 @@ def mask_variants(rank: int, size: int, *, model_type: str, class_name: str) -> 
     want = ref(**batch, use_cache=False).loss.item()
     model = seqpar.parallelize(copy.deepcopy(ref), mesh, fsdp=False, mixers="auto")
     sharded = seqpar.shard_batch(batch, mesh)
-    out = {}
-    for variant in VARIANTS:
+    out, seconds = {}, {}
+    for variant in VARIANTS + ASYMMETRIC:
         kw = dict(sharded)
-        mask = _mask(variant, rank, kw["input_ids"].shape[1])
-        if mask is not None:
-            kw["attention_mask"] = mask
+        if variant in ASYMMETRIC:
+            kw = _asymmetric(variant, rank, kw)
+        else:
+            mask = _mask(variant, rank, kw["input_ids"].shape[1])
+            if mask is not None:
+                kw["attention_mask"] = mask
+        start = time.monotonic()
         try:
             got = model(**kw).loss.item()
             out[variant] = f"loss rel {abs(got - want) / abs(want):.2e}"
         except ValueError as e:
             out[variant] = f"ValueError: {e}"
+        seconds[variant] = time.monotonic() - start
+    out["seconds"] = seconds
     return out
 
 

@@ -87,16 +87,8 @@ def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime, lm: LMLoss | None 
             if lm is not None:
                 lm.start_plain(args, kwargs)
             return args, kwargs
-        if router is not None:
-            router.check_call(kwargs)
-        if kwargs.get("labels") is not None and ("num_items_in_batch" not in kwargs or "shift_labels" not in kwargs):
-            raise ValueError("seqpar: labels without shift_labels/num_items_in_batch; build the batch with "
-                             "seqpar.shard_batch(batch, mesh, layout=...) so the loss is the global-token mean")
-        if "position_ids" not in kwargs and "input_ids" in kwargs:
-            raise ValueError("seqpar: no position_ids; the model would number the local shard 0..S/P-1. Use "
-                             "seqpar.shard_batch, which adds the global positions")
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("seqpar: past_key_values (KV cache) is not supported on a sharded sequence")
+        # labels need shift_labels / num_items_in_batch, position_ids, no past_key_values, the router loss:
+        # checked and agreed on every rank by the agreement pass's hook, which runs before this one
         kwargs.setdefault("use_cache", False)
         if lm is not None:
             lm.start(kwargs)  # labels out of the arguments: the loss is computed in chunks from lm_head's input

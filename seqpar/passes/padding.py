@@ -1,12 +1,13 @@
-"""Pass padding (Hugging Face models): the ``attention_mask`` a parallelized model is called with.
+"""Padding (Hugging Face models): the ``attention_mask`` a parallelized model is called with, checked on one rank.
 
 :func:`seqpar.shard_batch` never returns one (padding becomes packed documents), but a user may pass one
 next to the sharded ``input_ids``. The model's own code then reads it as a mask of its *local* tokens:
 transformers' recurrent-mask helpers (``create_recurrent_attention_mask`` style) slice the last
 ``S_local`` columns of whatever mask they got, the state adapters apply a ``(B, S_local)`` mask per token,
 and seqpar's attention mask hook refuses zeros -- on the ranks that see them only, which left the
-others waiting in the next collective (a hang). This pass decides before the model runs, the same on
-every rank, in one small all-gather (only when a 2-D mask tensor is passed):
+others waiting in the next collective (a hang). :func:`check_attention_mask` judges this rank's mask; the
+agreement pass (passes/agreement.py) gathers every rank's verdict and the kind of mask it passed (none too) in
+the forward's one small all-gather, so all ranks decide the same before the model runs:
 
 Note
 ----
@@ -16,6 +17,8 @@ P = 4, S = 40, S_local = 10, a mask (B, L)::
     L = 40 with zeros (padding)                ->  ValueError on every rank: build the batch with shard_batch
     L = 10 (this rank's tokens), all ones      ->  as it is
     L = 10 with zeros on rank r                ->  ValueError on rank r; "rank(s) [r] rejected" on the others
+    a mask on some ranks, none (or another
+    length / dtype) on others                  ->  the same ValueError on every rank naming attention_mask
     any other L, or B differs from input_ids   ->  ValueError naming the shapes
     a cached forward (generate)                ->  untouched (passes/generate.py reads it as left padding)
 
@@ -24,19 +27,12 @@ Masks that are not 2-D tensors (4-D masks, None) pass through to the model and s
 
 from __future__ import annotations
 
-from torch import nn
-
-from seqpar.comm import agree
-from seqpar.passes.runtime import Runtime
-
-__all__ = ["padding_pass", "check_attention_mask"]
-
-_CODES = ("attention_mask",)  # agree(): the argument a rejecting rank names
+__all__ = ["check_attention_mask"]
 
 
 def check_attention_mask(mask, batch: int, local: int, world: int):
     """-> the mask this rank's tokens get, or ``ValueError``: ``mask`` (B, L) beside ``batch`` x ``local`` tokens
-    on each of ``world`` ranks. No communication (:func:`padding_pass` agrees on the verdict)."""
+    on each of ``world`` ranks. No communication (passes/agreement.py agrees on the verdict)."""
     shape = tuple(mask.shape)
     if mask.ndim != 2 or shape[0] != batch or shape[1] not in (local, local * world):
         raise ValueError(f"seqpar: attention_mask has shape {shape}; beside input_ids of this rank's (B={batch}, "
@@ -49,32 +45,3 @@ def check_attention_mask(mask, batch: int, local: int, world: int):
                          f"model cannot honour. Pass the full batch with its attention_mask to seqpar.shard_batch "
                          f"instead: it drops the padding and keeps the rows apart as packed documents")
     return mask if shape[1] == local else mask.new_ones(batch, local)  # all ones: this rank's columns
-
-
-def padding_pass(model: nn.Module, rt: Runtime) -> None:
-    """A forward pre-hook on the model: a 2-D ``attention_mask`` checked and localised (see the module Note)."""
-
-    def pre(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None or rt.cache is not None or kwargs.get("past_key_values") is not None or \
-                not hasattr(mask, "ndim") or mask.ndim != 2:
-            return None
-        ref = kwargs.get("input_ids")
-        ref = kwargs.get("inputs_embeds") if ref is None else ref
-        if ref is None and args:
-            ref = args[0]
-        if ref is None or not hasattr(ref, "shape") or ref.ndim < 2:
-            return None
-        error, local_mask = None, None
-        try:
-            local_mask = check_attention_mask(mask, ref.shape[0], ref.shape[1], rt.world)
-        except ValueError as e:
-            error = e
-        # every rank learns whether one rejected its mask (one all-gather of two ints), before any other collective
-        agree(rt.group, [tuple(mask.shape)[-1]], error, what="seqpar: attention_mask", names=_CODES,
-              disagreement=lambda rows: f"the ranks passed masks of lengths {[r[0] for r in rows]}; pass the same "
-                                        f"kind of mask on every rank (or none: seqpar.shard_batch needs none)")
-        kwargs["attention_mask"] = local_mask
-        return args, kwargs
-
-    model.register_forward_pre_hook(pre, with_kwargs=True)
