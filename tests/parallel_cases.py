@@ -272,8 +272,9 @@ def bad_input(rank, size, *, case):
         elif case == "unsharded_hf_batch":
             model = seqpar.parallelize(make_model("llama"), mesh, fsdp=False)
             b = make_batch(0, 1, 8 * size)
-            if rank == 0:
-                model(input_ids=b["input_ids"], labels=b["labels"])
+            # on every rank: the forward's inputs are agreed in one all-gather before the model runs
+            # (passes/agreement.py), so each rank fails there, naming shard_batch
+            model(input_ids=b["input_ids"], labels=b["labels"])
         else:
             raise KeyError(case)
     except (ValueError, TypeError) as e:
