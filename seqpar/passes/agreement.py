@@ -138,7 +138,7 @@ def agreement_pass(model: nn.Module, rt: Runtime, router: RouterLoss | None = No
         row = [*_mask_row(mask), int(kwargs.get("position_ids") is not None), int(kwargs.get("labels") is not None),
                int(router is not None and router.enabled(kwargs))]
         if rt.world > 1:  # every rank learns what the others passed, before any other collective of the forward
-            code = 1 + _NAMES.index(error.argument) if error is not None else 1
+            code = 1 + _NAMES.index(getattr(error, "argument", "attention_mask")) if error is not None else 1
             agree(rt.group, row, error, what="seqpar: the forward's inputs", names=_NAMES, code=code,
                   disagreement=_disagreement)
         elif error is not None:
