@@ -47,7 +47,8 @@ def _mask(variant: str, rank: int, local: int) -> torch.Tensor | None:
 
 VARIANTS = ("none", "global_ones", "local_ones", "global_zeros", "local_zeros_rank1", "bad_length")
 # the ranks pass different kinds of input (none of them wrong on its own rank); then "none" again: the world still runs
-ASYMMETRIC = ("rank0_only", "rank1_only", "dtype_rank0", "labels_rank0_only", "no_position_ids_rank1", "none_after")
+ASYMMETRIC = ("rank0_only", "rank1_only", "dtype_rank0", "labels_rank0_only", "no_position_ids_rank1",
+              "none_position_ids_rank1", "none_after")
 
 
 def _asymmetric(variant: str, rank: int, kw: dict) -> dict:
@@ -57,7 +58,10 @@ def _asymmetric(variant: str, rank: int, kw: dict) -> dict:
         return {k: v for k, v in kw.items() if k not in ("labels", "shift_labels", "num_items_in_batch")}
     if variant == "no_position_ids_rank1" and rank == 1:
         return {k: v for k, v in kw.items() if k != "position_ids"}
-    mask = None if variant in ("labels_rank0_only", "no_position_ids_rank1", "none_after") else \
+    if variant == "none_position_ids_rank1" and rank == 1:  # present but None: HF would number 0..S/P-1
+        return {**kw, "position_ids": None}
+    mask = None if variant in ("labels_rank0_only", "no_position_ids_rank1", "none_position_ids_rank1",
+                               "none_after") else \
         _mask(variant, rank, kw["input_ids"].shape[1])
     return kw if mask is None else {**kw, "attention_mask": mask}
 

@@ -61,7 +61,8 @@ def check_call(kwargs: dict[str, Any], router: RouterLoss | None = None) -> None
     if kwargs.get("labels") is not None and ("num_items_in_batch" not in kwargs or "shift_labels" not in kwargs):
         refuse("labels", "seqpar: labels without shift_labels/num_items_in_batch; build the batch with "
                          "seqpar.shard_batch(batch, mesh, layout=...) so the loss is the global-token mean")
-    if "position_ids" not in kwargs and "input_ids" in kwargs:
+    if kwargs.get("position_ids") is None and (kwargs.get("input_ids") is not None
+                                               or kwargs.get("inputs_embeds") is not None):  # absent or None
         refuse("position_ids", "seqpar: no position_ids; the model would number the local shard 0..S/P-1. Use "
                                "seqpar.shard_batch, which adds the global positions")
     if kwargs.get("past_key_values") is not None:
