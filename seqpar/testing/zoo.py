@@ -472,17 +472,10 @@ def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str, 
     import seqpar
 
     try:
-        ref = _reference(model_type, class_name)
+        ref = _reference_run(model_type, class_name, packed)
     except Exception as e:  # noqa: BLE001 - reported, not judged
         return {"status": "unbuilt", "why": f"{type(e).__name__}: {_first(e)}"}
-    vocab = ref.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(3, max(4, min(vocab, VOCAB) - 12), (1, EQ_SEQ), generator=torch.Generator().manual_seed(7))
-    batch = {"input_ids": ids, "labels": ids.clone()}
-    if packed:  # as DataCollatorWithFlattening gives them: the reference's mixers see the documents too
-        batch["position_ids"] = torch.cat([torch.arange(b - a) for a, b in zip(EQ_DOCS, EQ_DOCS[1:])])[None]
-        cu = torch.tensor(EQ_DOCS, dtype=torch.int32)
-        longest = max(b - a for a, b in zip(EQ_DOCS, EQ_DOCS[1:]))
-        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in ref.batch.items()}  # the cases' own
     if size not in _MESHES:
         _MESHES[size] = seqpar.init_mesh(cp=size)
     mesh = _MESHES[size]
@@ -493,18 +486,13 @@ def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str, 
         return {"status": "crash", "why": f"{type(e).__name__}: {str(e)[:300]}", "where": traceback.format_exc()[-1200:]}
 
     try:  # refusals at parallelize come first (no communication): no reference is needed for them
-        model = seqpar.parallelize(copy.deepcopy(ref), mesh, layout=layout, fsdp=fsdp, checkpoint=checkpoint,
+        model = seqpar.parallelize(copy.deepcopy(ref.model), mesh, layout=layout, fsdp=fsdp, checkpoint=checkpoint,
                                    mixers=mixers)
     except Exception as e:  # noqa: BLE001
         return failed(e)
-    try:
-        torch.manual_seed(0)
-        want = ref(**batch, use_cache=False).loss  # use_cache=False: with a cache transformers ignores documents
-        want.backward()
-        if not torch.isfinite(want):
-            return {"status": "reference fails", "why": f"loss {want.item()}"}
-    except Exception as e:  # noqa: BLE001 - the model does not run in one process at this size
-        return {"status": "reference fails", "why": f"{type(e).__name__}: {_first(e)}"}
+    want, grads, why = ref.outcome()
+    if why:
+        return {"status": "reference fails", "why": why}
     try:
         torch.manual_seed(0)
         got = model(**seqpar.shard_batch(batch, mesh, layout=layout)).loss
@@ -519,11 +507,10 @@ def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str, 
     params = dict(model.named_parameters())
     full = {n: (g.full_tensor() if hasattr(g, "full_tensor") else g)
             for n, g in ((n, p.grad) for n, p in params.items()) if g is not None}  # FSDP2: DTensor gradients
-    grads = [(n, p.grad) for n, p in ref.named_parameters() if p.grad is not None]
     floor = max(float(g.abs().max()) for _, g in grads) * 1e-4 if grads else 0.0
     rels = {n: _rel(full[n], g, floor) for n, g in grads if n in full}
     missing = [n for n, _ in grads if n not in full]
-    loss = _rel(got.detach(), want.detach())
+    loss = _rel(got.detach(), want)
     raw = max(rels.values(), default=0.0)  # the plain rule's, before the noise scaling below
     noisy = {n for n, r in rels.items() if r > 1e-4}
     ratio = None  # the worst noisy gradient's error over the reference's own rounding there
@@ -538,6 +525,58 @@ def exact_or_refused(rank: int, size: int, *, model_type: str, class_name: str, 
 
 
 GRAD_NOISE = 2.0  # a gradient may differ from the reference by this many times the reference's own rounding
+
+
+@dataclass
+class _RefRun:
+    """The reference of :func:`exact_or_refused` for one (model, batch): the model as built (never run: each
+    case parallelizes a copy of it), the batch, and, computed on first use, the single-process loss and
+    gradients of a copy of it, or why that fails."""
+    model: nn.Module
+    batch: dict
+    _outcome: tuple | None = None
+
+    def outcome(self) -> tuple[torch.Tensor | None, list[tuple[str, torch.Tensor]], str]:
+        """``(loss, [(name, grad), ...], "")``, or ``(None, [], why)`` when the model does not run here."""
+        if self._outcome is None:
+            ref = copy.deepcopy(self.model)
+            try:
+                torch.manual_seed(0)
+                batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.batch.items()}
+                want = ref(**batch, use_cache=False).loss  # with a cache transformers ignores documents
+                want.backward()
+                if not torch.isfinite(want):
+                    self._outcome = (None, [], f"loss {want.item()}")
+                else:
+                    grads = [(n, p.grad) for n, p in ref.named_parameters() if p.grad is not None]
+                    self._outcome = (want.detach(), grads, "")
+            except Exception as e:  # noqa: BLE001 - the model does not run in one process at this size
+                self._outcome = (None, [], f"{type(e).__name__}: {_first(e)}")
+        return self._outcome
+
+
+_REF_RUNS: dict[tuple, _RefRun] = {}  # this process's references of the latest model (packed and not)
+
+
+def _reference_run(model_type: str, class_name: str, packed: bool) -> _RefRun:
+    """The reference for ``exact_or_refused(model_type, class_name, packed=...)``, built once per process while
+    cases of the same model follow each other (its variants of layout / mixers / checkpoint / fsdp share it:
+    the single-process run depends on the model and the batch only)."""
+    key = (model_type, class_name, packed)
+    if key not in _REF_RUNS:
+        if any(k[:2] != key[:2] for k in _REF_RUNS):  # another model: drop the previous one's
+            _REF_RUNS.clear()
+        ref = _reference(model_type, class_name)
+        vocab = ref.get_input_embeddings().weight.shape[0]
+        ids = torch.randint(3, max(4, min(vocab, VOCAB) - 12), (1, EQ_SEQ), generator=torch.Generator().manual_seed(7))
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        if packed:  # as DataCollatorWithFlattening gives them: the reference's mixers see the documents too
+            batch["position_ids"] = torch.cat([torch.arange(b - a) for a, b in zip(EQ_DOCS, EQ_DOCS[1:])])[None]
+            cu = torch.tensor(EQ_DOCS, dtype=torch.int32)
+            longest = max(b - a for a, b in zip(EQ_DOCS, EQ_DOCS[1:]))
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        _REF_RUNS[key] = _RefRun(ref, batch)
+    return _REF_RUNS[key]
 
 
 def _reference(model_type: str, class_name: str):
