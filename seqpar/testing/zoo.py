@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["causal_lm_types", "tiny_config", "build", "Built", "mixes_outside_attention", "NotBuildable", "Row",
-           "survey", "mixer_types", "exact_or_refused", "split_noise", "GRAD_NOISE", "EQ_SEQ", "EQ_DOCS"]
+           "survey", "mixer_types", "mixer_types_share", "exact_or_refused", "split_noise", "GRAD_NOISE", "EQ_SEQ", "EQ_DOCS"]
 
 VOCAB = 96
 SIZES: dict[str, int] = {
@@ -393,15 +393,21 @@ def mixer_types() -> list[tuple[str, str]]:
     tiny; computed once per process). Enumerated, not hand-picked."""
     global _MIXER_TYPES
     if _MIXER_TYPES is None:
-        from seqpar.passes.check import mixer_findings
-
-        out = []
-        for model_type, class_name in causal_lm_types():
-            b = build(model_type, class_name)
-            if b.model is not None and mixer_findings(b.model, "hf")[0]:
-                out.append((model_type, class_name))
-        _MIXER_TYPES = out
+        _MIXER_TYPES = mixer_types_share(0, 1)
     return _MIXER_TYPES
+
+
+def mixer_types_share(rank: int, size: int) -> list[tuple[str, str]]:
+    """:func:`mixer_types` among every ``size``-th causal LM from the ``rank``-th: a case for a test world whose
+    ranks split the enumeration (each builds a share of the models), merged in :func:`causal_lm_types`' order."""
+    from seqpar.passes.check import mixer_findings
+
+    out = []
+    for model_type, class_name in causal_lm_types()[rank::size]:
+        b = build(model_type, class_name)
+        if b.model is not None and mixer_findings(b.model, "hf")[0]:
+            out.append((model_type, class_name))
+    return out
 
 
 # -- exact or refused: the model under parallelize against itself in one process
