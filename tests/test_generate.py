@@ -14,16 +14,14 @@ pytest.importorskip("transformers")
 
 import generate_cases as gc  # noqa: E402
 from seqpar.inference import merge_partials, place  # noqa: E402
-from seqpar.testing.worlds import World  # noqa: E402
 
 P = 4
 
 
-@pytest.fixture(scope="module")
-def world():
-    w = World(P)
-    yield w
-    w.close()
+@pytest.fixture
+def world(worlds):
+    """The session's 4-rank world (tests/conftest.py: shared with the other test files, restarted if a case broke it)."""
+    return worlds(P)
 
 
 def test_place_is_least_loaded():
