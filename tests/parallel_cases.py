@@ -280,3 +280,22 @@ def bad_input(rank, size, *, case):
     except (ValueError, TypeError) as e:
         return type(e).__name__, str(e)
     return None, None
+
+
+def synced(rank, size, *, bucket_bytes: int):
+    """Rank-dependent parameters and buffers (fp32, bf16, int64, a non-contiguous one) through
+    ``sync_params`` with small buckets -> (rank 0's values before, this rank's after), flattened fp64."""
+    from seqpar.passes.sync import sync_params
+
+    torch.manual_seed(100 + rank)
+    m = torch.nn.Module()
+    m.a = torch.nn.Linear(5, 7)
+    m.b = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    m.c = torch.nn.Parameter(torch.randn(6, 4).t())  # non-contiguous
+    m.register_buffer("steps", torch.randint(0, 1000, (9,)))
+    before = torch.cat([t.detach().double().reshape(-1) for t in (*m.parameters(), *m.buffers())])
+    first = before.clone()
+    dist.broadcast(first, src=0)
+    sync_params(m, dist.group.WORLD, bucket_bytes=bucket_bytes)
+    after = torch.cat([t.detach().double().reshape(-1) for t in (*m.parameters(), *m.buffers())])
+    return dict(want=first, got=after, mine=before, contiguous_c=m.c.is_contiguous())

@@ -6,6 +6,7 @@ Cases live in parallel_cases.py; every world call runs one case on all 4 ranks.
 from __future__ import annotations
 
 import pytest
+import torch
 
 import parallel_cases as pc
 from seqpar.vocab import LAYOUTS, METHODS
@@ -102,6 +103,16 @@ BAD = {
 NO_LONGER_BAD = ("indivisible", "indivisible_striped", "padding_mask", "packed_position_ids", "gemma2_softcap",
                  "gptoss_sinks")
 MODELS = ("gemma2_softcap", "gptoss_sinks")
+
+
+def test_sync_params_buckets(worlds):
+    """Every rank ends with rank 0's parameters and buffers, whatever the bucket size (one tensor per bucket,
+    several, all in one), across dtypes and a non-contiguous parameter (left non-contiguous)."""
+    for bucket_bytes in (1, 64, 1 << 20):
+        for rank, r in enumerate(worlds(2).run(pc.synced, bucket_bytes=bucket_bytes)):
+            assert torch.equal(r["got"], r["want"]), (bucket_bytes, rank)
+            assert rank == 0 or not torch.equal(r["mine"], r["want"])  # they did differ
+            assert not r["contiguous_c"]
 
 
 def test_bad_input(worlds):
