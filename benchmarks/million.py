@@ -88,7 +88,6 @@ LOSS_REL, GRAD_REL = 1e-5, 1e-4  # --compare's bounds (fp32)
 GiB = float(1 << 30)
 PHASES = ("forward", "backward", "optimizer")
 Features = Literal["on", "off", "reference"]  # a run: --features on / off, or --compare's reference
-Reference = Literal["turns", "off", "both"]  # --compare's reference run(s)
 REFERENCE_RUNS: dict[str, tuple[str, ...]] = {"turns": ("reference",), "off": ("off",), "both": ("reference", "off")}
 
 
@@ -644,7 +643,7 @@ def main() -> None:
                    help="on: loss='chunked', mlp='tiled', checkpoint=True; off: loss='full', mlp='full', none")
     p.add_argument("--compare", action="store_true",
                    help="run features on and a reference, and compare the loss and every gradient")
-    p.add_argument("--reference", choices=("turns", "off", "both"), default=None,
+    p.add_argument("--reference", choices=tuple(REFERENCE_RUNS), default=None,
                    help="--compare's reference: turns = the features-off step with the model's own loss on the whole "
                         "logits, one rank at a time (fits at S = 65,536); off = the features-off step itself; both = "
                         "both, each compared (and with each other)")

@@ -144,7 +144,7 @@ def parallelize(
     attention_pass(model, kind, rt)
     if kind == "hf":  # each forward's inputs (attention_mask, position_ids, labels) agreed on every rank, first
         agreement_pass(model, rt, router)
-    loss_pass(model, kind, rt, lm)
+    loss_pass(model, kind, rt, lm, router)
     if checkpoint:
         checkpoint_pass(model, blocks, rt, compiled=compile)
     if offload != "none":

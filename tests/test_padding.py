@@ -51,7 +51,8 @@ def test_attention_mask_beside_a_sharded_batch(worlds):
                     assert "rank(s) [1] rejected" in res[variant], (what, res)
                     assert "['position_ids']" in res[variant], (what, res)
             assert res["none_after"] == res["none"], (what, res)  # the world still runs, the same loss
-            assert max(res["seconds"][v] for v in pc.ASYMMETRIC[:-1]) < 5.0, (what, res["seconds"])
+            # well under the 60 s process-group timeout a hang would take (loose: a loaded machine is slow)
+            assert max(res["seconds"][v] for v in pc.ASYMMETRIC[:-1]) < 30.0, (what, res["seconds"])
 
 
 def test_shard_batch_padding_is_documents(worlds):

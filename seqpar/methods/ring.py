@@ -223,8 +223,9 @@ class RingMethod(CallOptions):
         # dkv: the other ranks' complete buffer of block rank - last; home in one hop of P - last ranks (1
         # without an early stop: the ring's own next hop), and ours arrives from rank + last
         if last > 0:
-            # a buffer started at the last step (last == 1) holds only the rows its rank read there
-            rows = self._reads(ring.rank + last, S, last) if last == 1 else None
+            # a buffer started at the last step (last == 1) holds only the rows its rank, rank + 1, read there:
+            # what we sent it (trim[0])
+            rows = trim[0] if last == 1 else None
             n = S if rows is None else rows.stop - rows.start
             recv = home.new_empty((*home.shape[:-2], n, home.shape[-1]))
             got = self._wait(self._post(dkv, recv, tag_dkv, "backward", last, "dK/dV", hops=ring.size - last),

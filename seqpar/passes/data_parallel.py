@@ -214,36 +214,21 @@ def _all_reduce_gradients(model: nn.Module, group, dp: int) -> None:
     The gradient just accumulated is what the parameter's tensor hook saw last (a hook also sees
     ``torch.autograd.grad`` calls, e.g. the tiled MLP's recomputation, but the accumulation's call comes
     right before its post-accumulate hook).
-
-    The parameters are the ones with ``requires_grad`` here, at ``parallelize`` (only they get the hooks; a
-    parameter added or replaced later is not reduced, whatever this function does), so their per-dtype grouping
-    is computed here once. It is recomputed only when their dtypes changed (``model.to(dtype)`` after
-    ``parallelize`` converts the same parameter objects in place), checked at each reduction against the dtypes
-    the grouping was made for.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     last: dict[int, torch.Tensor] = {}  # id(param) -> the gradient its tensor hook saw last
     pending: dict[int, torch.Tensor] = {}  # id(param) -> this backward's local contribution
     queued = [False]
-    grouped = [(), {}]  # [the params' dtypes, dtype -> params in parameter order] (a dict keeps dtype order)
-
-    def groups() -> dict[torch.dtype, list[torch.Tensor]]:
-        dtypes = tuple(p.dtype for p in params)
-        if dtypes != grouped[0]:
-            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-            for p, dtype in zip(params, dtypes):
-                by_dtype.setdefault(dtype, []).append(p)
-            grouped[:] = [dtypes, by_dtype]
-        return grouped[1]
-
-    groups()
 
     def reduce_all() -> None:
         queued[0] = False
         got = dict(pending)
         pending.clear()
         last.clear()
-        for dtype, ps in groups().items():
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}  # per reduction: model.to(dtype) may cast them
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for dtype, ps in by_dtype.items():
             parts = [got[id(p)].reshape(-1) if id(p) in got else p.new_zeros(p.numel()) for p in ps]
             used = torch.tensor([float(id(p) in got) for p in ps], dtype=dtype, device=ps[0].device)
             flat = torch.cat([*parts, used])

@@ -16,7 +16,7 @@ from torch import nn
 from seqpar.passes.check import ModelKind
 from seqpar.passes.lazy_logits import LazyLogits
 from seqpar.passes.lm_loss import LMLoss
-from seqpar.passes.router import router_loss
+from seqpar.passes.router import RouterLoss
 from seqpar.passes.runtime import Runtime
 
 __all__ = ["loss_pass", "reduce_forward"]
@@ -69,11 +69,13 @@ def _global_cross_entropy(rt: Runtime, lm: LMLoss | None = None):
     return cross_entropy
 
 
-def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime, lm: LMLoss | None = None) -> None:
-    """``lm``: the chunked LM head + loss of :func:`seqpar.passes.lm_loss.plan` (None: the model's own)."""
+def loss_pass(model: nn.Module, kind: ModelKind, rt: Runtime, lm: LMLoss | None = None,
+              router: RouterLoss | None = None) -> None:
+    """``lm``: the chunked LM head + loss of :func:`seqpar.passes.lm_loss.plan` (None: the model's own);
+    ``router``: the MoE load-balancing loss of :func:`seqpar.passes.router.check_router_loss` (HF models)."""
     if kind == "sdpa":
         rt.override(model, F.cross_entropy, _global_cross_entropy(rt, lm))
-    router = router_loss(model) if kind == "hf" else None  # MoE load-balancing loss: passes/router.py
+    router = router if kind == "hf" else None
 
     def pre(module, args, kwargs):
         rt.tokens = kwargs.pop("seqpar_tokens", None)  # shard_batch's end padding (False): for the router loss
